@@ -1,0 +1,38 @@
+"""nobs_amqp: background tasks for Python services on RabbitMQ."""
+
+from .errors import (
+    BrokerConnectionError,
+    ConfigurationError,
+    NobsAmqpError,
+    NotInProjectError,
+    PayloadTypeError,
+    ProjectNotOpenError,
+    PublishError,
+    TaskDefinitionError,
+    TaskNotAllowedError,
+    TopologyMismatchError,
+    UnroutableError,
+)
+from .project import Project
+from .retry import Reject, Retry
+from .worker import Worker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BrokerConnectionError",
+    "ConfigurationError",
+    "NobsAmqpError",
+    "NotInProjectError",
+    "PayloadTypeError",
+    "Project",
+    "ProjectNotOpenError",
+    "PublishError",
+    "Reject",
+    "Retry",
+    "TaskDefinitionError",
+    "TaskNotAllowedError",
+    "TopologyMismatchError",
+    "UnroutableError",
+    "Worker",
+]

@@ -1,0 +1,278 @@
+"""The RabbitMQ transport: one robust connection, a pool of confirm channels, consumers."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import re
+import socket
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, cast
+from urllib.parse import unquote, urlsplit
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+from pamqp.commands import Basic
+
+from .errors import BrokerConnectionError, PublishError, TopologyMismatchError, UnroutableError
+from .message import CONTENT_TYPE, Message, now
+from .topology import ServerVersion, Topology
+from .transport import Handler
+
+log = logging.getLogger("nobs_amqp")
+
+PERSISTENT = 2
+_CONNECTION_ERRORS = (
+    ConnectionError,
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    aiormq.exceptions.ChannelClosed,
+    asyncio.TimeoutError,
+)
+_INEQUIVALENT = re.compile(r"inequivalent arg '([^']+)' for (queue|exchange) '([^']+)' in vhost '([^']*)': (.*)")
+
+
+def redact(url: str) -> str:
+    """`url` with its password replaced, for logs and errors."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    return parts._replace(netloc=f"{parts.username}:***@{netloc}").geturl()
+
+
+def vhost_of(url: str) -> str:
+    path = urlsplit(url).path
+    return unquote(path[1:]) if len(path) > 1 else "/"
+
+
+class AmqpTransport:
+    """Talks to RabbitMQ through aio-pika. Constructing it does no I/O."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        name: str,
+        pool_size: int = 4,
+        publish_timeout: float = 30.0,
+    ) -> None:
+        self._urls = tuple(urls)
+        self._name = name
+        self._pool_size = pool_size
+        self._publish_timeout = publish_timeout
+        self._connection: AbstractRobustConnection | None = None
+        self._channels: list[AbstractRobustChannel] = []
+        self._next = itertools.cycle(range(pool_size))
+        self._url = self._urls[0]
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def vhost(self) -> str:
+        return vhost_of(self._url)
+
+    @property
+    def server_version(self) -> ServerVersion:
+        properties = self._underlay_connection().server_properties
+        text = str(properties.get("version", "0"))
+        return tuple(int(n) for n in re.findall(r"\d+", text)[:3]) or (0,)
+
+    async def open(self) -> None:
+        failures = []
+        for url in self._urls:
+            try:
+                self._connection = await aio_pika.connect_robust(
+                    url,
+                    client_properties={"connection_name": f"{self._name} {socket.gethostname()} pid {os.getpid()}"},
+                )
+                self._url = url
+                break
+            except (ConnectionError, aiormq.exceptions.AMQPError, OSError) as exc:
+                failures.append(f"{redact(url)}: {_describe(exc)}")
+        else:
+            raise BrokerConnectionError(", ".join(redact(u) for u in self._urls), "; ".join(failures))
+        self._channels = [
+            await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+            for _ in range(self._pool_size)
+        ]
+        log.debug("connected to %s (RabbitMQ %s)", redact(self._url), self.server_version)
+
+    async def close(self) -> None:
+        connection, self._connection = self._connection, None
+        self._channels = []
+        if connection is not None:
+            await connection.close()
+
+    def _require(self) -> AbstractRobustConnection:
+        if self._connection is None:
+            raise RuntimeError("transport is not open")
+        return self._connection
+
+    def _underlay_connection(self) -> aiormq.abc.AbstractConnection:
+        return self._require().transport.connection  # type: ignore[union-attr]
+
+    # -- declare -----------------------------------------------------------------------------
+
+    async def declare(self, topology: Topology) -> None:
+        channel = await self._require().channel(publisher_confirms=False)
+        try:
+            raw = await channel.get_underlay_channel()
+            for exchange in topology.exchanges:
+                await raw.exchange_declare(
+                    exchange.name,
+                    exchange_type=exchange.type,
+                    durable=True,
+                    arguments=_table(exchange.arguments),
+                )
+            for queue in topology.queues:
+                await raw.queue_declare(queue.name, durable=True, arguments=_table(queue.arguments))
+            for binding in topology.bindings:
+                if binding.to_exchange:
+                    await raw.exchange_bind(binding.destination, binding.source, binding.routing_key)
+                else:
+                    await raw.queue_bind(binding.destination, binding.source, binding.routing_key)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise _mismatch(exc, self.vhost) from exc
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    # -- publish -----------------------------------------------------------------------------
+
+    async def publish(self, exchange: str, routing_key: str, message: Message) -> None:
+        channel = self._channels[next(self._next)] if self._channels else None
+        if channel is None:
+            raise RuntimeError("transport is not open")
+        properties = aio_pika.Message(
+            message.body,
+            content_type=CONTENT_TYPE,
+            delivery_mode=PERSISTENT,
+            message_id=message.message_id,
+            timestamp=message.timestamp,
+            type=message.task,
+            app_id=message.app_id,
+            headers=dict(message.headers),  # type: ignore[arg-type]
+            priority=message.priority,
+        ).properties
+        destination = exchange or routing_key
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._publish_timeout
+        pause = 0.05
+        while True:
+            try:
+                raw = await asyncio.wait_for(channel.get_underlay_channel(), max(0.01, deadline - loop.time()))
+                confirmation = await raw.basic_publish(
+                    message.body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=True,
+                    timeout=max(0.01, deadline - loop.time()),
+                )
+            except aiormq.exceptions.PublishError as exc:
+                raise UnroutableError(destination) from exc
+            except aiormq.exceptions.DeliveryError as exc:
+                raise PublishError(destination, "the broker refused it (basic.nack)") from exc
+            except _CONNECTION_ERRORS as exc:
+                if loop.time() + pause >= deadline:
+                    raise PublishError(
+                        destination, f"the broker stayed unreachable for {self._publish_timeout:.0f} s"
+                    ) from exc
+                log.debug("publish to %s failed (%s); retrying", destination, _describe(exc))
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 1.0)
+                continue
+            if not isinstance(confirmation, Basic.Ack):
+                raise PublishError(destination, f"unexpected confirmation {confirmation!r}")
+            return
+
+    # -- consume -----------------------------------------------------------------------------
+
+    async def consume(self, queue: str, prefetch: int, handler: Handler) -> _AmqpSubscription:
+        channel = await self._require().channel(publisher_confirms=False)
+        await channel.set_qos(prefetch_count=prefetch)
+        declared = await channel.declare_queue(queue, passive=True)
+
+        async def on_message(incoming: AbstractIncomingMessage) -> None:
+            await handler(_AmqpDelivery(incoming, queue))
+
+        tag = await declared.consume(on_message, no_ack=False)
+        return _AmqpSubscription(channel, declared, tag)
+
+    async def message_count(self, queue: str) -> int:
+        channel = await self._require().channel(publisher_confirms=False)
+        try:
+            raw = await channel.get_underlay_channel()
+            result = await raw.queue_declare(queue, passive=True)
+            return int(result.message_count or 0)
+        finally:
+            await channel.close()
+
+
+class _AmqpSubscription:
+    def __init__(self, channel: AbstractRobustChannel, queue: aio_pika.abc.AbstractQueue, tag: str) -> None:
+        self._channel = channel
+        self._queue = queue
+        self._tag = tag
+
+    async def cancel(self) -> None:
+        if not self._channel.is_closed:
+            try:
+                await self._queue.cancel(self._tag)
+            except _CONNECTION_ERRORS as exc:
+                log.debug("cancel of consumer %s failed: %s", self._tag, _describe(exc))
+
+    async def close(self) -> None:
+        """Close the channel: the broker returns every message still unsettled on it."""
+        if not self._channel.is_closed:
+            await self._channel.close()
+
+
+class _AmqpDelivery:
+    __slots__ = ("_incoming", "message", "queue")
+
+    def __init__(self, incoming: AbstractIncomingMessage, queue: str) -> None:
+        self._incoming = incoming
+        self.queue = queue
+        self.message = Message(
+            body=incoming.body,
+            task=incoming.type or "",
+            message_id=incoming.message_id or "",
+            app_id=incoming.app_id or "",
+            timestamp=incoming.timestamp if isinstance(incoming.timestamp, datetime) else now(),
+            headers=_plain_headers(incoming.headers),
+            priority=incoming.priority,
+        )
+
+    async def ack(self) -> None:
+        await self._incoming.ack()
+
+    async def nack(self, *, requeue: bool) -> None:
+        await self._incoming.nack(requeue=requeue)
+
+
+def _table(arguments: Mapping[str, object]) -> aiormq.abc.ArgumentsType:
+    return cast(aiormq.abc.ArgumentsType, dict(arguments))
+
+
+def _plain_headers(headers: dict[str, Any]) -> dict[str, object]:
+    return {k: v.decode(errors="replace") if isinstance(v, bytes) else v for k, v in headers.items()}
+
+
+def _mismatch(exc: aiormq.exceptions.ChannelPreconditionFailed, vhost: str) -> TopologyMismatchError:
+    text = str(exc.args[0] if exc.args else exc)
+    found = _INEQUIVALENT.search(text)
+    if found is None:
+        return TopologyMismatchError("object", "?", vhost, text)
+    argument, kind, name, found_vhost, detail = found.groups()
+    return TopologyMismatchError(kind, name, found_vhost, f"{argument}: {detail.rstrip(')')}")
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return re.sub(r"(amqps?://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)

@@ -1,0 +1,128 @@
+"""The `nobs-amqp` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import signal
+import sys
+import threading
+import tomllib
+from pathlib import Path
+
+import click
+
+from .consumer import Consumer
+from .errors import NobsAmqpError
+from .project import Project
+
+APP_ENV = "NOBS_AMQP_APP"
+log = logging.getLogger("nobs_amqp")
+
+
+def app_reference(option: str | None) -> str:
+    """`module:attr` of the project: --app, else NOBS_AMQP_APP, else [tool.nobs-amqp] in pyproject.toml."""
+    if option:
+        return option
+    if os.environ.get(APP_ENV):
+        return os.environ[APP_ENV]
+    for folder in (Path.cwd(), *Path.cwd().parents):
+        pyproject = folder / "pyproject.toml"
+        if pyproject.is_file():
+            with pyproject.open("rb") as f:
+                app = tomllib.load(f).get("tool", {}).get("nobs-amqp", {}).get("app")
+            if isinstance(app, str):
+                return app
+            break
+    raise click.UsageError(
+        "no project given: pass --app module:attr, set NOBS_AMQP_APP, "
+        'or add [tool.nobs-amqp] app = "module:attr" to pyproject.toml'
+    )
+
+
+def load_project(reference: str) -> Project:
+    module_name, _, attr = reference.partition(":")
+    if not module_name or not attr:
+        raise click.UsageError(f"app {reference!r} must look like module:attr (e.g. myapp.worker:project)")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise click.UsageError(f"cannot import {module_name!r} for --app {reference}: {exc}") from exc
+    project = getattr(module, attr, None)
+    if not isinstance(project, Project):
+        found = type(project).__name__ if project is not None else "nothing"
+        raise click.UsageError(f"{reference} is {found}, not a nobs_amqp Project")
+    return project
+
+
+@click.group()
+@click.option("--app", "app", metavar="MODULE:ATTR", help="The Project to use (or NOBS_AMQP_APP).")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+@click.version_option(package_name="nobs_amqp")
+@click.pass_context
+def main(ctx: click.Context, app: str | None, log_level: str) -> None:
+    """Run and operate nobs_amqp workers on RabbitMQ."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("aio_pika").setLevel(max(logging.WARNING, logging.getLogger().level))
+    logging.getLogger("aiormq").setLevel(max(logging.WARNING, logging.getLogger().level))
+    ctx.obj = app
+
+
+@main.command()
+@click.argument("worker")
+@click.option("--prefetch", type=click.IntRange(min=1), help="Unacked messages held at once [worker's].")
+@click.option("--concurrency", type=click.IntRange(min=1), help="Tasks run at once [worker's].")
+@click.option("--burst", is_flag=True, help="Process what is in the queue, then exit 0 once it is empty.")
+@click.option(
+    "--grace-period",
+    type=click.FloatRange(min=0),
+    default=25.0,
+    show_default=True,
+    help="Seconds running tasks get to finish after SIGTERM/SIGINT.",
+)
+@click.pass_obj
+def consume(
+    app: str | None,
+    worker: str,
+    prefetch: int | None,
+    concurrency: int | None,
+    burst: bool,
+    grace_period: float,
+) -> None:
+    """Consume WORKER's queue and run its tasks."""
+    project = load_project(app_reference(app))
+    try:
+        target = project.worker(worker)
+    except NobsAmqpError as exc:
+        raise click.UsageError(str(exc)) from None
+    consumer = Consumer(
+        project, target, prefetch=prefetch, concurrency=concurrency, burst=burst, grace_period=grace_period
+    )
+    try:
+        asyncio.run(_consume(project, consumer))
+    except NobsAmqpError as exc:
+        raise click.ClickException(str(exc)) from None
+    log.info("worker %s: stopped after %d task(s)", worker, consumer.processed)
+    if any(t.name.startswith("nobs-") and t.is_alive() for t in threading.enumerate()):
+        # A sync task outlived the grace period; its message is back in the queue.
+        logging.shutdown()
+        os._exit(0)
+
+
+async def _consume(project: Project, consumer: Consumer) -> None:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, consumer.stop)
+    async with project:
+        await consumer.run()

@@ -1,0 +1,120 @@
+"""Every error nobs_amqp raises: one base class, specific subclasses carrying data."""
+
+from __future__ import annotations
+
+
+class NobsAmqpError(Exception):
+    """Base class of every error raised by nobs_amqp."""
+
+
+class ConfigurationError(NobsAmqpError):
+    """A setting, worker option or project definition is invalid."""
+
+
+class TaskDefinitionError(NobsAmqpError):
+    """A function cannot be used as a task (a worker process could not import or call it)."""
+
+    def __init__(self, task: object, why: str) -> None:
+        self.task = task
+        self.why = why
+        name = getattr(task, "__qualname__", repr(task))
+        super().__init__(f"{name} cannot be queued: {why}")
+
+
+class TaskNotAllowedError(NobsAmqpError):
+    """A task is outside what the project allows workers to import."""
+
+    def __init__(self, reference: str, project: str) -> None:
+        self.reference = reference
+        self.project = project
+        super().__init__(
+            f"task {reference} is outside project {project!r}: workers only run functions "
+            f"from the project's packages; add its package to Project(packages=[...]) "
+            f"or the function to Project(tasks=[...])"
+        )
+
+
+class PayloadTypeError(NobsAmqpError):
+    """A payload does not match the annotation of the task's parameter."""
+
+    def __init__(self, reference: str, expected: object, detail: str) -> None:
+        self.reference = reference
+        self.expected = expected
+        self.detail = detail
+        super().__init__(f"payload for {reference} does not match {_type_name(expected)}: {detail}")
+
+
+class NotInProjectError(NobsAmqpError):
+    """A worker is used before it was added to a Project."""
+
+    def __init__(self, worker: str) -> None:
+        self.worker = worker
+        super().__init__(f"worker {worker!r} is in no project: add it with Project(name=..., workers=[...])")
+
+
+class ProjectNotOpenError(NobsAmqpError):
+    """A project is used for I/O before its connection was opened."""
+
+    def __init__(self, project: str) -> None:
+        self.project = project
+        super().__init__(
+            f"project {project!r} is not open: wrap the code in `async with project:` "
+            f"or use FastAPI(lifespan=project.lifespan)"
+        )
+
+
+class BrokerConnectionError(NobsAmqpError):
+    """The broker cannot be reached or refused the connection."""
+
+    def __init__(self, where: str, detail: str) -> None:
+        self.where = where
+        self.detail = detail
+        super().__init__(
+            f"cannot connect to {where}: {detail}; check that RabbitMQ runs there "
+            f"and that NOBS_AMQP_URL (or Project(url=...)) is right"
+        )
+
+
+class PublishError(NobsAmqpError):
+    """The broker did not confirm a message: nothing can be assumed about its delivery."""
+
+    def __init__(self, destination: str, detail: str) -> None:
+        self.destination = destination
+        self.detail = detail
+        super().__init__(f"message to {destination!r} was not confirmed: {detail}")
+
+
+class UnroutableError(PublishError):
+    """The broker returned a mandatory message: no queue was bound to receive it."""
+
+    def __init__(self, destination: str) -> None:
+        super().__init__(
+            destination,
+            "no queue received it (returned as unroutable); run `nobs-amqp consume` "
+            "for the worker once, or declare the topology, then retry",
+        )
+
+
+class TopologyMismatchError(NobsAmqpError):
+    """A queue or exchange exists on the broker with other arguments than declared."""
+
+    def __init__(self, kind: str, name: str, vhost: str, difference: str) -> None:
+        self.kind = kind
+        self.name = name
+        self.vhost = vhost
+        self.difference = difference
+        fix = (
+            f"rabbitmqctl delete_queue {name} -p {vhost}"
+            if kind == "queue"
+            else f"rabbitmqadmin -V {vhost} delete exchange name={name}"
+        )
+        super().__init__(
+            f"{kind} {name!r} in vhost {vhost!r} exists with other arguments ({difference}); "
+            f"nothing was changed. Either make the Worker options match it, or move its "
+            f"messages away (nobs-amqp consume --burst, or shovel them), delete it "
+            f"(`{fix}`) and start the worker again to recreate it"
+        )
+
+
+def _type_name(tp: object) -> str:
+    return getattr(tp, "__qualname__", None) or repr(tp)

@@ -1,0 +1,195 @@
+"""A Project: the workers of one application, its broker connection and what it allows to run."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from . import delay as ladder
+from .amqp import AmqpTransport
+from .errors import ConfigurationError, ProjectNotOpenError, TaskNotAllowedError
+from .message import Message
+from .tasks import Allowlist, TaskFunction, TaskSpec, reference_of
+from .topology import Topology, check_name, worker_topology
+from .transport import Transport
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
+URL_ENV = "NOBS_AMQP_URL"
+
+
+def broker_urls(url: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The broker URL(s): the argument, else NOBS_AMQP_URL (comma-separated), else localhost."""
+    if url is None:
+        url = os.environ.get(URL_ENV) or DEFAULT_URL
+    urls = tuple(u.strip() for u in (url.split(",") if isinstance(url, str) else url) if u.strip())
+    if not urls:
+        raise ConfigurationError("no broker URL given: set NOBS_AMQP_URL or Project(url=...)")
+    for u in urls:
+        if not u.startswith(("amqp://", "amqps://")):
+            scheme = u.split("://", 1)[0] if "://" in u else u[:10]
+            raise ConfigurationError(f"broker URL scheme {scheme!r} is not supported: use amqp:// or amqps://")
+    return urls
+
+
+def _caller_package(depth: int = 2) -> str | None:
+    """Top-level package of the module that called our caller (None for a script)."""
+    frame_globals = sys._getframe(depth).f_globals
+    name = frame_globals.get("__name__")
+    spec = frame_globals.get("__spec__")
+    if name == "__main__" and spec is not None:
+        name = spec.name
+    if not isinstance(name, str) or name == "__main__":
+        return None
+    return name.partition(".")[0]
+
+
+class Project:
+    """The workers of one application.
+
+    `url` (or NOBS_AMQP_URL, comma-separated for a cluster) says where RabbitMQ is.
+    Workers run only tasks from `packages` (by default the top-level package of the
+    module that creates the project) and the functions listed in `tasks`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        workers: Iterable[Worker] = (),
+        *,
+        url: str | Sequence[str] | None = None,
+        packages: Iterable[str] | None = None,
+        tasks: Iterable[TaskFunction] = (),
+        channel_pool_size: int = 4,
+    ) -> None:
+        self.name = check_name("project", name)
+        self.workers: dict[str, Worker] = {}
+        for worker in workers:
+            self._add(worker)
+        self.urls = broker_urls(url)
+        if packages is None:
+            caller = _caller_package()
+            packages = [caller] if caller else []
+        self.allowlist = Allowlist.build(packages, tasks)
+        self._channel_pool_size = channel_pool_size
+        self._transport: Transport | None = None
+        self._declared: set[str] = set()
+        self._declaring: dict[str, asyncio.Lock] = {}
+        self._specs: dict[TaskFunction, TaskSpec] = {}
+
+    def __repr__(self) -> str:
+        return f"Project({self.name!r}, workers={list(self.workers)})"
+
+    def _add(self, worker: Worker) -> None:
+        if worker._project is not None and worker._project is not self:
+            raise ConfigurationError(f"worker {worker.name!r} is already in project {worker._project.name!r}")
+        if worker.name in self.workers:
+            raise ConfigurationError(f"project {self.name!r} has two workers named {worker.name!r}")
+        worker._project = self
+        self.workers[worker.name] = worker
+
+    def worker(self, name: str) -> Worker:
+        try:
+            return self.workers[name]
+        except KeyError:
+            known = ", ".join(sorted(self.workers)) or "none"
+            raise ConfigurationError(f"project {self.name!r} has no worker {name!r} (workers: {known})") from None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def transport(self) -> Transport:
+        if self._transport is None:
+            raise ProjectNotOpenError(self.name)
+        return self._transport
+
+    @property
+    def is_open(self) -> bool:
+        return self._transport is not None
+
+    async def open(self) -> None:
+        if self._transport is not None:
+            return
+        transport = AmqpTransport(self.urls, name=f"nobs-amqp {self.name}", pool_size=self._channel_pool_size)
+        await transport.open()
+        self._transport = transport
+        self._declared.clear()
+
+    async def close(self) -> None:
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            await transport.close()
+
+    async def __aenter__(self) -> Project:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    @asynccontextmanager
+    async def lifespan(self, app: object = None) -> AsyncIterator[None]:
+        """For `FastAPI(lifespan=project.lifespan)`: open on startup, close on shutdown."""
+        async with self:
+            yield
+
+    # -- producing ---------------------------------------------------------------------------
+
+    def spec(self, fn: TaskFunction) -> TaskSpec:
+        """The checked task spec of `fn`: raises at the call site for anything a worker would refuse."""
+        spec = self._specs.get(fn)
+        if spec is None:
+            reference = reference_of(fn)
+            if not self.allowlist.allows(reference):
+                raise TaskNotAllowedError(reference, self.name)
+            spec = self._specs[fn] = TaskSpec(fn, reference)
+        return spec
+
+    async def send(self, worker: Worker, message: Message, delay: float) -> None:
+        """Publish `message` to `worker`'s queue, through the delay ladder when `delay` > 0."""
+        seconds = ladder.delay_seconds(delay)
+        await self.declare(worker, delayed=seconds > 0)
+        if seconds:
+            exchange, key = ladder.route(self.name, seconds, worker.name)
+            await self.transport.publish(exchange, key, message)
+        else:
+            await self.transport.publish("", worker.name, message)
+
+    async def declare(self, worker: Worker, *, delayed: bool) -> None:
+        """Declare `worker`'s topology (and the delay ladder) once per connection."""
+        await self._declare_once(f"worker:{worker.name}", lambda: self._worker_topology(worker))
+        if delayed:
+            await self._declare_once("ladder", self._ladder_topology)
+            await self._declare_once(f"deliver:{worker.name}", lambda: ladder.delivery_binding(self.name, worker.name))
+
+    def _worker_topology(self, worker: Worker) -> Topology:
+        return worker_topology(worker.name, worker.queue_options, self.transport.server_version)
+
+    def _ladder_topology(self) -> Topology:
+        return ladder.ladder_topology(self.name)
+
+    async def _declare_once(self, key: str, build: Callable[[], Topology]) -> None:
+        if key in self._declared:
+            return
+        lock = self._declaring.setdefault(key, asyncio.Lock())
+        async with lock:
+            if key in self._declared:
+                return
+            await self.transport.declare(build())
+            self._declared.add(key)
+
+    def topology(self) -> Topology:
+        """Everything this project declares (needs an open project for the server version)."""
+        total = ladder.ladder_topology(self.name)
+        for worker in self.workers.values():
+            total = total + self._worker_topology(worker) + ladder.delivery_binding(self.name, worker.name)
+        return total

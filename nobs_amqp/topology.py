@@ -1,0 +1,123 @@
+"""Broker topology as data: the names of every object and the arguments they carry.
+
+Everything here is pure: no I/O. `amqp.py` (or the memory broker) declares what
+these functions describe, in one place.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal, TypeVar
+
+from .errors import ConfigurationError
+
+QueueType = Literal["quorum", "classic"]
+ExchangeType = Literal["direct", "fanout", "topic"]
+ServerVersion = tuple[int, ...]
+_T = TypeVar("_T")
+
+#: Names users give workers and projects: they become queue and exchange names,
+#: and they are words in topic routing keys, so `*` and `#` are out.
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
+
+
+def check_name(kind: str, name: str) -> str:
+    """Return `name` if it can name a queue or project, else raise ConfigurationError."""
+    if not _NAME.match(name) or name.startswith("amq.") or ".." in name or name.endswith("."):
+        raise ConfigurationError(
+            f"{kind} name {name!r} is not usable: use letters, digits, '_', '-' and '.' "
+            f"(not starting with 'amq.', no empty words), at most 200 characters"
+        )
+    return name
+
+
+def dead_letter_exchange(worker: str) -> str:
+    return f"{worker}.dlx"
+
+
+def dead_letter_queue(worker: str) -> str:
+    return f"{worker}.dlq"
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeSpec:
+    name: str
+    type: ExchangeType
+    arguments: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSpec:
+    name: str
+    arguments: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """Bind `destination` (a queue, or an exchange when `to_exchange`) to `source`."""
+
+    source: str
+    destination: str
+    routing_key: str
+    to_exchange: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """Exchanges first, then queues, then bindings: the order they must be declared in."""
+
+    exchanges: tuple[ExchangeSpec, ...] = ()
+    queues: tuple[QueueSpec, ...] = ()
+    bindings: tuple[Binding, ...] = ()
+
+    def __add__(self, other: Topology) -> Topology:
+        return Topology(
+            _unique(self.exchanges + other.exchanges),
+            _unique(self.queues + other.queues),
+            _unique(self.bindings + other.bindings),
+        )
+
+
+def _unique(items: Iterable[_T]) -> tuple[_T, ...]:
+    return tuple(dict.fromkeys(items))
+
+
+@dataclass(frozen=True, slots=True)
+class QueueOptions:
+    """What a Worker says about its queue."""
+
+    queue_type: QueueType = "quorum"
+    delivery_limit: int | None = 10
+    max_priority: int | None = None
+
+
+def quorum_dead_letter_arguments() -> dict[str, object]:
+    """At-least-once dead-lettering: the source keeps a message until the target confirmed it."""
+    return {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+
+
+def worker_topology(worker: str, options: QueueOptions, server: ServerVersion) -> Topology:
+    """The queue `W`, its dead-letter exchange `W.dlx` and dead-letter queue `W.dlq`."""
+    dlx = dead_letter_exchange(worker)
+    dlq = dead_letter_queue(worker)
+    main: dict[str, object] = {"x-queue-type": options.queue_type, "x-dead-letter-exchange": dlx}
+    dead: dict[str, object] = {"x-queue-type": options.queue_type}
+    if options.queue_type == "quorum":
+        main.update(quorum_dead_letter_arguments())
+        if options.delivery_limit is not None:
+            main["x-delivery-limit"] = options.delivery_limit
+        elif server >= (4,):
+            main["x-delivery-limit"] = -1
+        if server >= (4,):
+            # 4.0 gives quorum queues a delivery limit of 20 by default; a dead-letter
+            # queue that drops messages after 20 peeks in the management UI loses them.
+            dead["x-delivery-limit"] = -1
+    elif options.max_priority is not None:
+        main["x-max-priority"] = options.max_priority
+    return Topology(
+        exchanges=(ExchangeSpec(dlx, "fanout"),),
+        queues=(QueueSpec(worker, main), QueueSpec(dlq, dead)),
+        bindings=(Binding(dlx, dlq, ""),),
+    )

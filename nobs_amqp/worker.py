@@ -1,0 +1,124 @@
+"""A Worker: a named queue, its retry policy, and the way to put tasks on it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from . import message as wire
+from .errors import ConfigurationError, NotInProjectError
+from .retry import RetryPolicy, RetryStrategy, StopStrategy, WaitStrategy, seconds
+from .tasks import TaskFunction
+from .topology import QueueOptions, QueueType, check_name
+
+if TYPE_CHECKING:
+    from .project import Project
+
+Delay = float | timedelta
+
+
+class Worker:
+    """Processes tasks put on the queue of the same name.
+
+    Options are keyword-only: `stop`, `wait`, `retry` are tenacity strategies
+    (default: 5 attempts in all, exponential jittered waits from 1 s);
+    `concurrency` is how many tasks run at once; `prefetch` how many unacked
+    messages a process holds (default twice the concurrency); `time_limit` per
+    task; `queue_type` "quorum" (default) or "classic" (needed for
+    `max_priority` on RabbitMQ 3.x); `delivery_limit` how often a quorum queue
+    redelivers a message whose worker died before it goes to the DLQ.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        stop: StopStrategy | None = None,
+        wait: WaitStrategy | None = None,
+        retry: RetryStrategy | None = None,
+        concurrency: int = 10,
+        prefetch: int | None = None,
+        time_limit: Delay | None = None,
+        queue_type: QueueType = "quorum",
+        max_priority: int | None = None,
+        delivery_limit: int | None = 10,
+    ) -> None:
+        self.name = check_name("worker", name)
+        defaults = RetryPolicy()
+        self.policy = RetryPolicy(stop or defaults.stop, wait or defaults.wait, retry or defaults.retry)
+        if concurrency < 1:
+            raise ConfigurationError(f"worker {name!r}: concurrency must be at least 1 (got {concurrency})")
+        if prefetch is not None and prefetch < 1:
+            raise ConfigurationError(f"worker {name!r}: prefetch must be at least 1 (got {prefetch})")
+        if queue_type not in ("quorum", "classic"):
+            raise ConfigurationError(f"worker {name!r}: queue_type must be 'quorum' or 'classic' (got {queue_type!r})")
+        if max_priority is not None:
+            if queue_type != "classic":
+                raise ConfigurationError(
+                    f"worker {name!r}: max_priority needs queue_type='classic' (quorum queues on "
+                    f"RabbitMQ 3.x have no priorities)"
+                )
+            if not 1 <= max_priority <= 255:
+                raise ConfigurationError(f"worker {name!r}: max_priority must be 1..255 (got {max_priority})")
+        if delivery_limit is not None and delivery_limit < 1:
+            raise ConfigurationError(f"worker {name!r}: delivery_limit must be at least 1 or None")
+        self.concurrency = concurrency
+        self.prefetch = prefetch
+        self.time_limit = seconds(time_limit) if time_limit is not None else None
+        self.queue_options = QueueOptions(queue_type, delivery_limit, max_priority)
+        self._project: Project | None = None
+
+    def __repr__(self) -> str:
+        return f"Worker({self.name!r})"
+
+    @property
+    def project(self) -> Project:
+        if self._project is None:
+            raise NotInProjectError(self.name)
+        return self._project
+
+    async def queue(
+        self, fn: TaskFunction, payload: Any, *, delay: Delay | None = None, priority: int | None = None
+    ) -> str:
+        """Put `fn(payload)` on this worker's queue; return its message id once the broker confirmed it.
+
+        `delay` (seconds or timedelta) holds it back that long, rounded up to whole
+        seconds. It never waits for the task itself.
+        """
+        message, wait = self._message(fn, payload, delay, priority)
+        await self.project.send(self, message, wait)
+        return message.message_id
+
+    async def queue_many(
+        self,
+        fn: TaskFunction,
+        payloads: Iterable[Any],
+        *,
+        delay: Delay | None = None,
+        priority: int | None = None,
+    ) -> list[str]:
+        """Queue `fn` once per payload, confirms pipelined; every payload is checked before any is sent."""
+        messages = [self._message(fn, payload, delay, priority) for payload in payloads]
+        project = self.project
+        await asyncio.gather(*(project.send(self, message, wait) for message, wait in messages))
+        return [message.message_id for message, _ in messages]
+
+    def _message(
+        self, fn: TaskFunction, payload: Any, delay: Delay | None, priority: int | None
+    ) -> tuple[wire.Message, float]:
+        project = self.project
+        spec = project.spec(fn)
+        wait = seconds(delay) if delay is not None else 0.0
+        if priority is not None:
+            limit = self.queue_options.max_priority
+            if limit is None:
+                raise ConfigurationError(
+                    f"worker {self.name!r} has no priorities: create it with "
+                    f"Worker({self.name!r}, queue_type='classic', max_priority=N)"
+                )
+            if not 0 <= priority <= limit:
+                raise ConfigurationError(f"priority must be 0..{limit} for worker {self.name!r} (got {priority})")
+        body = spec.encode(payload)
+        return wire.new_message(body, spec.reference, project.name, delay=wait, priority=priority), wait
