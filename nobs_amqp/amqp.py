@@ -18,9 +18,10 @@ import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
 from pamqp.commands import Basic
 
-from .errors import BrokerConnectionError, PublishError, TopologyMismatchError, UnroutableError
+from .errors import BrokerConnectionError, NobsAmqpError, PublishError, TopologyMismatchError, UnroutableError
+from .management import Management
 from .message import CONTENT_TYPE, Message, now
-from .topology import ServerVersion, Topology
+from .topology import ExchangeSpec, QueueSpec, ServerVersion, Topology
 from .transport import Handler
 
 log = logging.getLogger("nobs_amqp")
@@ -120,27 +121,43 @@ class AmqpTransport:
 
     async def declare(self, topology: Topology) -> None:
         channel = await self._require().channel(publisher_confirms=False)
+        current: ExchangeSpec | QueueSpec | None = None
         try:
             raw = await channel.get_underlay_channel()
-            for exchange in topology.exchanges:
+            for current in topology.exchanges:
                 await raw.exchange_declare(
-                    exchange.name,
-                    exchange_type=exchange.type,
-                    durable=True,
-                    arguments=_table(exchange.arguments),
+                    current.name, exchange_type=current.type, durable=True, arguments=_table(current.arguments)
                 )
-            for queue in topology.queues:
-                await raw.queue_declare(queue.name, durable=True, arguments=_table(queue.arguments))
+            for current in topology.queues:
+                await raw.queue_declare(current.name, durable=True, arguments=_table(current.arguments))
             for binding in topology.bindings:
                 if binding.to_exchange:
                     await raw.exchange_bind(binding.destination, binding.source, binding.routing_key)
                 else:
                     await raw.queue_bind(binding.destination, binding.source, binding.routing_key)
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
-            raise _mismatch(exc, self.vhost) from exc
+            raise await self._mismatch(current, exc) from exc
         finally:
             if not channel.is_closed:
                 await channel.close()
+
+    async def _mismatch(
+        self, declared: ExchangeSpec | QueueSpec | None, exc: aiormq.exceptions.ChannelPreconditionFailed
+    ) -> TopologyMismatchError:
+        """Name the object and every argument that differs (all of them when the management API answers)."""
+        text = str(exc.args[0] if exc.args else exc)
+        found = _INEQUIVALENT.search(text)
+        detail = f"{found.group(1)}: {found.group(5).rstrip(')')}" if found else text
+        if declared is None:
+            return TopologyMismatchError("object", "?", self.vhost, detail)
+        kind = "exchange" if isinstance(declared, ExchangeSpec) else "queue"
+        try:
+            existing = await Management(self._url, timeout=3).get(kind, self.vhost, declared.name)
+        except NobsAmqpError:
+            existing = None
+        if existing is not None:
+            detail = _difference(dict(declared.arguments), existing.get("arguments") or {}) or detail
+        return TopologyMismatchError(kind, declared.name, self.vhost, detail)
 
     # -- publish -----------------------------------------------------------------------------
 
@@ -264,13 +281,16 @@ def _plain_headers(headers: dict[str, Any]) -> dict[str, object]:
     return {k: v.decode(errors="replace") if isinstance(v, bytes) else v for k, v in headers.items()}
 
 
-def _mismatch(exc: aiormq.exceptions.ChannelPreconditionFailed, vhost: str) -> TopologyMismatchError:
-    text = str(exc.args[0] if exc.args else exc)
-    found = _INEQUIVALENT.search(text)
-    if found is None:
-        return TopologyMismatchError("object", "?", vhost, text)
-    argument, kind, name, found_vhost, detail = found.groups()
-    return TopologyMismatchError(kind, name, found_vhost, f"{argument}: {detail.rstrip(')')}")
+def _show(arguments: dict[str, object], key: str) -> str:
+    return repr(arguments[key]) if key in arguments else "none"
+
+
+def _difference(declared: dict[str, object], existing: dict[str, object]) -> str:
+    return "; ".join(
+        f"{key}: declared {_show(declared, key)}, existing {_show(existing, key)}"
+        for key in sorted(declared.keys() | existing.keys())
+        if declared.get(key) != existing.get(key)
+    )
 
 
 def _describe(exc: BaseException) -> str:

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from . import message as wire
 from .errors import NobsAmqpError, TaskDefinitionError
-from .retry import Ack, DeadLetter, Outcome, RetryLater, TimeLimitExceeded, decide
+from .retry import Ack, DeadLetter, DeliveryLimitExceeded, Outcome, RetryLater, TimeLimitExceeded, decide
 from .tasks import TaskSpec, UnknownTaskError, resolve
 from .topology import dead_letter_exchange
 from .transport import Delivery, Subscription
@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("nobs_amqp")
 
 BURST_POLL_SECONDS = 0.1
+#: Set by quorum queues on a redelivery: how often the message came back unsettled.
+DELIVERY_COUNT = "x-delivery-count"
 
 
 class Consumer:
@@ -55,6 +57,8 @@ class Consumer:
         self._slots = asyncio.Semaphore(self.concurrency)
         self._running: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
+        #: Set once the queue is declared and messages flow.
+        self.ready = asyncio.Event()
         self._specs: dict[str, TaskSpec] = {}
         self._threads: ThreadPoolExecutor | None = None
 
@@ -69,6 +73,7 @@ class Consumer:
         transport = self.project.transport
         self._threads = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"nobs-{self.worker.name}")
         subscription = await transport.consume(self.worker.name, self.prefetch, self._on_delivery)
+        self.ready.set()
         log.info(
             "worker %s: consuming (prefetch %d, concurrency %d%s)",
             self.worker.name,
@@ -143,6 +148,16 @@ class Consumer:
             self.processed += 1
 
     async def _execute(self, message: wire.Message) -> Outcome:
+        returned = message.headers.get(DELIVERY_COUNT)
+        limit = self.worker.queue_options.delivery_limit
+        if limit is not None and isinstance(returned, int) and returned >= limit:
+            return DeadLetter(
+                "delivery_limit",
+                DeliveryLimitExceeded(
+                    f"delivered {returned + 1} times without being settled: its worker died while "
+                    f"running it each time (killed, out of memory, crashed?)"
+                ),
+            )
         try:
             spec = self._spec(message.task)
         except (UnknownTaskError, TaskDefinitionError) as exc:

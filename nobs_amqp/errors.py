@@ -111,7 +111,7 @@ class TopologyMismatchError(NobsAmqpError):
         super().__init__(
             f"{kind} {name!r} in vhost {vhost!r} exists with other arguments ({difference}); "
             f"nothing was changed. Either make the Worker options match it, or move its "
-            f"messages away (nobs-amqp consume --burst, or shovel them), delete it "
+            f"messages away (a shovel in the management UI does it), delete it "
             f"(`{fix}`) and start the worker again to recreate it"
         )
 

@@ -73,7 +73,9 @@ class Project:
         self.workers: dict[str, Worker] = {}
         for worker in workers:
             self._add(worker)
-        self.urls = broker_urls(url)
+        self._url = url
+        if url is not None:
+            broker_urls(url)  # fail at construction for a bad explicit URL
         if packages is None:
             caller = _caller_package()
             packages = [caller] if caller else []
@@ -109,6 +111,11 @@ class Project:
         if self._transport is None:
             raise ProjectNotOpenError(self.name)
         return self._transport
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Where the broker is: Project(url=...), else NOBS_AMQP_URL as it is when the project opens."""
+        return broker_urls(self._url)
 
     @property
     def is_open(self) -> bool:

@@ -43,6 +43,10 @@ class TimeLimitExceeded(Exception):  # noqa: N818
     """A task ran longer than its worker's time limit."""
 
 
+class DeliveryLimitExceeded(Exception):  # noqa: N818
+    """A message came back more often than its queue's delivery limit: its worker kept dying."""
+
+
 def seconds(value: float | timedelta) -> float:
     result = value.total_seconds() if isinstance(value, timedelta) else float(value)
     if result < 0:

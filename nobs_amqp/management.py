@@ -1,0 +1,83 @@
+"""A small client of the RabbitMQ management HTTP API (vhosts, queues), stdlib only."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import urllib.error
+import urllib.request
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+from .errors import BrokerConnectionError
+
+MANAGEMENT_ENV = "NOBS_AMQP_MANAGEMENT_URL"
+
+
+def management_url_for(amqp_url: str) -> str:
+    """NOBS_AMQP_MANAGEMENT_URL, else http(s)://<amqp host>:15672 (15671 for amqps)."""
+    if os.environ.get(MANAGEMENT_ENV):
+        return os.environ[MANAGEMENT_ENV].rstrip("/")
+    parts = urlsplit(amqp_url)
+    scheme, port = ("https", 15671) if parts.scheme == "amqps" else ("http", 15672)
+    host = parts.hostname or "localhost"
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}:{port}"
+
+
+class Management:
+    """Calls the management API with the AMQP URL's credentials. Constructing it does no I/O."""
+
+    def __init__(self, amqp_url: str, *, timeout: float = 10.0) -> None:
+        parts = urlsplit(amqp_url)
+        self.base = management_url_for(amqp_url)
+        user = unquote(parts.username or "guest")
+        password = unquote(parts.password or "guest")
+        self._auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        self.user = user
+        self._timeout = timeout
+
+    async def request(self, method: str, path: str, body: object = None) -> Any:
+        return await asyncio.to_thread(self._request, method, path, body)
+
+    def _request(self, method: str, path: str, body: object) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.base + path, data=data, method=method)
+        request.add_header("Authorization", self._auth)
+        request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=self._timeout) as response:
+                text = response.read()
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404 and method == "GET":
+                return None
+            raise BrokerConnectionError(
+                f"the management API at {self.base}", f"{method} {path} answered {exc.code} {exc.reason}"
+            ) from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise BrokerConnectionError(
+                f"the management API at {self.base}",
+                f"{exc}; enable it with `rabbitmq-plugins enable rabbitmq_management` or set {MANAGEMENT_ENV}",
+            ) from None
+        return json.loads(text) if text else None
+
+    async def create_vhost(self, vhost: str) -> None:
+        await self.request("PUT", f"/api/vhosts/{quote(vhost, safe='')}", {})
+        await self.request(
+            "PUT",
+            f"/api/permissions/{quote(vhost, safe='')}/{quote(self.user, safe='')}",
+            {"configure": ".*", "write": ".*", "read": ".*"},
+        )
+
+    async def delete_vhost(self, vhost: str) -> None:
+        await self.request("DELETE", f"/api/vhosts/{quote(vhost, safe='')}")
+
+    async def get(self, kind: str, vhost: str, name: str) -> dict[str, Any] | None:
+        """A queue's or exchange's description (`kind` "queue" or "exchange"), None if it does not exist."""
+        result = await self.request("GET", f"/api/{kind}s/{quote(vhost, safe='')}/{quote(name, safe='')}")
+        return result if isinstance(result, dict) else None
+
+    async def queue(self, vhost: str, name: str) -> dict[str, Any] | None:
+        return await self.get("queue", vhost, name)

@@ -1,0 +1,78 @@
+"""Helpers shared by the tests: waiting with deadlines, reading queues, raw publishing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aio_pika
+
+
+async def eventually(check: Callable[[], Any], *, timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll `check` (sync or async) until it returns something truthy; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if isinstance(result, Awaitable):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {check}")
+        await asyncio.sleep(interval)
+
+
+class Broker:
+    """A raw aio-pika connection to the test vhost, to look at queues as an operator would."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+
+    async def __aenter__(self) -> Broker:
+        self._connection = await aio_pika.connect(self.url)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._connection is not None
+        await self._connection.close()
+
+    async def channel(self) -> aio_pika.abc.AbstractChannel:
+        assert self._connection is not None
+        return await self._connection.channel()
+
+    async def count(self, queue: str) -> int:
+        channel = await self.channel()
+        try:
+            declared = await channel.declare_queue(queue, passive=True)
+            return int(declared.declaration_result.message_count or 0)
+        finally:
+            await channel.close()
+
+    async def take(self, queue: str, n: int = 1, timeout: float = 15.0) -> list[aio_pika.abc.AbstractIncomingMessage]:
+        """Wait for and consume (ack) `n` messages of `queue`."""
+        channel = await self.channel()
+        taken: list[aio_pika.abc.AbstractIncomingMessage] = []
+        try:
+            declared = await channel.declare_queue(queue, passive=True)
+
+            async def get_one() -> bool:
+                message = await declared.get(fail=False)
+                if message is not None:
+                    await message.ack()
+                    taken.append(message)
+                return len(taken) >= n
+
+            await eventually(get_one, timeout=timeout)
+            return taken
+        finally:
+            await channel.close()
+
+    async def publish_raw(self, queue: str, body: bytes, **properties: Any) -> None:
+        channel = await self.channel()
+        try:
+            await channel.default_exchange.publish(aio_pika.Message(body, delivery_mode=2, **properties), queue)
+        finally:
+            await channel.close()
