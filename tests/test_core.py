@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import sys
 import time
 import uuid
@@ -97,7 +98,7 @@ async def test_retries_follow_the_wait_strategy(amqp_url: str, name: str) -> Non
         await worker.queue(tasks.record, tasks.Job(key=k, fail_times=2))
         await eventually(lambda: len(tasks.calls(k)) == 3, timeout=15)
     times = tasks.calls(k)
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert all(1.0 <= gap < 2.5 for gap in gaps), gaps
 
 
@@ -138,7 +139,7 @@ async def test_default_policy_reaches_dlq_within_a_minute(amqp_url: str, name: s
     assert isinstance(outcome, DeadLetter)
     assert len(waits) == 4
     assert 1 <= waits[0] <= 2
-    assert all(a < b for a, b in zip(waits, waits[1:], strict=False))
+    assert all(a < b for a, b in itertools.pairwise(waits))
     assert sum(waits) < 60
 
 

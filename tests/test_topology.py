@@ -12,7 +12,7 @@ from nobs_amqp.consumer import Consumer
 from nobs_amqp.management import Management
 
 from .apps import tasks
-from .support import Broker, eventually
+from .support import Broker
 
 
 def vhost(url: str) -> str:
