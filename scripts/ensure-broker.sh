@@ -56,19 +56,27 @@ amqp_up() {
     timeout 2 bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$host" "$port" 2>/dev/null
 }
 
-mgmt_up() {
+# Print the HTTP status of GET /api/overview ("000" when nothing answers).
+mgmt_status() {
     if command -v curl >/dev/null 2>&1; then
-        curl -fsS --max-time 3 -o /dev/null -u "$user:$pass" "$mgmt_url/api/overview" 2>/dev/null
+        curl -s --max-time 3 -o /dev/null -w '%{http_code}' -u "$user:$pass" "$mgmt_url/api/overview" || true
     else
-        MGMT_URL=$mgmt_url MGMT_USER=$user MGMT_PASS=$pass python3 - <<'PY' 2>/dev/null
-import base64, os, urllib.request
+        MGMT_URL=$mgmt_url MGMT_USER=$user MGMT_PASS=$pass python3 - <<'PY' 2>/dev/null || echo 000
+import base64, os, urllib.error, urllib.request
 req = urllib.request.Request(os.environ["MGMT_URL"] + "/api/overview")
 token = base64.b64encode(f'{os.environ["MGMT_USER"]}:{os.environ["MGMT_PASS"]}'.encode()).decode()
 req.add_header("Authorization", "Basic " + token)
-urllib.request.urlopen(req, timeout=3).read()
+try:
+    print(urllib.request.urlopen(req, timeout=3).status)
+except urllib.error.HTTPError as e:
+    print(e.code)
+except Exception:
+    print("000")
 PY
     fi
 }
+# shellcheck disable=SC2317  # called indirectly through wait_for
+mgmt_up() { [[ $(mgmt_status) == 200 ]]; }
 
 # wait_for <check-function> <seconds> <what>: poll once a second, bounded.
 wait_for() {
@@ -91,10 +99,10 @@ enable_mgmt_plugin() {
 }
 
 ensure_mgmt() {
-    if mgmt_up; then
-        say "management API answers at $mgmt_shown"
-        return 0
-    fi
+    case $(mgmt_status) in
+        200) say "management API answers at $mgmt_shown"; return 0 ;;
+        401) die "the management API at $mgmt_shown refused the user/password from NOBS_AMQP_URL (HTTP 401)" ;;
+    esac
     enable_mgmt_plugin
     wait_for mgmt_up 60 "the management API at $mgmt_shown" && { say "management API answers"; return 0; }
     die "no RabbitMQ management API at $mgmt_shown (AMQP at $target is up).
@@ -121,7 +129,12 @@ timeout 20 docker info >/dev/null 2>&1 && docker_ok=1
 if [[ $starts_here == 1 && $docker_ok == 1 ]]; then
     say "starting RabbitMQ with docker compose"
     cd "$(dirname "${BASH_SOURCE[0]}")/.."
-    docker compose -f docker-compose.rabbitmq.yml up -d --wait
+    # Compose v2 plugin, or the older standalone docker-compose (>= 2.1 has --wait).
+    if docker compose version >/dev/null 2>&1; then compose=(docker compose)
+    elif command -v docker-compose >/dev/null 2>&1; then compose=(docker-compose)
+    else die "Docker runs but Docker Compose is missing; install the compose plugin and rerun"
+    fi
+    "${compose[@]}" -f docker-compose.rabbitmq.yml up -d --wait
     wait_for amqp_up 90 "AMQP at $target" || die "RabbitMQ container started but AMQP at $target does not answer"
     ensure_mgmt
     exit 0
@@ -136,7 +149,11 @@ if [[ $starts_here == 1 && $debian_root == 1 && ${NOBS_AMQP_NO_BROKER_INSTALL:-0
         apt-get update -q
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q rabbitmq-server
     fi
-    # Without systemd the package may or may not have started the node.
+    # Without systemd the package may or may not have started the node; never
+    # start a second node next to one that runs but listens elsewhere.
+    if ! amqp_up && timeout 60 rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
+        die "a local RabbitMQ node runs but AMQP at $target does not answer; check its listeners or NOBS_AMQP_URL"
+    fi
     if ! amqp_up; then
         say "starting rabbitmq-server (detached)"
         rabbitmq-server -detached

@@ -24,11 +24,11 @@ class SendEmail(BaseModel):
     content: str
 
 
-class MailboxUnavailable(Exception):
+class MailboxUnavailableError(Exception):
     """The (pretend) mail server refused the address."""
 
 
 async def send_email(request: SendEmail) -> None:
     if request.email.endswith(".invalid"):
-        raise MailboxUnavailable(f"550 mailbox {request.email} unavailable")
+        raise MailboxUnavailableError(f"550 mailbox {request.email} unavailable")
     log.info("sent email to %s: %s", request.email, request.content)
