@@ -1,0 +1,93 @@
+"""The seed example, run as a user runs it: the CLI finds the project and consumes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from examples.send_email.app import SendEmail, priority_queue, project, send_email
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def run_cli(*args: str, env: dict[str, str], timeout: float = 30) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "nobs_amqp",
+        *args,
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), timeout)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, output.decode()
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        ((), {}),  # [tool.nobs-amqp] app in pyproject.toml
+        (("--app", "examples.send_email.app:project"), {}),
+        ((), {"NOBS_AMQP_APP": "examples.send_email.app:project"}),
+    ],
+)
+async def test_seed_example_through_the_cli(amqp_url: str, args: tuple[str, ...], env: dict[str, str]) -> None:
+    async with project:
+        await priority_queue.queue(send_email, SendEmail(email="ola@nordmann.no", content="hello"))
+    code, output = await run_cli(*args, "consume", "priority_queue", "--burst", env={"NOBS_AMQP_URL": amqp_url, **env})
+    assert code == 0, output
+    assert "sent email to ola@nordmann.no: hello" in output
+    assert "stopped after 1 task(s)" in output
+
+
+async def test_cli_errors_say_what_to_do(amqp_url: str, tmp_path: Path) -> None:
+    code, output = await run_cli("--app", "examples.send_email.app:project", "consume", "nope", env={})
+    assert code == 2
+    assert "has no worker 'nope' (workers: priority_queue)" in output
+    code, output = await run_cli("--app", "examples.send_email.app:nothing", "consume", "x", env={})
+    assert code == 2
+    assert "is nothing, not a nobs_amqp Project" in output
+    code, output = await run_cli(
+        "--app", "examples.send_email.app:project", "consume", "priority_queue",
+        env={"NOBS_AMQP_URL": "amqp://guest:hunter2@127.0.0.1:1/"},
+    )  # fmt: skip
+    assert code == 1
+    assert "cannot connect to amqp://guest:***@127.0.0.1:1/" in output
+    assert "hunter2" not in output
+
+
+@pytest.mark.timeout(120)
+async def test_demo_shows_the_retry_and_the_dead_letter(amqp_url: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "examples.send_email.demo",
+        cwd=ROOT,
+        env={**os.environ, "NOBS_AMQP_URL": amqp_url},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        output_bytes, _ = await asyncio.wait_for(process.communicate(), 100)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    output = output_bytes.decode()
+    assert process.returncode == 0, output
+    assert "attempt 1 failed (MailboxUnavailableError" in output
+    assert "x-nobs-reason: max_attempts" in output
+    assert "sent email to later@nordmann.no" in output
+    assert "priority_queue.dlq -> 'Get messages'" in output
