@@ -21,7 +21,7 @@ from pamqp.commands import Basic
 from .errors import BrokerConnectionError, NobsAmqpError, PublishError, TopologyMismatchError, UnroutableError
 from .management import Management
 from .message import CONTENT_TYPE, Message, now
-from .topology import ExchangeSpec, QueueSpec, ServerVersion, Topology
+from .topology import ExchangeSpec, QueueSpec, ServerVersion, Topology, difference
 from .transport import Handler
 
 log = logging.getLogger("nobs_amqp")
@@ -156,7 +156,7 @@ class AmqpTransport:
         except NobsAmqpError:
             existing = None
         if existing is not None:
-            detail = _difference(dict(declared.arguments), existing.get("arguments") or {}) or detail
+            detail = difference(declared.arguments, existing.get("arguments") or {}) or detail
         return TopologyMismatchError(kind, declared.name, self.vhost, detail)
 
     # -- publish -----------------------------------------------------------------------------
@@ -279,18 +279,6 @@ def _table(arguments: Mapping[str, object]) -> aiormq.abc.ArgumentsType:
 
 def _plain_headers(headers: dict[str, Any]) -> dict[str, object]:
     return {k: v.decode(errors="replace") if isinstance(v, bytes) else v for k, v in headers.items()}
-
-
-def _show(arguments: dict[str, object], key: str) -> str:
-    return repr(arguments[key]) if key in arguments else "none"
-
-
-def _difference(declared: dict[str, object], existing: dict[str, object]) -> str:
-    return "; ".join(
-        f"{key}: declared {_show(declared, key)}, existing {_show(existing, key)}"
-        for key in sorted(declared.keys() | existing.keys())
-        if declared.get(key) != existing.get(key)
-    )
 
 
 def _describe(exc: BaseException) -> str:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from . import delay as ladder
 from .amqp import AmqpTransport
 from .errors import ConfigurationError, ProjectNotOpenError, TaskNotAllowedError
+from .memory import MEMORY_SCHEME, MemoryTransport
 from .message import Message
 from .tasks import Allowlist, TaskFunction, TaskSpec, reference_of
 from .topology import Topology, check_name, worker_topology
@@ -33,9 +34,9 @@ def broker_urls(url: str | Sequence[str] | None) -> tuple[str, ...]:
     if not urls:
         raise ConfigurationError("no broker URL given: set NOBS_AMQP_URL or Project(url=...)")
     for u in urls:
-        if not u.startswith(("amqp://", "amqps://")):
+        if not u.startswith(("amqp://", "amqps://", MEMORY_SCHEME)):
             scheme = u.split("://", 1)[0] if "://" in u else u[:10]
-            raise ConfigurationError(f"broker URL scheme {scheme!r} is not supported: use amqp:// or amqps://")
+            raise ConfigurationError(f"broker URL scheme {scheme!r} is not supported: use amqp://, amqps:// or memory://")
     return urls
 
 
@@ -124,7 +125,12 @@ class Project:
     async def open(self) -> None:
         if self._transport is not None:
             return
-        transport = AmqpTransport(self.urls, name=f"nobs-amqp {self.name}", pool_size=self._channel_pool_size)
+        urls = self.urls
+        transport: Transport
+        if urls[0].startswith(MEMORY_SCHEME):
+            transport = MemoryTransport(urls[0])
+        else:
+            transport = AmqpTransport(urls, name=f"nobs-amqp {self.name}", pool_size=self._channel_pool_size)
         await transport.open()
         self._transport = transport
         self._declared.clear()

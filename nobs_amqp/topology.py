@@ -121,3 +121,16 @@ def worker_topology(worker: str, options: QueueOptions, server: ServerVersion) -
         queues=(QueueSpec(worker, main), QueueSpec(dlq, dead)),
         bindings=(Binding(dlx, dlq, ""),),
     )
+
+
+def difference(declared: Mapping[str, object], existing: Mapping[str, object]) -> str:
+    """Every argument that differs, as `key: declared X, existing Y`; empty when equal."""
+
+    def show(arguments: Mapping[str, object], key: str) -> str:
+        return repr(arguments[key]) if key in arguments else "none"
+
+    return "; ".join(
+        f"{key}: declared {show(declared, key)}, existing {show(existing, key)}"
+        for key in sorted(declared.keys() | existing.keys())
+        if declared.get(key) != existing.get(key)
+    )

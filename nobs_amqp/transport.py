@@ -7,8 +7,8 @@ written once against it and never knows which broker it talks to.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Protocol
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
 from .message import Message
 from .topology import ServerVersion, Topology
@@ -28,8 +28,7 @@ class Delivery(Protocol):
     async def nack(self, *, requeue: bool) -> None: ...
 
 
-Handler = Callable[[Delivery], Awaitable[None]]
-DecodeFailure = Callable[[bytes, BaseException], Awaitable[None]]
+Handler = Callable[[Delivery], Coroutine[Any, Any, None]]
 
 
 class Subscription(Protocol):

@@ -76,3 +76,27 @@ class Broker:
             await channel.default_exchange.publish(aio_pika.Message(body, delivery_mode=2, **properties), queue)
         finally:
             await channel.close()
+
+
+async def take_messages(project: Any, queue: str, n: int = 1, timeout: float = 15.0) -> list[Any]:
+    """Consume and ack `n` messages of `queue` through the project's own transport (any broker)."""
+    taken: list[Any] = []
+
+    async def handler(delivery: Any) -> None:
+        taken.append(delivery.message)
+        await delivery.ack()
+
+    subscription = await project.transport.consume(queue, n, handler)
+    try:
+        await eventually(lambda: len(taken) >= n, timeout=timeout)
+    finally:
+        await subscription.cancel()
+        await subscription.close()
+    return taken[:n]
+
+
+async def publish_raw_message(project: Any, queue: str, body: bytes, task: str, message_id: str = "raw") -> None:
+    """Publish a message nobs_amqp did not make, as a foreign producer or an attacker would."""
+    from nobs_amqp.message import Message, now
+
+    await project.transport.publish("", queue, Message(body, task, message_id, "someone", now()))

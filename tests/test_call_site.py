@@ -116,7 +116,7 @@ def test_a_worker_belongs_to_one_project() -> None:
 
 
 def test_bad_url_scheme() -> None:
-    with pytest.raises(ConfigurationError, match="use amqp:// or amqps://"):
+    with pytest.raises(ConfigurationError, match="use amqp://, amqps:// or memory://"):
         Project(name="p", workers=[], url="redis://localhost")
 
 
