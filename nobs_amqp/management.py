@@ -63,16 +63,18 @@ class Management:
             ) from None
         return json.loads(text) if text else None
 
-    async def create_vhost(self, vhost: str) -> None:
-        await self.request("PUT", f"/api/vhosts/{quote(vhost, safe='')}", {})
-        await self.request(
+    def create_vhost(self, vhost: str) -> None:
+        """Create `vhost` and give the URL's user every permission on it (blocking)."""
+        self._request("PUT", f"/api/vhosts/{quote(vhost, safe='')}", {})
+        self._request(
             "PUT",
             f"/api/permissions/{quote(vhost, safe='')}/{quote(self.user, safe='')}",
             {"configure": ".*", "write": ".*", "read": ".*"},
         )
 
-    async def delete_vhost(self, vhost: str) -> None:
-        await self.request("DELETE", f"/api/vhosts/{quote(vhost, safe='')}")
+    def delete_vhost(self, vhost: str) -> None:
+        """Delete `vhost` and everything in it (blocking)."""
+        self._request("DELETE", f"/api/vhosts/{quote(vhost, safe='')}", None)
 
     async def get(self, kind: str, vhost: str, name: str) -> dict[str, Any] | None:
         """A queue's or exchange's description (`kind` "queue" or "exchange"), None if it does not exist."""

@@ -19,7 +19,7 @@ import heapq
 import itertools
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
@@ -54,6 +54,7 @@ class _Consumer:
         self.handler = handler
         self.unacked: dict[int, _Entry] = {}
         self.active = True
+        self.handing: set[asyncio.Task[None]] = set()  # handler calls not finished yet
 
 
 class _Queue:
@@ -82,6 +83,7 @@ class MemoryBroker:
         self.exchanges: dict[str, _Exchange] = {}
         self.queues: dict[str, _Queue] = {}
         self._offset = 0.0
+        self._pinned: float | None = None  # the clock stands still while advance() works
         self._sequence = itertools.count()
         self._tags = itertools.count(1)
         self._timer: asyncio.TimerHandle | None = None
@@ -101,17 +103,34 @@ class MemoryBroker:
     # -- clock ---------------------------------------------------------------------------
 
     def now(self) -> float:
+        if self._pinned is not None:
+            return self._pinned
         return asyncio.get_running_loop().time() + self._offset
 
     async def advance(self, seconds: float) -> None:
-        """Move the clock `seconds` ahead, expiring every message that falls due on the way."""
+        """Move the clock `seconds` ahead, expiring every message that falls due on the way,
+        each at its own instant (a message moving on starts its next wait exactly then)."""
         target = self.now() + seconds
-        while (due := self._next_expiry()) is not None and due <= target:
-            self._offset = max(self._offset, due - asyncio.get_running_loop().time())
+        try:
+            while (due := self._next_expiry()) is not None and due <= target:
+                self._pinned = max(due, self.now())
+                self._expire_due()
+            self._pinned = target
             self._expire_due()
-        self._offset = target - asyncio.get_running_loop().time()
-        self._expire_due()
+        finally:
+            self._pinned = None
+            self._offset = target - asyncio.get_running_loop().time()
+            self._schedule()
         await asyncio.sleep(0)  # let handlers of what became ready start
+
+    def seconds_to_next_expiry(self) -> float | None:
+        """How far the clock is from the next message expiry (None: nothing waits)."""
+        due = self._next_expiry()
+        return None if due is None else max(0.0, due - self.now())
+
+    def waiting(self, queues: Iterable[str]) -> int:
+        """Messages ready in the named queues (those that exist)."""
+        return sum(len(self.queues[name].ready) for name in queues if name in self.queues)
 
     def _next_expiry(self) -> float | None:
         heads = [q.ready[0][2].expires_at for q in self.queues.values() if q.ttl is not None and q.ready]
@@ -226,7 +245,9 @@ class MemoryBroker:
             tag = next(self._tags)
             consumer.unacked[tag] = entry
             delivery = MemoryDelivery(self, consumer, tag, entry)
-            asyncio.get_running_loop().create_task(consumer.handler(delivery))
+            task = asyncio.get_running_loop().create_task(consumer.handler(delivery))
+            consumer.handing.add(task)
+            task.add_done_callback(consumer.handing.discard)
 
     def settle(self, consumer: _Consumer, tag: int, *, requeue: bool | None) -> None:
         """Ack (`requeue` None), or nack with or without requeue."""
@@ -283,9 +304,12 @@ class _MemorySubscription:
         self._consumer = consumer
 
     async def cancel(self) -> None:
-        self._consumer.active = False
-        if self._consumer in self._consumer.queue.consumers:
-            self._consumer.queue.consumers.remove(self._consumer)
+        consumer = self._consumer
+        consumer.active = False
+        if consumer in consumer.queue.consumers:
+            consumer.queue.consumers.remove(consumer)
+        # As with basic.cancel-ok: deliveries already sent reach the handler first.
+        await asyncio.gather(*consumer.handing)
 
     async def close(self) -> None:
         self._broker.close_consumer(self._consumer)

@@ -36,7 +36,9 @@ def broker_urls(url: str | Sequence[str] | None) -> tuple[str, ...]:
     for u in urls:
         if not u.startswith(("amqp://", "amqps://", MEMORY_SCHEME)):
             scheme = u.split("://", 1)[0] if "://" in u else u[:10]
-            raise ConfigurationError(f"broker URL scheme {scheme!r} is not supported: use amqp://, amqps:// or memory://")
+            raise ConfigurationError(
+                f"broker URL scheme {scheme!r} is not supported: use amqp://, amqps:// or memory://"
+            )
     return urls
 
 

@@ -1,0 +1,76 @@
+"""pytest fixtures for projects that use nobs_amqp (loaded automatically once installed).
+
+- `nobs_amqp_vhost` (session): a fresh vhost on a real RabbitMQ, made and removed through
+  the management API; its URL. Skipped when no broker answers, failed instead when the
+  `CI` environment variable is set.
+- `nobs_amqp_url`: that vhost, also set as NOBS_AMQP_URL so your Project uses it.
+- `nobs_amqp_memory`: NOBS_AMQP_URL set to a fresh `memory://` broker, which it yields.
+
+Then `await nobs_amqp.testing.drain(project)` runs what your code queued.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import pytest
+
+from .errors import NobsAmqpError
+from .management import Management
+from .memory import MemoryBroker
+from .project import DEFAULT_URL, URL_ENV
+
+
+def _answers(url: str) -> bool:
+    parts = urlsplit(url)
+    default_port = 5671 if parts.scheme == "amqps" else 5672
+    try:
+        with socket.create_connection((parts.hostname or "localhost", parts.port or default_port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set, so this fails instead of skipping)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def nobs_amqp_vhost() -> Iterator[str]:
+    """The URL of a vhost made for this test session on the broker at NOBS_AMQP_URL."""
+    base = os.environ.get(URL_ENV) or DEFAULT_URL
+    where = urlsplit(base).netloc.rsplit("@", 1)[-1]
+    if base.startswith("memory://") or not _answers(base):
+        _unavailable(f"no RabbitMQ answers at {where} (set NOBS_AMQP_URL)")
+    management = Management(base)
+    vhost = f"test-{uuid.uuid4().hex[:12]}"
+    try:
+        management.create_vhost(vhost)
+    except NobsAmqpError as exc:
+        _unavailable(f"cannot create a test vhost through the management API: {exc}")
+    try:
+        yield urlunsplit(urlsplit(base)._replace(path="/" + quote(vhost, safe="")))
+    finally:
+        management.delete_vhost(vhost)
+
+
+@pytest.fixture
+def nobs_amqp_url(nobs_amqp_vhost: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The session's vhost URL, set as NOBS_AMQP_URL for the code under test."""
+    monkeypatch.setenv(URL_ENV, nobs_amqp_vhost)
+    return nobs_amqp_vhost
+
+
+@pytest.fixture
+def nobs_amqp_memory(monkeypatch: pytest.MonkeyPatch) -> Iterator[MemoryBroker]:
+    """A fresh in-memory broker, set as NOBS_AMQP_URL for the code under test."""
+    url = f"memory://{uuid.uuid4().hex}"
+    monkeypatch.setenv(URL_ENV, url)
+    yield MemoryBroker.named(url)
+    MemoryBroker.forget(url)
