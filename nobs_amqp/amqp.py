@@ -27,6 +27,7 @@ from .transport import Handler
 log = logging.getLogger("nobs_amqp")
 
 PERSISTENT = 2
+RECONNECT_SECONDS = 1.0
 _CONNECTION_ERRORS = (
     ConnectionError,
     aiormq.exceptions.AMQPConnectionError,
@@ -84,24 +85,43 @@ class AmqpTransport:
         return tuple(int(n) for n in re.findall(r"\d+", text)[:3]) or (0,)
 
     async def open(self) -> None:
-        failures = []
+        failures: list[str] = []
+        last: BaseException | None = None
         for url in self._urls:
             try:
                 self._connection = await aio_pika.connect_robust(
                     url,
+                    reconnect_interval=RECONNECT_SECONDS,
                     client_properties={"connection_name": f"{self._name} {socket.gethostname()} pid {os.getpid()}"},
                 )
                 self._url = url
                 break
             except (ConnectionError, aiormq.exceptions.AMQPError, OSError) as exc:
-                failures.append(f"{redact(url)}: {_describe(exc)}")
+                last = exc
+                failures.append(
+                    _login_failure(exc) if len(self._urls) == 1 else f"{redact(url)}: {_login_failure(exc)}"
+                )
         else:
-            raise BrokerConnectionError(", ".join(redact(u) for u in self._urls), "; ".join(failures))
+            raise BrokerConnectionError(", ".join(redact(u) for u in self._urls), "; ".join(failures)) from last
+        self._connection.close_callbacks.add(self._on_lost)
+        self._connection.reconnect_callbacks.add(self._on_reconnect)
         self._channels = [
             await self._connection.channel(publisher_confirms=True, on_return_raises=True)
             for _ in range(self._pool_size)
         ]
         log.debug("connected to %s (RabbitMQ %s)", redact(self._url), self.server_version)
+
+    def _on_lost(self, connection: object, exc: BaseException | None = None) -> None:
+        if self._connection is not None and exc is not None:
+            log.warning(
+                "lost the connection to %s (%s); reconnecting every %.0f s",
+                redact(self._url),
+                _describe(exc),
+                RECONNECT_SECONDS,
+            )
+
+    def _on_reconnect(self, connection: object) -> None:
+        log.warning("reconnected to %s", redact(self._url))
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None
@@ -279,6 +299,13 @@ def _table(arguments: Mapping[str, object]) -> aiormq.abc.ArgumentsType:
 
 def _plain_headers(headers: dict[str, Any]) -> dict[str, object]:
     return {k: v.decode(errors="replace") if isinstance(v, bytes) else v for k, v in headers.items()}
+
+
+def _login_failure(exc: BaseException) -> str:
+    text = _describe(exc)
+    if "Connection.Close" in text:
+        return "the broker closed the connection at login: the vhost does not exist or the user may not use it"
+    return text
 
 
 def _describe(exc: BaseException) -> str:

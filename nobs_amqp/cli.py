@@ -17,6 +17,7 @@ import click
 from .consumer import Consumer
 from .errors import NobsAmqpError
 from .project import Project
+from .supervisor import supervise
 
 APP_ENV = "NOBS_AMQP_APP"
 log = logging.getLogger("nobs_amqp")
@@ -76,6 +77,8 @@ def main(ctx: click.Context, app: str | None, log_level: str) -> None:
     )
     logging.getLogger("aio_pika").setLevel(max(logging.WARNING, logging.getLogger().level))
     logging.getLogger("aiormq").setLevel(max(logging.WARNING, logging.getLogger().level))
+    # aio-pika logs an error per channel when a connection drops; nobs_amqp says it once.
+    logging.getLogger("aio_pika.tools").setLevel(logging.CRITICAL)
     ctx.obj = app
 
 
@@ -91,21 +94,36 @@ def main(ctx: click.Context, app: str | None, log_level: str) -> None:
     show_default=True,
     help="Seconds running tasks get to finish after SIGTERM/SIGINT.",
 )
-@click.pass_obj
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes (for CPU-bound sync tasks); one that dies is restarted.",
+)
+@click.pass_context
 def consume(
-    app: str | None,
+    ctx: click.Context,
     worker: str,
     prefetch: int | None,
     concurrency: int | None,
     burst: bool,
     grace_period: float,
+    processes: int,
 ) -> None:
     """Consume WORKER's queue and run its tasks."""
-    project = load_project(app_reference(app))
+    reference = app_reference(ctx.obj)
+    project = load_project(reference)
     try:
         target = project.worker(worker)
     except NobsAmqpError as exc:
         raise click.UsageError(str(exc)) from None
+    if processes > 1:
+        options = {"--prefetch": prefetch, "--concurrency": concurrency, "--grace-period": grace_period}
+        command = [sys.executable, "-m", "nobs_amqp", "--app", reference, "--log-level", ctx.parent.params["log_level"]]  # type: ignore[union-attr]
+        command += ["consume", worker, *(f"{k}={v}" for k, v in options.items() if v is not None)]
+        command += ["--burst"] if burst else []
+        sys.exit(supervise(command, processes, restart=not burst, grace_period=grace_period))
     consumer = Consumer(
         project, target, prefetch=prefetch, concurrency=concurrency, burst=burst, grace_period=grace_period
     )

@@ -50,7 +50,7 @@ class Consumer:
         self.project = project
         self.worker = worker
         self.concurrency = concurrency or worker.concurrency
-        self.prefetch = prefetch or worker.prefetch or 2 * self.concurrency
+        self.prefetch = prefetch or worker.prefetch or self.concurrency
         self.burst = burst
         self.grace_period = grace_period
         self.processed = 0
@@ -154,8 +154,8 @@ class Consumer:
             return DeadLetter(
                 "delivery_limit",
                 DeliveryLimitExceeded(
-                    f"delivered {returned + 1} times without being settled: its worker died while "
-                    f"running it each time (killed, out of memory, crashed?)"
+                    f"handed to a worker {returned} times without being settled (the worker was killed, "
+                    f"ran out of memory, crashed, or was stopped before it ran it); not running it again"
                 ),
             )
         try:

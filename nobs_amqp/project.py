@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import delay as ladder
 from .amqp import AmqpTransport
@@ -20,7 +21,10 @@ from .topology import Topology, check_name, worker_topology
 from .transport import Transport
 
 if TYPE_CHECKING:
+    from .consumer import Consumer
     from .worker import Worker
+
+log = logging.getLogger("nobs_amqp")
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
 URL_ENV = "NOBS_AMQP_URL"
@@ -156,6 +160,43 @@ class Project:
         """For `FastAPI(lifespan=project.lifespan)`: open on startup, close on shutdown."""
         async with self:
             yield
+
+    def lifespan_consuming(
+        self, *workers: Worker | str, **options: Any
+    ) -> Callable[[object], AbstractAsyncContextManager[None]]:
+        """A lifespan that also consumes `workers` in this process:
+        `FastAPI(lifespan=project.lifespan_consuming(priority_queue))`."""
+
+        @asynccontextmanager
+        async def lifespan(app: object = None) -> AsyncIterator[None]:
+            async with self, self.consuming(*workers, **options):
+                yield
+
+        return lifespan
+
+    @asynccontextmanager
+    async def consuming(self, *workers: Worker | str, **options: Any) -> AsyncIterator[list[Consumer]]:
+        """Consume `workers` (default: all) in the background of an open project until the block
+        ends; then stop taking messages and let running tasks finish (`grace_period`)."""
+        from .consumer import Consumer
+
+        chosen = [self.worker(w) if isinstance(w, str) else w for w in workers] or list(self.workers.values())
+        consumers = [Consumer(self, worker, **options) for worker in chosen]
+        runs = [asyncio.create_task(c.run(), name=f"nobs-consume-{c.worker.name}") for c in consumers]
+        try:
+            for consumer, run in zip(consumers, runs, strict=True):
+                ready = asyncio.create_task(consumer.ready.wait())
+                await asyncio.wait({run, ready}, return_when=asyncio.FIRST_COMPLETED)
+                ready.cancel()
+                if run.done():
+                    run.result()  # raise what stopped it from starting
+            yield consumers
+        finally:
+            for consumer in consumers:
+                consumer.stop()
+            for result in await asyncio.gather(*runs, return_exceptions=True):
+                if isinstance(result, Exception):
+                    log.error("consumer stopped with an error: %s", result)
 
     # -- producing ---------------------------------------------------------------------------
 

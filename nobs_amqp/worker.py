@@ -25,10 +25,11 @@ class Worker:
     Options are keyword-only: `stop`, `wait`, `retry` are tenacity strategies
     (default: 5 attempts in all, exponential jittered waits from 1 s);
     `concurrency` is how many tasks run at once; `prefetch` how many unacked
-    messages a process holds (default twice the concurrency); `time_limit` per
+    messages a process holds (default: the concurrency); `time_limit` per
     task; `queue_type` "quorum" (default) or "classic" (needed for
-    `max_priority` on RabbitMQ 3.x); `delivery_limit` how often a quorum queue
-    redelivers a message whose worker died before it goes to the DLQ.
+    `max_priority` on RabbitMQ 3.x); `delivery_limit`: a message handed out this
+    many times without being settled (its worker died or stopped each time) goes
+    to the DLQ instead of running again.
     """
 
     def __init__(

@@ -1,0 +1,52 @@
+"""`consume --processes N`: run N worker processes, restart one that dies, stop them all on a signal."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from types import FrameType
+
+log = logging.getLogger("nobs_amqp")
+
+POLL_SECONDS = 0.2
+RESTART_PAUSE_SECONDS = 1.0
+
+
+def supervise(command: Sequence[str], processes: int, *, restart: bool, grace_period: float) -> int:
+    """Run `processes` copies of `command` until a signal (or, without `restart`, until all exit).
+
+    SIGTERM/SIGINT are passed on to every child, which drains and exits 0; the exit code is
+    0 when every child ended with 0.
+    """
+    children = [subprocess.Popen(command) for _ in range(processes)]
+    log.info("supervisor: started %d worker processes (pids %s)", processes, [c.pid for c in children])
+    stopping = False
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while any(c.poll() is None for c in children) or (restart and not stopping):
+            for i, child in enumerate(children):
+                code = child.poll()
+                if code is not None and restart and not stopping:
+                    log.warning("supervisor: worker pid %d exited with %d; restarting it", child.pid, code)
+                    time.sleep(RESTART_PAUSE_SECONDS)
+                    children[i] = subprocess.Popen(command)
+            time.sleep(POLL_SECONDS)
+        deadline = time.monotonic() + grace_period + 10
+        for child in children:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    codes = [c.returncode for c in children]
+    return 0 if all(code == 0 for code in codes) else next(code for code in codes if code != 0)

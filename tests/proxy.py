@@ -1,0 +1,103 @@
+"""A small TCP proxy in front of the shared broker, to cut connections without touching RabbitMQ."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from urllib.parse import urlsplit, urlunsplit
+
+CHUNK = 65536
+
+
+class Proxy:
+    """Forwards 127.0.0.1:<ephemeral port> to `target`; `cut()` drops every open connection.
+
+    While `refusing` is set, a new connection is closed as soon as it is accepted (and
+    counted in `refused`), as if the broker were down.
+    """
+
+    def __init__(self, target_host: str = "127.0.0.1", target_port: int = 5672) -> None:
+        self.target_host = target_host
+        self.target_port = target_port
+        self.refusing = False
+        self.accepted = 0
+        self.refused = 0
+        self._server: asyncio.Server | None = None
+        self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "proxy is not started"
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._pairs)
+
+    def url_for(self, amqp_url: str) -> str:
+        """`amqp_url` (credentials, vhost) pointed at this proxy instead of the broker."""
+        parts = urlsplit(amqp_url)
+        credentials = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+        return urlunsplit(parts._replace(netloc=f"{credentials}127.0.0.1:{self.port}"))
+
+    async def __aenter__(self) -> Proxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+            await server.wait_closed()
+        self.cut()
+        handlers = list(self._handlers)
+        for handler in handlers:
+            handler.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+
+    def cut(self) -> int:
+        """Close both sides of every open connection at once; return how many there were."""
+        pairs = list(self._pairs)
+        for client, upstream in pairs:
+            client.transport.abort()
+            upstream.transport.abort()
+        return len(pairs)
+
+    async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handlers.add(handler)
+        try:
+            if self.refusing:
+                self.refused += 1
+                client_writer.transport.abort()
+                return
+            try:
+                upstream_reader, upstream_writer = await asyncio.open_connection(self.target_host, self.target_port)
+            except OSError:
+                client_writer.transport.abort()
+                return
+            self.accepted += 1
+            pair = (client_writer, upstream_writer)
+            self._pairs.add(pair)
+            try:
+                await asyncio.gather(
+                    _pump(client_reader, upstream_writer),
+                    _pump(upstream_reader, client_writer),
+                )
+            finally:
+                self._pairs.discard(pair)
+                client_writer.transport.abort()
+                upstream_writer.transport.abort()
+        finally:
+            self._handlers.discard(handler)
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy bytes until either side goes away, then close both directions of `writer`."""
+    with contextlib.suppress(ConnectionError, OSError):
+        while data := await reader.read(CHUNK):
+            writer.write(data)
+            await writer.drain()
+    writer.transport.abort()
