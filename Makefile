@@ -19,5 +19,11 @@ test: venv broker lint
 	$(VENV)/bin/pytest
 
 ## make demo: a worker consumes priority_queue; one task fails, retries, lands in the DLQ.
-demo: venv broker
-	$(VENV)/bin/python -m examples.send_email.demo
+## Without a RabbitMQ that can be reached or started, it runs on the in-memory broker and says so.
+demo: venv
+	@if bash scripts/ensure-broker.sh; then \
+		$(VENV)/bin/python -m examples.send_email.demo; \
+	else \
+		echo "demo: no RabbitMQ could be reached or started; running on the in-memory broker instead"; \
+		NOBS_AMQP_URL=memory:// $(VENV)/bin/python -m examples.send_email.demo; \
+	fi

@@ -132,6 +132,11 @@ class MemoryBroker:
         """Messages ready in the named queues (those that exist)."""
         return sum(len(self.queues[name].ready) for name in queues if name in self.queues)
 
+    def messages(self, queue: str) -> list[Message]:
+        """The messages ready in `queue`, in delivery order, left where they are (a peek)."""
+        found = self.queues.get(queue)
+        return [entry.message for _, _, entry in sorted(found.ready, key=lambda item: item[:2])] if found else []
+
     def _next_expiry(self) -> float | None:
         heads = [q.ready[0][2].expires_at for q in self.queues.values() if q.ttl is not None and q.ready]
         return min((h for h in heads if h is not None), default=None)

@@ -69,13 +69,14 @@ async def test_cli_errors_say_what_to_do(amqp_url: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(120)
-async def test_demo_shows_the_retry_and_the_dead_letter(amqp_url: str) -> None:
+@pytest.mark.parametrize("broker", ["rabbitmq", "memory"])
+async def test_demo_shows_the_retry_and_the_dead_letter(amqp_url: str, broker: str) -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "examples.send_email.demo",
         cwd=ROOT,
-        env={**os.environ, "NOBS_AMQP_URL": amqp_url},
+        env={**os.environ, "NOBS_AMQP_URL": amqp_url if broker == "rabbitmq" else "memory://"},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
@@ -90,4 +91,7 @@ async def test_demo_shows_the_retry_and_the_dead_letter(amqp_url: str) -> None:
     assert "attempt 1 failed (MailboxUnavailableError" in output
     assert "x-nobs-reason: max_attempts" in output
     assert "sent email to later@nordmann.no" in output
-    assert "priority_queue.dlq -> 'Get messages'" in output
+    if broker == "rabbitmq":
+        assert "priority_queue.dlq -> 'Get messages'" in output
+    else:
+        assert "running on the in-memory broker" in output

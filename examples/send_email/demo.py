@@ -2,20 +2,25 @@
 
 One address bounces: its task fails, is retried through the delay ladder with
 growing waits, and ends in priority_queue.dlq, where the management UI shows why.
+With NOBS_AMQP_URL=memory:// (what `make demo` falls back to when no RabbitMQ can
+be reached or started) the same runs on the in-memory broker, worker included.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from urllib.parse import quote
 
 from nobs_amqp import message as wire
 from nobs_amqp.amqp import redact, vhost_of
 from nobs_amqp.management import Management
+from nobs_amqp.memory import MEMORY_SCHEME, MemoryBroker
 
 from .app import SendEmail, priority_queue, project, send_email
 
@@ -23,7 +28,12 @@ DEADLINE_SECONDS = 90
 
 
 async def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     url = project.urls[0]
+    if url.startswith(MEMORY_SCHEME):
+        print("demo: running on the in-memory broker (memory://): no RabbitMQ, nothing is kept", flush=True)
+        async with project, project.consuming(priority_queue):
+            return await _run(url)
     print(f"demo: broker {redact(url)}; starting a worker: nobs-amqp consume priority_queue", flush=True)
     worker = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "nobs_amqp", "--app", "examples.send_email.app:project"),
@@ -31,55 +41,54 @@ async def main() -> int:
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        return await _run()
+        async with project:
+            return await _run(url)
     finally:
         worker.send_signal(signal.SIGTERM)
         await asyncio.wait_for(worker.wait(), 40)
 
 
-async def _run() -> int:
-    async with project:
-        for address in ("ola@nordmann.no", "kari@nordmann.no", "bounce@nordmann.invalid"):
-            message_id = await priority_queue.queue(
-                send_email, SendEmail(email=address, content="Hello from nobs_amqp")
-            )
-            print(f"demo: queued send_email to {address} (message id {message_id})", flush=True)
-            if address.endswith(".invalid"):
-                bounced = message_id
-        await priority_queue.queue(send_email, SendEmail(email="later@nordmann.no", content="sent 3 s later"), delay=3)
-        print("demo: queued send_email to later@nordmann.no with delay=3 s", flush=True)
-        print("demo: the bounce is retried 4 times with growing waits (about 20 s) ...", flush=True)
-        dead = await _wait_for_dead_letter(url=project.urls[0], message_id=bounced)
+async def _run(url: str) -> int:
+    bounced = ""
+    for address in ("ola@nordmann.no", "kari@nordmann.no", "bounce@nordmann.invalid"):
+        message_id = await priority_queue.queue(send_email, SendEmail(email=address, content="Hello from nobs_amqp"))
+        print(f"demo: queued send_email to {address} (message id {message_id})", flush=True)
+        if address.endswith(".invalid"):
+            bounced = message_id
+    await priority_queue.queue(send_email, SendEmail(email="later@nordmann.no", content="sent 3 s later"), delay=3)
+    print("demo: queued send_email to later@nordmann.no with delay=3 s", flush=True)
+    print("demo: the bounce is retried 4 times with growing waits (about 20 s) ...", flush=True)
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    while (dead := await _find_dead_letter(url, bounced)) is None and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(1)  # polling the broker: it sends no event for "arrived in a queue"
     if dead is None:
         print(f"demo: the failing task did not reach priority_queue.dlq within {DEADLINE_SECONDS} s", flush=True)
         return 1
-    headers = dead["properties"]["headers"]
-    vhost = vhost_of(project.urls[0])
+    headers, body = dead
     print("\ndemo: the bounced email is in priority_queue.dlq:", flush=True)
     for key in (wire.REASON, wire.ATTEMPT, wire.ERROR_TYPE, wire.ERROR_MESSAGE, wire.FAILED_AT, wire.WORKER_HOST):
         print(f"  {key}: {headers.get(key)}")
-    print(f"  body: {dead['payload']}")
-    management = Management(project.urls[0]).base
-    print(
-        f"\nSee it in the management UI (guest/guest): {management}/#/queues/{quote(vhost, safe='')}/"
-        f"priority_queue.dlq -> 'Get messages'.\n",
-        flush=True,
-    )
+    print(f"  body: {body}")
+    if not url.startswith(MEMORY_SCHEME):
+        ui = f"{Management(url).base}/#/queues/{quote(vhost_of(url), safe='')}/priority_queue.dlq"
+        print(f"\nSee it in the management UI (guest/guest): {ui} -> 'Get messages'.\n", flush=True)
     return 0
 
 
-async def _wait_for_dead_letter(url: str, message_id: str) -> dict[str, object] | None:
-    management = Management(url)
+async def _find_dead_letter(url: str, message_id: str) -> tuple[Mapping[str, object], str] | None:
+    """Headers and body of the dead letter `message_id`, left in the DLQ for the management UI."""
+    if url.startswith(MEMORY_SCHEME):
+        for message in MemoryBroker.named(url).messages("priority_queue.dlq"):
+            if message.message_id == message_id:
+                return message.headers, message.body.decode()
+        return None
     path = f"/api/queues/{quote(vhost_of(url), safe='')}/priority_queue.dlq/get"
-    deadline = time.monotonic() + DEADLINE_SECONDS
-    while time.monotonic() < deadline:
-        peeked = await management.request(
-            "POST", path, {"count": 1000, "ackmode": "ack_requeue_true", "encoding": "auto"}
-        )
-        for message in peeked or []:
-            if message["properties"].get("message_id") == message_id:
-                return message  # type: ignore[no-any-return]
-        await asyncio.sleep(1)
+    peeked = await Management(url).request(
+        "POST", path, {"count": 1000, "ackmode": "ack_requeue_true", "encoding": "auto"}
+    )
+    for message in peeked or []:
+        if message["properties"].get("message_id") == message_id:
+            return message["properties"]["headers"], str(message["payload"])
     return None
 
 
