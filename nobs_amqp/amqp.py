@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import socket
+from collections import deque
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
@@ -27,6 +28,7 @@ from .transport import Handler
 log = logging.getLogger("nobs_amqp")
 
 PERSISTENT = 2
+ACK_LINGER_SECONDS = 0.005
 RECONNECT_SECONDS = 1.0
 _CONNECTION_ERRORS = (
     ConnectionError,
@@ -185,32 +187,27 @@ class AmqpTransport:
         channel = self._channels[next(self._next)] if self._channels else None
         if channel is None:
             raise RuntimeError("transport is not open")
-        properties = aio_pika.Message(
-            message.body,
+        properties = Basic.Properties(
             content_type=CONTENT_TYPE,
             delivery_mode=PERSISTENT,
             message_id=message.message_id,
             timestamp=message.timestamp,
-            type=message.task,
+            message_type=message.task,
             app_id=message.app_id,
             headers=dict(message.headers),  # type: ignore[arg-type]
             priority=message.priority,
-        ).properties
+        )
         destination = exchange or routing_key
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._publish_timeout
         pause = 0.05
         while True:
             try:
-                raw = await asyncio.wait_for(channel.get_underlay_channel(), max(0.01, deadline - loop.time()))
-                confirmation = await raw.basic_publish(
-                    message.body,
-                    exchange=exchange,
-                    routing_key=routing_key,
-                    properties=properties,
-                    mandatory=True,
-                    timeout=max(0.01, deadline - loop.time()),
-                )
+                async with asyncio.timeout_at(deadline):
+                    raw = await channel.get_underlay_channel()
+                    confirmation = await raw.basic_publish(
+                        message.body, exchange=exchange, routing_key=routing_key, properties=properties, mandatory=True
+                    )
             except aiormq.exceptions.PublishError as exc:
                 raise UnroutableError(destination) from exc
             except aiormq.exceptions.DeliveryError as exc:
@@ -235,11 +232,15 @@ class AmqpTransport:
         await channel.set_qos(prefetch_count=prefetch)
         declared = await channel.declare_queue(queue, passive=True)
 
-        async def on_message(incoming: AbstractIncomingMessage) -> None:
-            await handler(_AmqpDelivery(incoming, queue))
+        subscription = _AmqpSubscription(channel, declared)
 
-        tag = await declared.consume(on_message, no_ack=False)
-        return _AmqpSubscription(channel, declared, tag)
+        async def on_message(incoming: AbstractIncomingMessage) -> None:
+            await handler(
+                _AmqpDelivery(incoming, queue, subscription.acker(incoming.channel, incoming.delivery_tag or 0))
+            )
+
+        subscription.tag = await declared.consume(on_message, no_ack=False)
+        return subscription
 
     async def message_count(self, queue: str) -> int:
         channel = await self._require().channel(publisher_confirms=False)
@@ -251,30 +252,102 @@ class AmqpTransport:
             await channel.close()
 
 
+class _Acker:
+    """Acks of one channel, sent together: every few milliseconds, one `multiple=True` ack
+    covers the settled prefix of the deliveries, and single acks the settled rest.
+
+    A crash loses at most the acks of the last ACK_LINGER_SECONDS: those messages are
+    redelivered and run again, which at-least-once delivery allows.
+    """
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
+        self.channel = channel
+        self._outstanding: deque[int] = deque()  # delivered, not yet acked, in delivery order
+        self._settled: set[int] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def delivered(self, tag: int) -> None:
+        self._outstanding.append(tag)
+
+    def ack(self, tag: int) -> None:
+        self._settled.add(tag)
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(ACK_LINGER_SECONDS, self._flush)
+
+    async def nack(self, tag: int, *, requeue: bool) -> None:
+        self._outstanding.remove(tag)
+        await self.channel.basic_nack(tag, requeue=requeue)
+
+    def _flush(self) -> None:
+        self._timer = None
+        last = None
+        while self._outstanding and self._outstanding[0] in self._settled:
+            last = self._outstanding.popleft()
+            self._settled.discard(last)
+        frames = [(last, True)] if last is not None else []
+        for tag in sorted(self._settled):  # settled behind a delivery still running
+            self._outstanding.remove(tag)
+            frames.append((tag, False))
+        self._settled.clear()
+        if frames:
+            task = asyncio.get_running_loop().create_task(self._send(frames))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, frames: list[tuple[int, bool]]) -> None:
+        try:
+            for tag, multiple in frames:
+                await self.channel.basic_ack(tag, multiple=multiple)
+        except _CONNECTION_ERRORS as exc:
+            log.warning("%d ack(s) not sent (%s); the broker will redeliver those messages", len(frames), exc)
+
+    async def flush(self) -> None:
+        """Send what is pending now and wait until it is written."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._flush()
+        await asyncio.gather(*self._sending)
+
+
 class _AmqpSubscription:
-    def __init__(self, channel: AbstractRobustChannel, queue: aio_pika.abc.AbstractQueue, tag: str) -> None:
+    def __init__(self, channel: AbstractRobustChannel, queue: aio_pika.abc.AbstractQueue) -> None:
         self._channel = channel
         self._queue = queue
-        self._tag = tag
+        self.tag = ""
+        self._acker: _Acker | None = None
+
+    def acker(self, channel: aiormq.abc.AbstractChannel, tag: int) -> _Acker:
+        """The acker of `channel` (a new one after a reconnect), with delivery `tag` registered."""
+        if self._acker is None or self._acker.channel is not channel:
+            self._acker = _Acker(channel)
+        self._acker.delivered(tag)
+        return self._acker
 
     async def cancel(self) -> None:
         if not self._channel.is_closed:
             try:
-                await self._queue.cancel(self._tag)
+                await self._queue.cancel(self.tag)
             except _CONNECTION_ERRORS as exc:
-                log.debug("cancel of consumer %s failed: %s", self._tag, _describe(exc))
+                log.debug("cancel of consumer %s failed: %s", self.tag, _describe(exc))
+
+    async def flush(self) -> None:
+        if self._acker is not None:
+            await self._acker.flush()
 
     async def close(self) -> None:
-        """Close the channel: the broker returns every message still unsettled on it."""
+        """Send pending acks, then close the channel: the broker returns every message still unsettled."""
+        await self.flush()
         if not self._channel.is_closed:
             await self._channel.close()
 
 
 class _AmqpDelivery:
-    __slots__ = ("_incoming", "message", "queue")
+    __slots__ = ("_acker", "_tag", "message", "queue")
 
-    def __init__(self, incoming: AbstractIncomingMessage, queue: str) -> None:
-        self._incoming = incoming
+    def __init__(self, incoming: AbstractIncomingMessage, queue: str, acker: _Acker) -> None:
+        self._acker = acker
+        self._tag = incoming.delivery_tag or 0
         self.queue = queue
         self.message = Message(
             body=incoming.body,
@@ -287,10 +360,10 @@ class _AmqpDelivery:
         )
 
     async def ack(self) -> None:
-        await self._incoming.ack()
+        self._acker.ack(self._tag)
 
     async def nack(self, *, requeue: bool) -> None:
-        await self._incoming.nack(requeue=requeue)
+        await self._acker.nack(self._tag, requeue=requeue)
 
 
 def _table(arguments: Mapping[str, object]) -> aiormq.abc.ArgumentsType:

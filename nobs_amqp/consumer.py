@@ -61,6 +61,7 @@ class Consumer:
         self.ready = asyncio.Event()
         self._specs: dict[str, TaskSpec] = {}
         self._threads: ThreadPoolExecutor | None = None
+        self._subscription: Subscription | None = None
 
     def stop(self) -> None:
         """Stop taking messages; running tasks get the grace period to finish."""
@@ -72,7 +73,7 @@ class Consumer:
         await self.project.declare(self.worker, delayed=True)
         transport = self.project.transport
         self._threads = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"nobs-{self.worker.name}")
-        subscription = await transport.consume(self.worker.name, self.prefetch, self._on_delivery)
+        subscription = self._subscription = await transport.consume(self.worker.name, self.prefetch, self._on_delivery)
         self.ready.set()
         log.info(
             "worker %s: consuming (prefetch %d, concurrency %d%s)",
@@ -93,6 +94,11 @@ class Consumer:
     def threads(self) -> ThreadPoolExecutor | None:
         return self._threads
 
+    async def flush(self) -> None:
+        """Send acks that wait to be batched (they go out within milliseconds anyway)."""
+        if self._subscription is not None:
+            await self._subscription.flush()
+
     async def _until_empty(self, subscription: Subscription) -> Subscription:
         transport = self.project.transport
         queue = self.worker.name
@@ -104,7 +110,7 @@ class Consumer:
                 await self._wait_running(None)
                 if await transport.message_count(queue) == 0:
                     return subscription
-                subscription = await transport.consume(queue, self.prefetch, self._on_delivery)
+                subscription = self._subscription = await transport.consume(queue, self.prefetch, self._on_delivery)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), BURST_POLL_SECONDS)
         return subscription
@@ -121,9 +127,7 @@ class Consumer:
             for task in list(self._running):
                 task.cancel()
             await asyncio.gather(*self._running, return_exceptions=True)
-        close = getattr(subscription, "close", None)
-        if close is not None:
-            await close()
+        await subscription.close()
         if self._threads is not None:
             self._threads.shutdown(wait=False, cancel_futures=True)
 

@@ -316,6 +316,9 @@ class _MemorySubscription:
         # As with basic.cancel-ok: deliveries already sent reach the handler first.
         await asyncio.gather(*consumer.handing)
 
+    async def flush(self) -> None:
+        pass  # acks take effect at once
+
     async def close(self) -> None:
         self._broker.close_consumer(self._consumer)
 

@@ -30,7 +30,9 @@ async def drain(project: Project, *workers: Worker | str, timeout: float = 60.0)
             consumer = Consumer(project, worker, burst=True)
             await asyncio.wait_for(consumer.run(), max(0.1, deadline - time.monotonic()))
             processed += consumer.processed
-        if not await _delayed(project):
+        # A delayed message can leave the ladder for its queue between the two looks:
+        # only an empty ladder followed by empty queues means nothing is left.
+        if not await _delayed(project) and not await _ready(project, chosen):
             return processed
         transport = project.transport
         if isinstance(transport, MemoryTransport):
@@ -39,6 +41,10 @@ async def drain(project: Project, *workers: Worker | str, timeout: float = 60.0)
             raise TimeoutError(f"tasks still delayed in {project.name}.delay.* after {timeout} s")
         else:
             await asyncio.sleep(POLL_SECONDS)
+
+
+async def _ready(project: Project, workers: list[Worker]) -> int:
+    return sum([await project.transport.message_count(worker.name) for worker in workers])
 
 
 async def _delayed(project: Project) -> int:

@@ -35,6 +35,12 @@ class Subscription(Protocol):
     async def cancel(self) -> None:
         """Stop deliveries; those already sent still reach the handler before this returns."""
 
+    async def flush(self) -> None:
+        """Send the acks that are waiting to be batched, now."""
+
+    async def close(self) -> None:
+        """Flush acks, then give every message still unsettled back to the queue."""
+
 
 class Transport(Protocol):
     @property

@@ -271,6 +271,7 @@ async def test_worker_and_producer_survive_cut_connections(amqp_url: str, name: 
                 await direct.queue(tasks.record, tasks.Job(key=keys[1]))
                 await eventually(lambda: called(keys[1]), timeout=20)
                 assert proxy.accepted > connections
+                await consumer.flush()  # its ack, batched for a few ms, goes out before the next cut
 
                 # A producer whose broker is unreachable for a while: queue() waits it out.
                 proxy.refusing = True
