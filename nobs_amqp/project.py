@@ -89,7 +89,7 @@ class Project:
         self.allowlist = Allowlist.build(packages, tasks)
         self._channel_pool_size = channel_pool_size
         self._transport: Transport | None = None
-        self._declared: set[str] = set()
+        self._declared: set[str | tuple[str, bool]] = set()
         self._declaring: dict[str, asyncio.Lock] = {}
         self._specs: dict[TaskFunction, TaskSpec] = {}
 
@@ -213,7 +213,9 @@ class Project:
     async def send(self, worker: Worker, message: Message, delay: float) -> None:
         """Publish `message` to `worker`'s queue, through the delay ladder when `delay` > 0."""
         seconds = ladder.delay_seconds(delay)
-        await self.declare(worker, delayed=seconds > 0)
+        if (worker.name, seconds > 0) not in self._declared:  # the hot path skips a coroutine
+            await self.declare(worker, delayed=seconds > 0)
+            self._declared.add((worker.name, seconds > 0))
         if seconds:
             exchange, key = ladder.route(self.name, seconds, worker.name)
             await self.transport.publish(exchange, key, message)
