@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -128,7 +129,8 @@ def consume(
         project, target, prefetch=prefetch, concurrency=concurrency, burst=burst, grace_period=grace_period
     )
     try:
-        asyncio.run(_consume(project, consumer))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(_consume(project, consumer))
     except NobsAmqpError as exc:
         raise click.ClickException(str(exc)) from None
     log.info("worker %s: stopped after %d task(s)", worker, consumer.processed)
@@ -136,6 +138,15 @@ def consume(
         # A sync task outlived the grace period; its message is back in the queue.
         logging.shutdown()
         os._exit(0)
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (`pip install nobs_amqp[uvloop]`), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 async def _consume(project: Project, consumer: Consumer) -> None:
