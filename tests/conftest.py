@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 
+import aio_pika
 import pytest
 
 from .support import Broker
@@ -25,9 +26,22 @@ def amqp_url(vhost_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 @pytest.fixture
-def name(request: pytest.FixtureRequest) -> str:
-    """A queue name unique to this test."""
-    return f"{request.node.name[:40].replace('[', '-').replace(']', '')}-{uuid.uuid4().hex[:6]}"
+async def name(request: pytest.FixtureRequest, vhost_url: str) -> AsyncIterator[str]:
+    """A queue name unique to this test; its queues are deleted afterwards.
+
+    Every quorum queue holds a few of the broker's file handles (927 with Debian's
+    default ulimit of 1024): a suite that kept all of its queues would run out.
+    """
+    unique = f"{request.node.name[:40].replace('[', '-').replace(']', '')}-{uuid.uuid4().hex[:6]}"
+    yield unique
+    connection = await aio_pika.connect(vhost_url)
+    try:
+        channel = await connection.channel()
+        for queue in (unique, f"{unique}.dlq"):
+            await channel.queue_delete(queue)
+        await channel.exchange_delete(f"{unique}.dlx")
+    finally:
+        await connection.close()
 
 
 @pytest.fixture
