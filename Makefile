@@ -1,4 +1,4 @@
-.PHONY: demo test lint venv broker
+.PHONY: demo test lint venv broker bench
 
 # Every target sets up what it needs: the virtualenv, and a RabbitMQ that answers.
 VENV := .venv
@@ -27,3 +27,7 @@ demo: venv
 		echo "demo: no RabbitMQ could be reached or started; running on the in-memory broker instead"; \
 		NOBS_AMQP_URL=memory:// $(VENV)/bin/python -m examples.send_email.demo; \
 	fi
+
+## make bench: nobs_amqp against raw aio-pika and its peers, each in its own venv (bench/README.md).
+bench: venv broker
+	$(VENV)/bin/python bench/run.py --systems nobs_amqp,aiopika,dramatiq,celery,faststream,taskiq --n 20000 --rounds 3

@@ -232,7 +232,7 @@ class AmqpTransport:
         await channel.set_qos(prefetch_count=prefetch)
         declared = await channel.declare_queue(queue, passive=True)
 
-        subscription = _AmqpSubscription(channel, declared)
+        subscription = _AmqpSubscription(channel, declared, prefetch)
 
         async def on_message(incoming: AbstractIncomingMessage) -> None:
             await handler(
@@ -260,11 +260,13 @@ class _Acker:
     redelivered and run again, which at-least-once delivery allows.
     """
 
-    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
+    def __init__(self, channel: aiormq.abc.AbstractChannel, prefetch: int) -> None:
         self.channel = channel
+        # Half the prefetch window settled: ack now, or the broker stops sending.
+        self._enough = max(1, prefetch // 2)
         self._outstanding: deque[int] = deque()  # delivered, not yet acked, in delivery order
         self._settled: set[int] = set()
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
         self._sending: set[asyncio.Task[None]] = set()
 
     def delivered(self, tag: int) -> None:
@@ -272,7 +274,11 @@ class _Acker:
 
     def ack(self, tag: int) -> None:
         self._settled.add(tag)
-        if self._timer is None:
+        if len(self._settled) >= self._enough:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = asyncio.get_running_loop().call_soon(self._flush)
+        elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(ACK_LINGER_SECONDS, self._flush)
 
     async def nack(self, tag: int, *, requeue: bool) -> None:
@@ -311,7 +317,8 @@ class _Acker:
 
 
 class _AmqpSubscription:
-    def __init__(self, channel: AbstractRobustChannel, queue: aio_pika.abc.AbstractQueue) -> None:
+    def __init__(self, channel: AbstractRobustChannel, queue: aio_pika.abc.AbstractQueue, prefetch: int) -> None:
+        self._prefetch = prefetch
         self._channel = channel
         self._queue = queue
         self.tag = ""
@@ -320,7 +327,7 @@ class _AmqpSubscription:
     def acker(self, channel: aiormq.abc.AbstractChannel, tag: int) -> _Acker:
         """The acker of `channel` (a new one after a reconnect), with delivery `tag` registered."""
         if self._acker is None or self._acker.channel is not channel:
-            self._acker = _Acker(channel)
+            self._acker = _Acker(channel, self._prefetch)
         self._acker.delivered(tag)
         return self._acker
 

@@ -70,7 +70,10 @@ class Consumer:
             self._stopping.set()
 
     async def run(self) -> None:
-        await self.project.declare(self.worker, delayed=True)
+        await self.project.declare(self.worker, delayed=False)
+        # The delay ladder (for retries) is declared while the first messages already run.
+        ladder = asyncio.create_task(self.project.declare(self.worker, delayed=True))
+        ladder.add_done_callback(self._ladder_declared)
         transport = self.project.transport
         self._threads = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"nobs-{self.worker.name}")
         subscription = self._subscription = await transport.consume(self.worker.name, self.prefetch, self._on_delivery)
@@ -98,6 +101,10 @@ class Consumer:
         """Send acks that wait to be batched (they go out within milliseconds anyway)."""
         if self._subscription is not None:
             await self._subscription.flush()
+
+    def _ladder_declared(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("worker %s: cannot declare the delay ladder: %s", self.worker.name, task.exception())
 
     async def _until_empty(self, subscription: Subscription) -> Subscription:
         transport = self.project.transport

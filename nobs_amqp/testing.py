@@ -25,6 +25,8 @@ async def drain(project: Project, *workers: Worker | str, timeout: float = 60.0)
     chosen = [project.worker(w) if isinstance(w, str) else w for w in workers] or list(project.workers.values())
     deadline = time.monotonic() + timeout
     processed = 0
+    for worker in chosen:
+        await project.declare(worker, delayed=True)  # the ladder it looks into must exist
     while True:
         for worker in chosen:
             consumer = Consumer(project, worker, burst=True)
