@@ -1,0 +1,27 @@
+"""The benchmark's nobs_amqp project: one worker named after $BENCH_QUEUE, one no-op task."""
+
+from __future__ import annotations
+
+import benchcommon as bc
+from pydantic import BaseModel
+from tenacity import wait_fixed
+
+from nobs_amqp import Project, Worker
+
+
+class SendEmail(BaseModel):
+    email: str
+    content: str
+
+
+async def send_email(request: SendEmail) -> None:
+    if bc.fail_once_enabled() and bc.first_time(request.email):
+        raise bc.FailOnceError(request.email)
+    bc.task_done()
+
+
+# Default settings, except a fixed 1 s wait in the retry phase (default: exponential from 1 s plus jitter).
+worker = Worker(
+    bc.setting("BENCH_QUEUE") or "bench", wait=wait_fixed(bc.RETRY_DELAY) if bc.fail_once_enabled() else None
+)
+project = Project(name="bench", workers=[worker], url=bc.setting("BENCH_URL") or None)
