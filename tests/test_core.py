@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 from nobs_amqp import Project, Worker
 from nobs_amqp import message as wire
-from nobs_amqp.consumer import Consumer
 
 from .apps import tasks
 from .support import Broker
@@ -22,22 +17,6 @@ PROJECT = "nobs-test"
 def make(name: str, **options: Any) -> tuple[Project, Worker]:
     worker = Worker(name, **options)
     return Project(name=PROJECT, workers=[worker], packages=["tests"]), worker
-
-
-@contextlib.asynccontextmanager
-async def consuming(project: Project, worker: Worker, **options: Any) -> AsyncIterator[Consumer]:
-    consumer = Consumer(project, worker, **options)
-    task = asyncio.create_task(consumer.run())
-    try:
-        await asyncio.wait_for(consumer.ready.wait(), 10)
-        yield consumer
-    finally:
-        consumer.stop()
-        await asyncio.wait_for(task, 30)
-
-
-def key() -> str:
-    return uuid.uuid4().hex
 
 
 async def test_wire_format(amqp_url: str, name: str, broker: Broker) -> None:
