@@ -253,8 +253,13 @@ class AmqpTransport:
 
 
 class _Acker:
-    """Acks of one channel, sent together: every few milliseconds, one `multiple=True` ack
-    covers the settled prefix of the deliveries, and single acks the settled rest.
+    """Acks of one channel, sent together: every few milliseconds (or as soon as half the
+    prefetch window is settled), one `multiple=True` ack covers the settled prefix of the
+    deliveries, and single acks the settled rest.
+
+    Every ack and nack frame goes out through one ordered writer: a single ack must never
+    follow a multiple ack that already covered it (the broker would close the channel),
+    and a nack must reach the broker before a multiple ack that spans its tag.
 
     A crash loses at most the acks of the last ACK_LINGER_SECONDS: those messages are
     redelivered and run again, which at-least-once delivery allows.
@@ -267,7 +272,8 @@ class _Acker:
         self._outstanding: deque[int] = deque()  # delivered, not yet acked, in delivery order
         self._settled: set[int] = set()
         self._timer: asyncio.Handle | None = None
-        self._sending: set[asyncio.Task[None]] = set()
+        self._frames: deque[tuple[bool, int, bool]] = deque()  # (is_ack, tag, multiple or requeue)
+        self._writer: asyncio.Task[None] | None = None
 
     def delivered(self, tag: int) -> None:
         self._outstanding.append(tag)
@@ -283,7 +289,8 @@ class _Acker:
 
     async def nack(self, tag: int, *, requeue: bool) -> None:
         self._outstanding.remove(tag)
-        await self.channel.basic_nack(tag, requeue=requeue)
+        self._write((False, tag, requeue))
+        await self.flush()
 
     def _flush(self) -> None:
         self._timer = None
@@ -291,29 +298,37 @@ class _Acker:
         while self._outstanding and self._outstanding[0] in self._settled:
             last = self._outstanding.popleft()
             self._settled.discard(last)
-        frames = [(last, True)] if last is not None else []
+        if last is not None:
+            self._write((True, last, True))
         for tag in sorted(self._settled):  # settled behind a delivery still running
             self._outstanding.remove(tag)
-            frames.append((tag, False))
+            self._write((True, tag, False))
         self._settled.clear()
-        if frames:
-            task = asyncio.get_running_loop().create_task(self._send(frames))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
 
-    async def _send(self, frames: list[tuple[int, bool]]) -> None:
+    def _write(self, frame: tuple[bool, int, bool]) -> None:
+        self._frames.append(frame)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._drain_frames())
+
+    async def _drain_frames(self) -> None:
         try:
-            for tag, multiple in frames:
-                await self.channel.basic_ack(tag, multiple=multiple)
+            while self._frames:
+                is_ack, tag, flag = self._frames.popleft()
+                if is_ack:
+                    await self.channel.basic_ack(tag, multiple=flag)
+                else:
+                    await self.channel.basic_nack(tag, requeue=flag)
         except _CONNECTION_ERRORS as exc:
-            log.warning("%d ack(s) not sent (%s); the broker will redeliver those messages", len(frames), exc)
+            log.warning("%d ack(s) not sent (%s); the broker will redeliver those messages", len(self._frames) + 1, exc)
+            self._frames.clear()
 
     async def flush(self) -> None:
         """Send what is pending now and wait until it is written."""
         if self._timer is not None:
             self._timer.cancel()
             self._flush()
-        await asyncio.gather(*self._sending)
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
 
 
 class _AmqpSubscription:
