@@ -212,7 +212,7 @@ class Consumer:
                 copy = wire.retry_copy(message, outcome.delay)
                 await self.project.send(self.worker, copy, outcome.delay)
                 log.warning(
-                    "task %s id %s attempt %d failed (%s: %s); retry in %.1f s",
+                    "task %s id %s attempt %d failed (%s: %s); retry in %.0f s",
                     message.task,
                     message.message_id,
                     message.attempt,

@@ -16,6 +16,7 @@ from typing import Any
 
 import tenacity
 
+from .delay import MAX_DELAY_SECONDS, delay_seconds
 from .message import now
 
 StopStrategy = Callable[[tenacity.RetryCallState], bool]
@@ -104,9 +105,9 @@ def decide(policy: RetryPolicy, error: BaseException, attempt: int, enqueued_at:
         return DeadLetter("rejected", error)
     if policy.stop(state):
         return DeadLetter("time_limit" if isinstance(error, TimeLimitExceeded) else "max_attempts", error)
-    if isinstance(error, Retry) and error.delay is not None:
-        return RetryLater(error.delay, error)
-    return RetryLater(max(0.0, float(policy.wait(state))), error)
+    wanted = error.delay if isinstance(error, Retry) and error.delay is not None else float(policy.wait(state))
+    # The delay ladder holds messages for whole seconds, never less than asked.
+    return RetryLater(float(delay_seconds(min(max(0.0, wanted), MAX_DELAY_SECONDS))), error)
 
 
 def _state(error: BaseException, attempt: int, enqueued_at: datetime, fn: Any) -> tenacity.RetryCallState:

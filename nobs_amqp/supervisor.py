@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from types import FrameType
@@ -13,6 +15,17 @@ log = logging.getLogger("nobs_amqp")
 
 POLL_SECONDS = 0.2
 RESTART_PAUSE_SECONDS = 1.0
+PR_SET_PDEATHSIG = 1
+
+
+def _start(command: Sequence[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(command, preexec_fn=_stop_with_parent if sys.platform == "linux" else None)
+
+
+def _stop_with_parent() -> None:
+    """In the child, before exec: get SIGTERM (and drain) if the supervisor dies, even by kill -9."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def supervise(command: Sequence[str], processes: int, *, restart: bool, grace_period: float) -> int:
@@ -21,7 +34,7 @@ def supervise(command: Sequence[str], processes: int, *, restart: bool, grace_pe
     SIGTERM/SIGINT are passed on to every child, which drains and exits 0; the exit code is
     0 when every child ended with 0.
     """
-    children = [subprocess.Popen(command) for _ in range(processes)]
+    children = [_start(command) for _ in range(processes)]
     log.info("supervisor: started %d worker processes (pids %s)", processes, [c.pid for c in children])
     stopping = False
 
@@ -40,7 +53,7 @@ def supervise(command: Sequence[str], processes: int, *, restart: bool, grace_pe
                 if code is not None and restart and not stopping:
                     log.warning("supervisor: worker pid %d exited with %d; restarting it", child.pid, code)
                     time.sleep(RESTART_PAUSE_SECONDS)
-                    children[i] = subprocess.Popen(command)
+                    children[i] = _start(command)
             time.sleep(POLL_SECONDS)
         deadline = time.monotonic() + grace_period + 10
         for child in children:
