@@ -1,0 +1,1 @@
+"""A FastAPI service that queues emails; a worker process sends them."""

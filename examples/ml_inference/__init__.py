@@ -1,0 +1,1 @@
+"""CPU-bound inference tasks, run by several worker processes."""

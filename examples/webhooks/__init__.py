@@ -1,0 +1,1 @@
+"""Calling webhooks with retries, backoff, Retry-After and a dead-letter queue."""
