@@ -253,8 +253,8 @@ class AmqpTransport:
 
 
 class _Acker:
-    """Acks of one channel, sent together: every few milliseconds (or as soon as half the
-    prefetch window is settled), one `multiple=True` ack covers the settled prefix of the
+    """Acks of one channel, sent together: every few milliseconds (or as soon as a quarter
+    of the prefetch window is settled), one `multiple=True` ack covers the settled prefix of the
     deliveries, and single acks the settled rest.
 
     Every ack and nack frame goes out through one ordered writer: a single ack must never
@@ -267,8 +267,9 @@ class _Acker:
 
     def __init__(self, channel: aiormq.abc.AbstractChannel, prefetch: int) -> None:
         self.channel = channel
-        # Half the prefetch window settled: ack now, or the broker stops sending.
-        self._enough = max(1, prefetch // 2)
+        # A quarter of the prefetch window settled: ack now, or the broker's window
+        # runs dry while acks wait (with prefetch 10 that is almost every ack).
+        self._enough = max(1, prefetch // 4)
         self._outstanding: deque[int] = deque()  # delivered, not yet acked, in delivery order
         self._settled: set[int] = set()
         self._timer: asyncio.Handle | None = None
