@@ -42,21 +42,7 @@ def produce(args: bc.Args) -> dict[str, object]:
             async def publish(payload: dict[str, str]) -> None:
                 await exchange.publish(_message(json.dumps(payload).encode()), args.queue, mandatory=True)
 
-            timer = bc.Timer()
-            if args.phase == "enqueue_sequential":
-                for p in bc.payloads(args.phase, args.n):
-                    await publish(p)
-            elif args.phase == "enqueue_concurrent":
-
-                async def caller(count: int) -> None:
-                    for p in bc.payloads(args.phase, count):
-                        await publish(p)
-
-                await asyncio.gather(*(caller(c) for c in bc.split(args.n, bc.CALLERS)))
-            else:
-                for chunk in bc.chunks(list(bc.payloads(args.phase, args.n)), bc.BATCH):
-                    await asyncio.gather(*(publish(p) for p in chunk))
-            return timer.result(args.n)
+            return await bc.drive_async(args, publish)
 
     result, loop = bc.run_async(run)
     return {**result, "loop": loop}

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import sys
-import threading
 from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parent / "lib")  # this file's name must not shadow the library
@@ -20,26 +19,13 @@ def produce(args: bc.Args) -> dict[str, object]:
 
     with app.app.connection_for_write() as connection:
         connection.ensure_connection()
-    timer = bc.Timer()
-    if args.phase == "enqueue_sequential":
-        for p in bc.payloads(args.phase, args.n):
-            app.send_email.delay(**p)
-    elif args.phase == "enqueue_concurrent":
-        # A sync client: concurrency is threads sharing celery's producer pool.
-        def caller(count: int) -> None:
-            for p in bc.payloads(args.phase, count):
-                app.send_email.delay(**p)
-
-        threads = [threading.Thread(target=caller, args=(c,)) for c in bc.split(args.n, bc.CALLERS)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    else:
-        # The bulk API: group(...).apply_async() publishes the tasks on one producer, each confirmed.
-        for chunk in bc.chunks(list(bc.payloads(args.phase, args.n)), bc.BATCH):
-            group(app.send_email.s(**p) for p in chunk).apply_async()
-    return timer.result(args.n)
+    # A sync client: concurrent callers are threads sharing celery's producer pool; the bulk
+    # API, group(...).apply_async(), publishes on one producer, each message confirmed.
+    return bc.drive_threads(
+        args,
+        lambda p: app.send_email.delay(**p),
+        lambda chunk: group(app.send_email.s(**p) for p in chunk).apply_async(),
+    )
 
 
 def worker(args: bc.Args) -> None:

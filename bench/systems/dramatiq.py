@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import sys
-import threading
 from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parent / "lib")  # this file's name must not shadow the library
@@ -19,26 +18,13 @@ def produce(args: bc.Args) -> dict[str, object]:
     import dramatiq_app as app
 
     app.broker.declare_queue(args.queue)
-    timer = bc.Timer()
-    if args.phase == "enqueue_sequential":
-        for p in bc.payloads(args.phase, args.n):
-            app.send_email.send(**p)
-    elif args.phase == "enqueue_concurrent":
-        # A sync client: concurrency is threads (the broker keeps a connection per thread).
-        def caller(count: int) -> None:
-            for p in bc.payloads(args.phase, count):
-                app.send_email.send(**p)
-
-        threads = [threading.Thread(target=caller, args=(c,)) for c in bc.split(args.n, bc.CALLERS)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    else:
-        # The bulk API is group(...).run(): one confirmed publish after another.
-        for chunk in bc.chunks(list(bc.payloads(args.phase, args.n)), bc.BATCH):
-            dramatiq.group(app.send_email.message(**p) for p in chunk).run()
-    result = timer.result(args.n)
+    # A sync client: concurrent callers are threads (the broker keeps a connection per thread);
+    # the bulk API, group(...).run(), is one confirmed publish after another.
+    result = bc.drive_threads(
+        args,
+        lambda p: app.send_email.send(**p),
+        lambda chunk: dramatiq.group(app.send_email.message(**p) for p in chunk).run(),
+    )
     app.broker.close()
     return result
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from pathlib import Path
 
@@ -24,22 +23,8 @@ def produce(args: bc.Args) -> dict[str, object]:
             async def publish(payload: dict[str, str]) -> None:
                 await app.broker.publish(payload, queue=app.queue, persist=True)
 
-            timer = bc.Timer()
-            if args.phase == "enqueue_sequential":
-                for p in bc.payloads(args.phase, args.n):
-                    await publish(p)
-            elif args.phase == "enqueue_concurrent":
-
-                async def caller(count: int) -> None:
-                    for p in bc.payloads(args.phase, count):
-                        await publish(p)
-
-                await asyncio.gather(*(caller(c) for c in bc.split(args.n, bc.CALLERS)))
-            else:
-                # No batch publish API for RabbitMQ: concurrent publishes, confirms awaited together.
-                for chunk in bc.chunks(list(bc.payloads(args.phase, args.n)), bc.BATCH):
-                    await asyncio.gather(*(publish(p) for p in chunk))
-            return timer.result(args.n)
+            # No batch publish API for RabbitMQ: a chunk's publishes are gathered, confirms awaited together.
+            return await bc.drive_async(args, publish)
 
     result, loop = bc.run_async(run)
     return {**result, "loop": loop}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from pathlib import Path
 
@@ -18,21 +17,11 @@ def produce(args: bc.Args) -> dict[str, object]:
 
     async def run() -> dict[str, object]:
         async with t.project:
-            timer = bc.Timer()
-            if args.phase == "enqueue_sequential":
-                for p in bc.payloads(args.phase, args.n):
-                    await t.worker.queue(t.send_email, t.SendEmail(**p))
-            elif args.phase == "enqueue_concurrent":
-
-                async def caller(count: int) -> None:
-                    for p in bc.payloads(args.phase, count):
-                        await t.worker.queue(t.send_email, t.SendEmail(**p))
-
-                await asyncio.gather(*(caller(c) for c in bc.split(args.n, bc.CALLERS)))
-            else:
-                for chunk in bc.chunks(list(bc.payloads(args.phase, args.n)), bc.BATCH):
-                    await t.worker.queue_many(t.send_email, [t.SendEmail(**p) for p in chunk])
-            return timer.result(args.n)
+            return await bc.drive_async(
+                args,
+                lambda p: t.worker.queue(t.send_email, t.SendEmail(**p)),
+                lambda chunk: t.worker.queue_many(t.send_email, [t.SendEmail(**p) for p in chunk]),
+            )
 
     result, loop = bc.run_async(run)
     return {**result, "loop": loop}

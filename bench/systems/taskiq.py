@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from pathlib import Path
 
@@ -20,21 +19,7 @@ def produce(args: bc.Args) -> dict[str, object]:
     async def run() -> dict[str, object]:
         await app.broker.startup()
         try:
-            timer = bc.Timer()
-            if args.phase == "enqueue_sequential":
-                for p in bc.payloads(args.phase, args.n):
-                    await app.send_email.kiq(**p)
-            elif args.phase == "enqueue_concurrent":
-
-                async def caller(count: int) -> None:
-                    for p in bc.payloads(args.phase, count):
-                        await app.send_email.kiq(**p)
-
-                await asyncio.gather(*(caller(c) for c in bc.split(args.n, bc.CALLERS)))
-            else:
-                for chunk in bc.chunks(list(bc.payloads(args.phase, args.n)), bc.BATCH):
-                    await asyncio.gather(*(app.send_email.kiq(**p) for p in chunk))
-            return timer.result(args.n)
+            return await bc.drive_async(args, lambda p: app.send_email.kiq(**p))
         finally:
             await app.broker.shutdown()
 

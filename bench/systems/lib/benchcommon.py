@@ -163,6 +163,58 @@ class Timer:
         }
 
 
+Payload = dict[str, str]
+
+
+async def drive_async(
+    args: Args,
+    publish: Callable[[Payload], Coroutine[Any, Any, Any]],
+    batch: Callable[[list[Payload]], Coroutine[Any, Any, Any]] | None = None,
+) -> dict[str, object]:
+    """Run an enqueue phase with an async client: one at a time, CALLERS concurrent callers,
+    or chunks of BATCH (`batch`, else the chunk's publishes gathered: confirms awaited together)."""
+    timer = Timer()
+    if args.phase == "enqueue_sequential":
+        for p in payloads(args.phase, args.n):
+            await publish(p)
+    elif args.phase == "enqueue_concurrent":
+
+        async def caller(count: int) -> None:
+            for p in payloads(args.phase, count):
+                await publish(p)
+
+        await asyncio.gather(*(caller(c) for c in split(args.n, CALLERS)))
+    else:
+        for chunk in chunks(list(payloads(args.phase, args.n)), BATCH):
+            await (batch(chunk) if batch is not None else asyncio.gather(*(publish(p) for p in chunk)))
+    return timer.result(args.n)
+
+
+def drive_threads(
+    args: Args, send: Callable[[Payload], Any], bulk: Callable[[list[Payload]], Any]
+) -> dict[str, object]:
+    """Run an enqueue phase with a sync client: one at a time, CALLERS threads, or `bulk` per chunk."""
+    timer = Timer()
+    if args.phase == "enqueue_sequential":
+        for p in payloads(args.phase, args.n):
+            send(p)
+    elif args.phase == "enqueue_concurrent":
+
+        def caller(count: int) -> None:
+            for p in payloads(args.phase, count):
+                send(p)
+
+        threads = [threading.Thread(target=caller, args=(c,)) for c in split(args.n, CALLERS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    else:
+        for chunk in chunks(list(payloads(args.phase, args.n)), BATCH):
+            bulk(chunk)
+    return timer.result(args.n)
+
+
 def emit(result: dict[str, object]) -> None:
     print(json.dumps(result), flush=True)
 
