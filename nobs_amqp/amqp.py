@@ -251,6 +251,15 @@ class AmqpTransport:
         finally:
             await channel.close()
 
+    async def purge(self, queue: str) -> int:
+        channel = await self._require().channel(publisher_confirms=False)
+        try:
+            raw = await channel.get_underlay_channel()
+            result = await raw.queue_purge(queue)
+            return int(result.message_count or 0)
+        finally:
+            await channel.close()
+
 
 class _Acker:
     """Acks of one channel, sent together: every few milliseconds (or as soon as a quarter

@@ -10,17 +10,23 @@ import signal
 import sys
 import threading
 import tomllib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import click
 
+from . import dlq as dead
+from . import message as wire
 from .consumer import Consumer
 from .errors import NobsAmqpError
+from .message import Message
 from .project import Project
 from .supervisor import supervise
+from .worker import Worker
 
 APP_ENV = "NOBS_AMQP_APP"
+T = TypeVar("T")
 log = logging.getLogger("nobs_amqp")
 
 
@@ -138,6 +144,96 @@ def consume(
         # A sync task outlived the grace period; its message is back in the queue.
         logging.shutdown()
         os._exit(0)
+
+
+@main.group()
+def dlq() -> None:
+    """Read, replay and purge a worker's dead-letter queue (WORKER.dlq)."""
+
+
+def _dlq_run(app: str | None, worker: str, action: Callable[[Project, Worker], Awaitable[T]]) -> T:
+    project = load_project(app_reference(app))
+    try:
+        target = project.worker(worker)
+    except NobsAmqpError as exc:
+        raise click.UsageError(str(exc)) from None
+
+    async def run() -> T:
+        async with project:
+            return await action(project, target)
+
+    try:
+        return asyncio.run(run())
+    except NobsAmqpError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _summary(message: Message) -> str:
+    headers = message.headers
+    when = headers.get(wire.FAILED_AT, "?")
+    reason = headers.get(wire.REASON) or _death_reason(headers) or "?"
+    error = headers.get(wire.ERROR_MESSAGE, "")
+    return f"{message.message_id}  {when}  {reason:<16}  attempt {message.attempt}  {message.task}  {error}"
+
+
+def _death_reason(headers: Mapping[str, object]) -> str | None:
+    """The broker's reason (`x-death`) for a message it dead-lettered itself."""
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        return str(deaths[0].get("reason"))
+    return None
+
+
+@dlq.command("list")
+@click.argument("worker")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.pass_obj
+def dlq_list(app: str | None, worker: str, limit: int) -> None:
+    """List WORKER's dead letters, oldest first: id, failed at, reason, attempt, task, error."""
+    messages = _dlq_run(app, worker, lambda p, w: dead.peek(p, w, limit))
+    for message in messages:
+        click.echo(_summary(message))
+    click.echo(f"{len(messages)} dead letter(s) shown", err=True)
+
+
+@dlq.command("show")
+@click.argument("worker")
+@click.argument("message_id")
+@click.pass_obj
+def dlq_show(app: str | None, worker: str, message_id: str) -> None:
+    """Everything about one dead letter: properties, headers (traceback included) and body."""
+    messages = _dlq_run(app, worker, lambda p, w: dead.peek(p, w, 10_000))
+    found = [m for m in messages if m.message_id == message_id]
+    if not found:
+        raise click.ClickException(f"no dead letter {message_id} in {worker}.dlq (see `nobs-amqp dlq list {worker}`)")
+    message = found[0]
+    click.echo(f"message id: {message.message_id}\ntask: {message.task}\napp: {message.app_id}")
+    for key, value in sorted(message.headers.items()):
+        click.echo(f"{key}: {value}")
+    click.echo(f"body: {message.body.decode(errors='replace')}")
+
+
+@dlq.command("replay")
+@click.argument("worker")
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many [all].")
+@click.pass_obj
+def dlq_replay(app: str | None, worker: str, limit: int | None) -> None:
+    """Move WORKER's dead letters back to its queue, attempt count reset, in confirmed batches."""
+    waiting = _dlq_run(app, worker, dead.count)
+    total = min(waiting, limit) if limit is not None else waiting
+    with click.progressbar(length=total, label=f"replaying {worker}.dlq", show_pos=True, file=sys.stderr) as bar:
+        moved = _dlq_run(app, worker, lambda p, w: dead.replay(p, w, limit, bar.update))
+    click.echo(f"replayed {moved} message(s) to {worker}")
+
+
+@dlq.command("purge")
+@click.argument("worker")
+@click.confirmation_option(prompt="Delete every dead letter of this worker for good?")
+@click.pass_obj
+def dlq_purge(app: str | None, worker: str) -> None:
+    """Delete every dead letter of WORKER."""
+    count = _dlq_run(app, worker, dead.purge)
+    click.echo(f"purged {count} message(s) from {worker}.dlq")
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -364,6 +364,13 @@ class MemoryTransport:
         found = self.broker.queues.get(queue)
         return len(found.ready) if found is not None else 0
 
+    async def purge(self, queue: str) -> int:
+        found = self.broker.queues.get(queue)
+        if found is None:
+            raise UnroutableError(queue)
+        count, found.ready = len(found.ready), []
+        return count
+
 
 def _matches(kind: str, pattern: str, key: str) -> bool:
     if kind == "fanout":

@@ -132,4 +132,4 @@ def dead_letter_copy(message: Message, reason: str, error: BaseException | None)
 def replay_copy(message: Message) -> Message:
     """A dead-lettered message sent back to its queue: attempt count reset, failure kept out."""
     copy = retry_copy(message, 0)
-    return replace(copy, headers={**copy.headers, ATTEMPT: 1})
+    return replace(copy, headers={**copy.headers, ATTEMPT: 1, ENQUEUED_AT: format_time(copy.timestamp)})

@@ -64,3 +64,6 @@ class Transport(Protocol):
 
     async def message_count(self, queue: str) -> int:
         """Messages ready in `queue` (not counting those delivered and unsettled)."""
+
+    async def purge(self, queue: str) -> int:
+        """Delete the messages ready in `queue`; return how many."""

@@ -1,0 +1,120 @@
+"""Reading, replaying and purging dead letters: the library on both brokers, the CLI on RabbitMQ."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nobs_amqp import Project, Worker, dlq
+from nobs_amqp import message as wire
+from nobs_amqp.memory import MemoryBroker
+from nobs_amqp.testing import drain
+
+from .apps import tasks
+from .support import take_messages
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(params=["rabbitmq", "memory"])
+def url(request: pytest.FixtureRequest, vhost_url: str) -> Iterator[str]:
+    if request.param == "rabbitmq":
+        yield vhost_url
+        return
+    memory = f"memory://{uuid.uuid4().hex}"
+    yield memory
+    MemoryBroker.forget(memory)
+
+
+async def dead_letters(project: Project, worker: Worker, n: int) -> list[str]:
+    keys = [f"{worker.name}-{i}" for i in range(n)]
+    for k in keys:
+        await worker.queue(tasks.reject, tasks.Job(key=k))
+    await drain(project, worker, timeout=30)
+    return keys
+
+
+async def test_peek_replay_purge(url: str, name: str) -> None:
+    worker = Worker(name)
+    project = Project(name="nobs-test", workers=[worker], packages=["tests"], url=url)
+    async with project:
+        keys = await dead_letters(project, worker, 5)
+        peeked = await dlq.peek(project, worker, limit=3)
+        assert [m.headers[wire.REASON] for m in peeked] == ["rejected"] * 3
+        assert len({m.message_id for m in peeked}) == 3
+        assert all(any(f'"{k}"'.encode() in m.body for k in keys) for m in peeked)
+        assert await dlq.count(project, worker) == 5  # peeking leaves them there
+
+        progress: list[int] = []
+        assert await dlq.replay(project, worker, limit=2, progress=progress.append) == 2
+        assert sum(progress) == 2
+        assert await dlq.count(project, worker) == 3
+        replayed = await take_messages(project, name, 2)
+        assert all(m.attempt == 1 for m in replayed)
+        assert all(wire.REASON not in m.headers and "x-death" not in m.headers for m in replayed)
+        assert {m.message_id for m in replayed} <= {m.message_id for m in peeked}
+
+        assert await dlq.purge(project, worker) == 3
+        assert await dlq.count(project, worker) == 0
+        assert await dlq.peek(project, worker) == []
+
+
+async def cli(*args: str, url: str, worker: str, stdin: bytes = b"") -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "nobs_amqp",
+        "--app",
+        "tests.apps.cli_app:project",
+        *args,
+        cwd=ROOT,
+        env={**os.environ, "NOBS_AMQP_URL": url, "NOBS_TEST_WORKER": worker},
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(stdin), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, output.decode()
+
+
+async def test_dlq_commands(amqp_url: str, name: str) -> None:
+    worker = Worker(name)
+    project = Project(name="nobs-test", workers=[worker], packages=["tests"])
+    async with project:
+        await dead_letters(project, worker, 3)
+        [first] = await dlq.peek(project, worker, limit=1)
+
+    code, output = await cli("dlq", "list", name, url=amqp_url, worker=name)
+    assert code == 0, output
+    assert output.count("rejected") == 3
+    assert "this payload is not for us" in output
+    assert "3 dead letter(s) shown" in output
+
+    code, output = await cli("dlq", "show", name, first.message_id, url=amqp_url, worker=name)
+    assert code == 0, output
+    assert "x-nobs-traceback:" in output
+    assert first.body.decode() in output
+
+    code, output = await cli("dlq", "replay", name, url=amqp_url, worker=name)
+    assert code == 0, output
+    assert f"replayed 3 message(s) to {name}" in output
+
+    code, output = await cli("dlq", "purge", name, url=amqp_url, worker=name, stdin=b"n\n")
+    assert code == 1  # declined: nothing happens
+    code, output = await cli("dlq", "purge", name, "--yes", url=amqp_url, worker=name)
+    assert code == 0, output
+    assert f"purged 0 message(s) from {name}.dlq" in output
+    async with project:
+        assert await project.transport.message_count(name) == 3
