@@ -22,7 +22,9 @@ from .consumer import Consumer
 from .errors import NobsAmqpError
 from .message import Message
 from .project import Project
+from .status import project_status
 from .supervisor import supervise
+from .tasks import UnknownTaskError, resolve
 from .worker import Worker
 
 APP_ENV = "NOBS_AMQP_APP"
@@ -234,6 +236,54 @@ def dlq_purge(app: str | None, worker: str) -> None:
     """Delete every dead letter of WORKER."""
     count = _dlq_run(app, worker, dead.purge)
     click.echo(f"purged {count} message(s) from {worker}.dlq")
+
+
+@main.command()
+@click.pass_obj
+def status(app: str | None) -> None:
+    """Per worker: messages ready, in flight, consumers, dead letters; and retries waiting."""
+    project = load_project(app_reference(app))
+    if project.urls[0].startswith("memory://"):
+        raise click.UsageError("status reads RabbitMQ's management API; memory:// lives inside one process")
+    try:
+        report = asyncio.run(project_status(project))
+    except NobsAmqpError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{'worker':<32} {'ready':>8} {'in flight':>9} {'consumers':>9} {'dead':>8}")
+    for w in report.workers:
+        note = "" if w.exists else "  (not declared yet)"
+        click.echo(f"{w.name:<32} {w.ready:>8} {w.in_flight:>9} {w.consumers:>9} {w.dead:>8}{note}")
+    click.echo(f"waiting in {project.name}.delay.*: {report.delayed} (retries and delayed tasks)")
+
+
+@main.command()
+@click.argument("worker")
+@click.argument("task")
+@click.argument("payload")
+@click.option("--delay", type=click.FloatRange(min=0), default=0.0, help="Seconds to hold it back.")
+@click.pass_obj
+def enqueue(app: str | None, worker: str, task: str, payload: str, delay: float) -> None:
+    """Queue TASK (module:function, one the project allows) with PAYLOAD (JSON) on WORKER."""
+    project = load_project(app_reference(app))
+    try:
+        target = project.worker(worker)
+        fn = resolve(task, project.allowlist)
+    except (NobsAmqpError, UnknownTaskError) as exc:
+        raise click.UsageError(str(exc)) from None
+    spec = project.spec(fn)
+    try:
+        value = spec.decode(payload.encode())
+    except ValueError as exc:  # bad JSON, or a payload that does not validate
+        raise click.UsageError(f"payload does not fit {task}: {exc}") from None
+
+    async def run() -> str:
+        async with project:
+            return await target.queue(fn, value, delay=delay or None)
+
+    try:
+        click.echo(asyncio.run(run()))
+    except NobsAmqpError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

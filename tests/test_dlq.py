@@ -118,3 +118,29 @@ async def test_dlq_commands(amqp_url: str, name: str) -> None:
     assert f"purged 0 message(s) from {name}.dlq" in output
     async with project:
         assert await project.transport.message_count(name) == 3
+
+
+async def test_status_and_enqueue_commands(amqp_url: str, name: str) -> None:
+    code, output = await cli(
+        "enqueue", name, "tests.apps.tasks:record", '{"key": "by-hand"}', url=amqp_url, worker=name
+    )
+    assert code == 0, output
+    message_id = output.strip().splitlines()[-1]
+    assert len(message_id) == 32
+
+    code, output = await cli("enqueue", name, "os:system", '"touch /tmp/x"', url=amqp_url, worker=name)
+    assert code == 2
+    assert "outside the project's allowed tasks; it was not imported" in output
+    code, output = await cli("enqueue", name, "tests.apps.tasks:record", '{"key": 5}', url=amqp_url, worker=name)
+    assert code == 2
+    assert "payload does not fit tests.apps.tasks:record" in output
+
+    code, output = await cli("status", url=amqp_url, worker=name)
+    assert code == 0, output
+    assert name in output
+    assert "waiting in nobs-test.delay.*" in output
+    project = Project(name="nobs-test", workers=[Worker(name)], packages=["tests"])
+    async with project:
+        [queued] = await take_messages(project, name)
+    assert queued.message_id == message_id
+    assert queued.body == b'{"key":"by-hand","fail_times":0,"sleep":0.0}'
