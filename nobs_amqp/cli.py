@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import logging
 import os
 import signal
@@ -22,9 +23,10 @@ from .consumer import Consumer
 from .errors import NobsAmqpError
 from .message import Message
 from .project import Project
-from .status import project_status
+from .status import project_status, topology_diff
 from .supervisor import supervise
 from .tasks import UnknownTaskError, resolve
+from .topology import definitions
 from .worker import Worker
 
 APP_ENV = "NOBS_AMQP_APP"
@@ -284,6 +286,77 @@ def enqueue(app: str | None, worker: str, task: str, payload: str, delay: float)
         click.echo(asyncio.run(run()))
     except NobsAmqpError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+@main.group()
+def topology() -> None:
+    """The queues, exchanges and bindings the project declares."""
+
+
+def _with_project(app: str | None, action: Callable[[Project], Awaitable[T]]) -> T:
+    project = load_project(app_reference(app))
+
+    async def run() -> T:
+        async with project:
+            return await action(project)
+
+    try:
+        return asyncio.run(run())
+    except NobsAmqpError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@topology.command("show")
+@click.pass_obj
+def topology_show(app: str | None) -> None:
+    """List every object with its arguments."""
+
+    async def show(project: Project) -> None:
+        wanted = project.topology()
+        for e in wanted.exchanges:
+            click.echo(f"exchange {e.name} ({e.type}) {dict(e.arguments) or ''}")
+        for q in wanted.queues:
+            click.echo(f"queue    {q.name} {dict(q.arguments)}")
+        for b in wanted.bindings:
+            click.echo(f"binding  {b.source} -> {b.destination} [{b.routing_key}]")
+
+    _with_project(app, show)
+
+
+@topology.command("apply")
+@click.pass_obj
+def topology_apply(app: str | None) -> None:
+    """Declare everything now (idempotent; a mismatch is reported, never changed)."""
+
+    async def apply(project: Project) -> int:
+        for worker in project.workers.values():
+            await project.declare(worker, delayed=True)
+        return len(project.workers)
+
+    click.echo(f"declared the topology of {_with_project(app, apply)} worker(s) and the delay ladder")
+
+
+@topology.command("diff")
+@click.pass_obj
+def topology_diff_command(app: str | None) -> None:
+    """What the broker lacks or has with other arguments (exit 1 if anything)."""
+    lines = _with_project(app, topology_diff)
+    for line in lines:
+        click.echo(line)
+    if lines:
+        sys.exit(1)
+    click.echo("the broker has everything, with the same arguments")
+
+
+@topology.command("export")
+@click.pass_obj
+def topology_export(app: str | None) -> None:
+    """Print RabbitMQ definitions JSON (import it in the management UI)."""
+
+    async def export(project: Project) -> dict[str, list[dict[str, object]]]:
+        return definitions(project.topology(), project.transport.vhost)
+
+    click.echo(json.dumps(_with_project(app, export), indent=2))
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

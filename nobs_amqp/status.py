@@ -8,7 +8,7 @@ from . import delay as ladder
 from .amqp import vhost_of
 from .management import Management
 from .project import Project
-from .topology import dead_letter_queue
+from .topology import dead_letter_queue, difference
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,3 +57,21 @@ async def project_status(project: Project) -> ProjectStatus:
     for level in range(ladder.LEVELS):
         delayed += number(await queue(ladder.level_name(project.name, level)), "messages")
     return ProjectStatus(workers, delayed)
+
+
+async def topology_diff(project: Project) -> list[str]:
+    """How the broker differs from what the project declares: one line per missing object or
+    per object whose arguments differ (bindings are not compared). Needs an open project."""
+    url = project.urls[0]
+    management = Management(url)
+    vhost = vhost_of(url)
+    lines = []
+    wanted = project.topology()
+    for kind, specs in (("exchange", wanted.exchanges), ("queue", wanted.queues)):
+        for spec in specs:
+            found = await management.get(kind, vhost, spec.name)
+            if found is None:
+                lines.append(f"missing {kind} {spec.name}")
+            elif diff := difference(spec.arguments, found.get("arguments") or {}):
+                lines.append(f"{kind} {spec.name} differs: {diff}")
+    return lines

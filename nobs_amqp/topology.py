@@ -7,7 +7,7 @@ these functions describe, in one place.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
@@ -73,15 +73,16 @@ class Topology:
     bindings: tuple[Binding, ...] = ()
 
     def __add__(self, other: Topology) -> Topology:
+        """Both, each object once (by name; the first one's arguments win)."""
         return Topology(
-            _unique(self.exchanges + other.exchanges),
-            _unique(self.queues + other.queues),
-            _unique(self.bindings + other.bindings),
+            _unique(self.exchanges + other.exchanges, lambda e: e.name),
+            _unique(self.queues + other.queues, lambda q: q.name),
+            _unique(self.bindings + other.bindings, lambda b: b),
         )
 
 
-def _unique(items: Iterable[_T]) -> tuple[_T, ...]:
-    return tuple(dict.fromkeys(items))
+def _unique(items: Iterable[_T], key: Callable[[_T], Hashable]) -> tuple[_T, ...]:
+    return tuple({key(item): item for item in reversed(list(items))}.values())[::-1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,3 +135,37 @@ def difference(declared: Mapping[str, object], existing: Mapping[str, object]) -
         for key in sorted(declared.keys() | existing.keys())
         if declared.get(key) != existing.get(key)
     )
+
+
+def definitions(topology: Topology, vhost: str) -> dict[str, list[dict[str, object]]]:
+    """`topology` as RabbitMQ definitions (importable in the management UI or with
+    `rabbitmqctl import_definitions`)."""
+    return {
+        "exchanges": [
+            {
+                "name": e.name,
+                "vhost": vhost,
+                "type": e.type,
+                "durable": True,
+                "auto_delete": False,
+                "internal": False,
+                "arguments": dict(e.arguments),
+            }
+            for e in topology.exchanges
+        ],
+        "queues": [
+            {"name": q.name, "vhost": vhost, "durable": True, "auto_delete": False, "arguments": dict(q.arguments)}
+            for q in topology.queues
+        ],
+        "bindings": [
+            {
+                "source": b.source,
+                "vhost": vhost,
+                "destination": b.destination,
+                "destination_type": "exchange" if b.to_exchange else "queue",
+                "routing_key": b.routing_key,
+                "arguments": {},
+            }
+            for b in topology.bindings
+        ],
+    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import uuid
@@ -144,3 +145,31 @@ async def test_status_and_enqueue_commands(amqp_url: str, name: str) -> None:
         [queued] = await take_messages(project, name)
     assert queued.message_id == message_id
     assert queued.body == b'{"key":"by-hand","fail_times":0,"sleep":0.0}'
+
+
+async def test_topology_commands(amqp_url: str, name: str) -> None:
+    code, output = await cli("topology", "diff", url=amqp_url, worker=name)
+    assert code == 1
+    assert f"missing queue {name}\n" in output
+    assert f"missing queue {name}.dlq" in output
+
+    code, output = await cli("topology", "apply", url=amqp_url, worker=name)
+    assert code == 0, output
+    code, output = await cli("topology", "diff", url=amqp_url, worker=name)
+    assert code == 0, output
+    assert "the broker has everything" in output
+
+    code, output = await cli("topology", "export", url=amqp_url, worker=name)
+    assert code == 0, output
+    exported = json.loads(output)
+    [queue] = [q for q in exported["queues"] if q["name"] == name]
+    assert queue["arguments"]["x-queue-type"] == "quorum"
+    assert queue["arguments"]["x-dead-letter-exchange"] == f"{name}.dlx"
+    assert len([q for q in exported["queues"] if q["name"].startswith("nobs-test.delay.")]) == 29
+    assert {"source": f"{name}.dlx", "destination": f"{name}.dlq"}.items() <= next(
+        b for b in exported["bindings"] if b["source"] == f"{name}.dlx"
+    ).items()
+
+    code, output = await cli("topology", "show", url=amqp_url, worker=name)
+    assert code == 0, output
+    assert f"queue    {name} " in output
