@@ -1,4 +1,4 @@
-"""Reading, replaying and purging dead letters: the library on both brokers, the CLI on RabbitMQ."""
+"""The operator commands: dlq, status, enqueue and topology (library on both brokers, CLI on RabbitMQ)."""
 
 from __future__ import annotations
 
