@@ -72,6 +72,11 @@ class Management:
             {"configure": ".*", "write": ".*", "read": ".*"},
         )
 
+    def list_vhosts(self) -> list[dict[str, Any]]:
+        """Every vhost (blocking)."""
+        result = self._request("GET", "/api/vhosts", None)
+        return result if isinstance(result, list) else []
+
     def delete_vhost(self, vhost: str) -> None:
         """Delete `vhost` and everything in it (blocking)."""
         self._request("DELETE", f"/api/vhosts/{quote(vhost, safe='')}", None)

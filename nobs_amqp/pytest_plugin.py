@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -41,6 +42,24 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
+VHOST_PREFIX = "nobs-amqp-test-"
+STALE_SECONDS = 6 * 3600
+
+
+def remove_stale_vhosts(management: Management, now: float | None = None) -> list[str]:
+    """Delete test vhosts older than STALE_SECONDS: left by sessions that were killed.
+    Their quorum queues hold the broker's file handles until someone does."""
+    now = time.time() if now is None else now
+    stale = []
+    for entry in management.list_vhosts():
+        name = entry.get("name", "")
+        created = name.removeprefix(VHOST_PREFIX).split("-", 1)[0]
+        if name.startswith(VHOST_PREFIX) and created.isdigit() and now - int(created) > STALE_SECONDS:
+            management.delete_vhost(name)
+            stale.append(name)
+    return stale
+
+
 @pytest.fixture(scope="session")
 def nobs_amqp_vhost() -> Iterator[str]:
     """The URL of a vhost made for this test session on the broker at NOBS_AMQP_URL."""
@@ -49,8 +68,9 @@ def nobs_amqp_vhost() -> Iterator[str]:
     if base.startswith("memory://") or not _answers(base):
         _unavailable(f"no RabbitMQ answers at {where} (set NOBS_AMQP_URL)")
     management = Management(base)
-    vhost = f"test-{uuid.uuid4().hex[:12]}"
+    vhost = f"{VHOST_PREFIX}{int(time.time())}-{uuid.uuid4().hex[:8]}"
     try:
+        remove_stale_vhosts(management)
         management.create_vhost(vhost)
     except NobsAmqpError as exc:
         _unavailable(f"cannot create a test vhost through the management API: {exc}")

@@ -98,3 +98,25 @@ def test_a_user_project_tests_its_tasks_with_the_plugin(pytester: pytest.Pyteste
     )
     result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
+
+
+def test_stale_test_vhosts_are_removed(vhost_url: str) -> None:
+    from nobs_amqp.management import Management
+    from nobs_amqp.pytest_plugin import STALE_SECONDS, VHOST_PREFIX, remove_stale_vhosts
+
+    management = Management(vhost_url)
+    now = time.time()
+    old = f"{VHOST_PREFIX}{int(now - STALE_SECONDS - 60)}-deadbeef"
+    recent = f"{VHOST_PREFIX}{int(now - 60)}-cafebabe"
+    for vhost in (old, recent):
+        management.create_vhost(vhost)
+    try:
+        removed = remove_stale_vhosts(management, now=now)
+        names = {v["name"] for v in management.list_vhosts()}
+        assert old in removed
+        assert old not in names
+        assert recent in names  # a session that may still be running is left alone
+    finally:
+        for vhost in (old, recent):
+            if vhost in {v["name"] for v in management.list_vhosts()}:
+                management.delete_vhost(vhost)
