@@ -388,7 +388,7 @@ class _AmqpDelivery:
             app_id=incoming.app_id or "",
             timestamp=incoming.timestamp if isinstance(incoming.timestamp, datetime) else now(),
             headers=_plain_headers(incoming.headers),
-            priority=incoming.priority,
+            priority=incoming.priority or None,
         )
 
     async def ack(self) -> None:

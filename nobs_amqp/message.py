@@ -7,12 +7,15 @@ dead-lettered) travels in headers an operator can read in the same UI.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import socket
 import traceback
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 CONTENT_TYPE = "application/json"
 
@@ -118,15 +121,26 @@ def retry_copy(message: Message, delay: float) -> Message:
 def dead_letter_copy(message: Message, reason: str, error: BaseException | None) -> Message:
     """`message` as it goes to the dead-letter queue, with why and where it failed."""
     headers = _nobs_headers(message)
+    headers.pop(ETA, None)
     headers[REASON] = reason
     headers[FAILED_AT] = format_time(now())
     headers[WORKER_HOST] = _HOST
     if error is not None:
         headers[ERROR_TYPE] = f"{type(error).__module__}.{type(error).__qualname__}"
         headers[ERROR_MESSAGE] = str(error)[:MAX_ERROR_MESSAGE]
-        text = "".join(traceback.format_exception(error))
-        headers[TRACEBACK] = text[-MAX_TRACEBACK:]
+        headers[TRACEBACK] = _task_traceback(error)[-MAX_TRACEBACK:]
     return replace(message, headers=headers)
+
+
+_OWN_FRAMES = (str(Path(__file__).parent), str(Path(asyncio.__file__).parent), str(Path(concurrent.__file__).parent))
+
+
+def _task_traceback(error: BaseException) -> str:
+    """The traceback from the task's own code on: the worker's frames above it are noise."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename.startswith(_OWN_FRAMES):
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(error), error, tb))
 
 
 def replay_copy(message: Message) -> Message:

@@ -127,6 +127,8 @@ async def test_max_attempts_dead_letters_with_every_header(url: str, name: str) 
     assert headers[wire.ERROR_MESSAGE] == f"boom {k}"
     assert "RuntimeError" in str(headers[wire.TRACEBACK])
     assert "always_fail" in str(headers[wire.TRACEBACK])
+    assert "consumer.py" not in str(headers[wire.TRACEBACK])  # the worker's own frames are left out
+    assert wire.ETA not in headers
     assert wire.parse_time(headers[wire.FAILED_AT]) is not None
     assert wire.parse_time(headers[wire.ENQUEUED_AT]) is not None
     assert headers[wire.WORKER_HOST]
