@@ -4,10 +4,12 @@ the management API; every test gets unique worker names inside it."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import aio_pika
 import pytest
+
+from nobs_amqp.memory import MemoryBroker
 
 from .support import Broker
 
@@ -48,3 +50,14 @@ async def name(request: pytest.FixtureRequest, vhost_url: str) -> AsyncIterator[
 async def broker(amqp_url: str) -> AsyncIterator[Broker]:
     async with Broker(amqp_url) as b:
         yield b
+
+
+@pytest.fixture(params=["rabbitmq", "memory"])
+def url(request: pytest.FixtureRequest, vhost_url: str) -> Iterator[str]:
+    """The broker a broker-neutral test runs on: the session vhost, then a fresh memory://."""
+    if request.param == "rabbitmq":
+        yield vhost_url
+        return
+    memory = f"memory://{uuid.uuid4().hex}"
+    yield memory
+    MemoryBroker.forget(memory)

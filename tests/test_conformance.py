@@ -12,7 +12,7 @@ import itertools
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -22,22 +22,11 @@ import tenacity
 from nobs_amqp import Project, UnroutableError, Worker
 from nobs_amqp import message as wire
 from nobs_amqp.consumer import Consumer
-from nobs_amqp.memory import MemoryBroker
 
 from .apps import tasks
 from .support import eventually, publish_raw_message, take_messages
 
 PROJECT = "nobs-test"
-
-
-@pytest.fixture(params=["rabbitmq", "memory"])
-def url(request: pytest.FixtureRequest, vhost_url: str) -> Iterator[str]:
-    if request.param == "rabbitmq":
-        yield vhost_url
-        return
-    memory = f"memory://{uuid.uuid4().hex}"
-    yield memory
-    MemoryBroker.forget(memory)
 
 
 def make(url: str, name: str, **options: Any) -> tuple[Project, Worker]:

@@ -11,28 +11,7 @@ import pytest
 
 from examples.send_email.app import SendEmail, priority_queue, project, send_email
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-async def run_cli(*args: str, env: dict[str, str], timeout: float = 30) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "nobs_amqp",
-        *args,
-        cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        output, _ = await asyncio.wait_for(process.communicate(), timeout)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return process.returncode, output.decode()
+from .support import ROOT, run_cli
 
 
 @pytest.mark.parametrize(

@@ -2,35 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from nobs_amqp import Project, Worker, dlq
 from nobs_amqp import message as wire
-from nobs_amqp.memory import MemoryBroker
 from nobs_amqp.testing import drain
 
 from .apps import tasks
-from .support import take_messages
+from .support import run_cli, take_messages
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(params=["rabbitmq", "memory"])
-def url(request: pytest.FixtureRequest, vhost_url: str) -> Iterator[str]:
-    if request.param == "rabbitmq":
-        yield vhost_url
-        return
-    memory = f"memory://{uuid.uuid4().hex}"
-    yield memory
-    MemoryBroker.forget(memory)
 
 
 async def dead_letters(project: Project, worker: Worker, n: int) -> list[str]:
@@ -67,27 +49,8 @@ async def test_peek_replay_purge(url: str, name: str) -> None:
 
 
 async def cli(*args: str, url: str, worker: str, stdin: bytes = b"") -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "nobs_amqp",
-        "--app",
-        "tests.apps.cli_app:project",
-        *args,
-        cwd=ROOT,
-        env={**os.environ, "NOBS_AMQP_URL": url, "NOBS_TEST_WORKER": worker},
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        output, _ = await asyncio.wait_for(process.communicate(stdin), 30)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return process.returncode, output.decode()
+    env = {"NOBS_AMQP_URL": url, "NOBS_TEST_WORKER": worker}
+    return await run_cli("--app", "tests.apps.cli_app:project", *args, env=env, stdin=stdin)
 
 
 async def test_dlq_commands(amqp_url: str, name: str) -> None:
