@@ -31,7 +31,9 @@ log = logging.getLogger("nobs_amqp")
 
 BURST_POLL_SECONDS = 0.1
 #: Set by quorum queues on a redelivery: how often the message came back unsettled.
-DELIVERY_COUNT = "x-delivery-count"
+#: RabbitMQ 4.3 counts only explicit failures there and every earlier hand-out in
+#: `x-acquired-count`, so the larger of the two says how often a worker got it before.
+DELIVERY_COUNTS = ("x-delivery-count", "x-acquired-count")
 
 
 class Consumer:
@@ -159,9 +161,9 @@ class Consumer:
             self.processed += 1
 
     async def _execute(self, message: wire.Message) -> Outcome:
-        returned = message.headers.get(DELIVERY_COUNT)
+        returned = max((n for h in DELIVERY_COUNTS if isinstance(n := message.headers.get(h), int)), default=0)
         limit = self.worker.queue_options.delivery_limit
-        if limit is not None and isinstance(returned, int) and returned >= limit:
+        if limit is not None and returned >= limit:
             return DeadLetter(
                 "delivery_limit",
                 DeliveryLimitExceeded(

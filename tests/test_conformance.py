@@ -228,3 +228,18 @@ async def test_declaring_twice_is_idempotent(url: str, name: str) -> None:
             await project.declare(worker, delayed=True)
             await worker.queue(tasks.record, tasks.Job(key="x"), delay=3)
             assert await project.transport.message_count(f"{PROJECT}.delay.01") >= 1
+
+
+async def test_a_message_handed_out_too_often_is_dead_lettered_unrun(url: str, name: str) -> None:
+    """RabbitMQ 4.3 reports hand-outs in x-acquired-count, earlier versions in x-delivery-count."""
+    project, worker = make(url, name, delivery_limit=3)
+    k = key()
+    async with project, consuming(project, worker):
+        body = tasks.Job(key=k).model_dump_json().encode()
+        headers = {"x-acquired-count": 3, wire.ATTEMPT: 1}
+        await project.transport.publish(
+            "", name, wire.Message(body, "tests.apps.tasks:record", "looping", PROJECT, wire.now(), headers)
+        )
+        [dead] = await take_messages(project, f"{name}.dlq")
+    assert dead.headers[wire.REASON] == "delivery_limit"
+    assert tasks.calls(k) == []
