@@ -71,6 +71,7 @@ class AmqpTransport:
         self._publish_timeout = publish_timeout
         self._connection: AbstractRobustConnection | None = None
         self._channels: list[AbstractRobustChannel] = []
+        self._side: aiormq.abc.AbstractChannel | None = None
         self._next = itertools.cycle(range(pool_size))
         self._url = self._urls[0]
 
@@ -128,6 +129,7 @@ class AmqpTransport:
     async def close(self) -> None:
         connection, self._connection = self._connection, None
         self._channels = []
+        self._side = None
         if connection is not None:
             await connection.close()
 
@@ -243,22 +245,20 @@ class AmqpTransport:
         return subscription
 
     async def message_count(self, queue: str) -> int:
-        channel = await self._require().channel(publisher_confirms=False)
-        try:
-            raw = await channel.get_underlay_channel()
-            result = await raw.queue_declare(queue, passive=True)
-            return int(result.message_count or 0)
-        finally:
-            await channel.close()
+        result = await (await self._side_channel()).queue_declare(queue, passive=True)
+        return int(result.message_count or 0)
 
     async def purge(self, queue: str) -> int:
-        channel = await self._require().channel(publisher_confirms=False)
-        try:
-            raw = await channel.get_underlay_channel()
-            result = await raw.queue_purge(queue)
-            return int(result.message_count or 0)
-        finally:
-            await channel.close()
+        result = await (await self._side_channel()).queue_purge(queue)
+        return int(result.message_count or 0)
+
+    async def _side_channel(self) -> aiormq.abc.AbstractChannel:
+        """One channel for passive declares and purges (burst and drain poll them), reopened
+        after an error such as a missing queue closed it."""
+        if self._side is None or self._side.is_closed:
+            await self._require().ready()  # after a reconnect: the new connection
+            self._side = await self._underlay_connection().channel(publisher_confirms=False)
+        return self._side
 
 
 class _Acker:

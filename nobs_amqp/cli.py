@@ -125,10 +125,7 @@ def consume(
     """Consume WORKER's queue and run its tasks."""
     reference = app_reference(ctx.obj)
     project = load_project(reference)
-    try:
-        target = project.worker(worker)
-    except NobsAmqpError as exc:
-        raise click.UsageError(str(exc)) from None
+    target = _worker(project, worker)
     if processes > 1:
         options = {"--prefetch": prefetch, "--concurrency": concurrency, "--grace-period": grace_period}
         command = [sys.executable, "-m", "nobs_amqp", "--app", reference, "--log-level", ctx.parent.params["log_level"]]  # type: ignore[union-attr]
@@ -150,6 +147,26 @@ def consume(
         os._exit(0)
 
 
+def _worker(project: Project, name: str) -> Worker:
+    try:
+        return project.worker(name)
+    except NobsAmqpError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _run(project: Project, action: Callable[[Project], Awaitable[T]]) -> T:
+    """Run `action` with the project open; a nobs_amqp error becomes a clean CLI error."""
+
+    async def run() -> T:
+        async with project:
+            return await action(project)
+
+    try:
+        return asyncio.run(run())
+    except NobsAmqpError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 @main.group()
 def dlq() -> None:
     """Read, replay and purge a worker's dead-letter queue (WORKER.dlq)."""
@@ -157,19 +174,8 @@ def dlq() -> None:
 
 def _dlq_run(app: str | None, worker: str, action: Callable[[Project, Worker], Awaitable[T]]) -> T:
     project = load_project(app_reference(app))
-    try:
-        target = project.worker(worker)
-    except NobsAmqpError as exc:
-        raise click.UsageError(str(exc)) from None
-
-    async def run() -> T:
-        async with project:
-            return await action(project, target)
-
-    try:
-        return asyncio.run(run())
-    except NobsAmqpError as exc:
-        raise click.ClickException(str(exc)) from None
+    target = _worker(project, worker)
+    return _run(project, lambda p: action(p, target))
 
 
 def _summary(message: Message) -> str:
@@ -267,10 +273,10 @@ def status(app: str | None) -> None:
 def enqueue(app: str | None, worker: str, task: str, payload: str, delay: float) -> None:
     """Queue TASK (module:function, one the project allows) with PAYLOAD (JSON) on WORKER."""
     project = load_project(app_reference(app))
+    target = _worker(project, worker)
     try:
-        target = project.worker(worker)
         fn = resolve(task, project.allowlist)
-    except (NobsAmqpError, UnknownTaskError) as exc:
+    except UnknownTaskError as exc:
         raise click.UsageError(str(exc)) from None
     spec = project.spec(fn)
     try:
@@ -278,14 +284,7 @@ def enqueue(app: str | None, worker: str, task: str, payload: str, delay: float)
     except ValueError as exc:  # bad JSON, or a payload that does not validate
         raise click.UsageError(f"payload does not fit {task}: {exc}") from None
 
-    async def run() -> str:
-        async with project:
-            return await target.queue(fn, value, delay=delay or None)
-
-    try:
-        click.echo(asyncio.run(run()))
-    except NobsAmqpError as exc:
-        raise click.ClickException(str(exc)) from None
+    click.echo(_run(project, lambda _: target.queue(fn, value, delay=delay or None)))
 
 
 @main.group()
@@ -294,16 +293,7 @@ def topology() -> None:
 
 
 def _with_project(app: str | None, action: Callable[[Project], Awaitable[T]]) -> T:
-    project = load_project(app_reference(app))
-
-    async def run() -> T:
-        async with project:
-            return await action(project)
-
-    try:
-        return asyncio.run(run())
-    except NobsAmqpError as exc:
-        raise click.ClickException(str(exc)) from None
+    return _run(load_project(app_reference(app)), action)
 
 
 @topology.command("show")

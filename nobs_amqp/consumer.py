@@ -75,10 +75,8 @@ class Consumer:
         await self.project.declare(self.worker, delayed=False)
         # The delay ladder (for retries) is declared while the first messages already run.
         ladder = asyncio.create_task(self.project.declare(self.worker, delayed=True))
-        ladder.add_done_callback(self._ladder_declared)
-        transport = self.project.transport
         self._threads = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"nobs-{self.worker.name}")
-        subscription = self._subscription = await transport.consume(self.worker.name, self.prefetch, self._on_delivery)
+        await self._subscribe()
         self.ready.set()
         log.info(
             "worker %s: consuming (prefetch %d, concurrency %d%s)",
@@ -89,42 +87,44 @@ class Consumer:
         )
         try:
             if self.burst:
-                subscription = await self._until_empty(subscription)
+                await self._until_empty()
             else:
                 await self._stopping.wait()
         finally:
-            await self._drain(subscription)
-
-    @property
-    def threads(self) -> ThreadPoolExecutor | None:
-        return self._threads
+            await self._drain()
+            try:
+                await ladder
+            except Exception as exc:  # noqa: BLE001 - retries would have reported it too
+                log.error("worker %s: cannot declare the delay ladder: %s", self.worker.name, exc)
 
     async def flush(self) -> None:
         """Send acks that wait to be batched (they go out within milliseconds anyway)."""
         if self._subscription is not None:
             await self._subscription.flush()
 
-    def _ladder_declared(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("worker %s: cannot declare the delay ladder: %s", self.worker.name, task.exception())
+    async def _subscribe(self) -> None:
+        self._subscription = await self.project.transport.consume(self.worker.name, self.prefetch, self._on_delivery)
 
-    async def _until_empty(self, subscription: Subscription) -> Subscription:
+    async def _until_empty(self) -> None:
         transport = self.project.transport
         queue = self.worker.name
         while not self._stopping.is_set():
             if not self._running and await transport.message_count(queue) == 0:
                 # Stop deliveries, let what was already sent finish, then look again:
                 # only an empty queue with nothing in flight ends a burst.
-                await subscription.cancel()
+                assert self._subscription is not None
+                await self._subscription.cancel()
                 await self._wait_running(None)
                 if await transport.message_count(queue) == 0:
-                    return subscription
-                subscription = self._subscription = await transport.consume(queue, self.prefetch, self._on_delivery)
+                    return
+                await self._subscription.close()
+                await self._subscribe()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), BURST_POLL_SECONDS)
-        return subscription
 
-    async def _drain(self, subscription: Subscription) -> None:
+    async def _drain(self) -> None:
+        subscription = self._subscription
+        assert subscription is not None
         await subscription.cancel()
         if not await self._wait_running(self.grace_period):
             log.warning(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from .message import Message, replay_copy
 from .project import Project
@@ -16,7 +16,7 @@ WAIT_SECONDS = 2.0
 
 
 async def _take(
-    project: Project, worker: Worker, limit: int, settle: Callable[[list[Delivery]], object]
+    project: Project, worker: Worker, limit: int, settle: Callable[[list[Delivery]], Awaitable[None]]
 ) -> list[Message]:
     """Receive up to `limit` dead letters (as many as are there), hand them to `settle`,
     then give back whatever it left unsettled."""
@@ -41,9 +41,7 @@ async def _take(
     finally:
         await subscription.cancel()
     try:
-        result = settle(received)
-        if asyncio.iscoroutine(result):
-            await result
+        await settle(received)
     finally:
         await subscription.close()  # what was not acked goes back, in order
     return [d.message for d in received]
@@ -51,7 +49,11 @@ async def _take(
 
 async def peek(project: Project, worker: Worker, limit: int = 100) -> list[Message]:
     """Up to `limit` dead letters of `worker`, left in the queue."""
-    return await _take(project, worker, limit, lambda deliveries: None)
+
+    async def leave(deliveries: list[Delivery]) -> None:
+        pass  # unsettled, they go back when the subscription closes
+
+    return await _take(project, worker, limit, leave)
 
 
 async def replay(

@@ -29,17 +29,6 @@ TRACEBACK = "x-nobs-traceback"
 FAILED_AT = "x-nobs-failed-at"
 WORKER_HOST = "x-nobs-worker-host"
 
-#: Why a message is in a dead-letter queue (the `x-nobs-reason` header).
-REASONS = (
-    "max_attempts",
-    "rejected",
-    "validation_error",
-    "unknown_task",
-    "decode_error",
-    "delivery_limit",
-    "time_limit",
-)
-
 MAX_TRACEBACK = 4000
 MAX_ERROR_MESSAGE = 1000
 _HOST = socket.gethostname()

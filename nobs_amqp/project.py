@@ -89,7 +89,9 @@ class Project:
         self.allowlist = Allowlist.build(packages, tasks)
         self._channel_pool_size = channel_pool_size
         self._transport: Transport | None = None
-        self._declared: set[str | tuple[str, bool]] = set()
+        self._declared: set[str] = set()
+        # (worker, delayed) pairs whose whole route is declared: send()'s hot path checks only this.
+        self._routes_ready: set[tuple[str, bool]] = set()
         self._declaring: dict[str, asyncio.Lock] = {}
         self._specs: dict[TaskFunction, TaskSpec] = {}
 
@@ -140,6 +142,7 @@ class Project:
         await transport.open()
         self._transport = transport
         self._declared.clear()
+        self._routes_ready.clear()
 
     async def close(self) -> None:
         transport, self._transport = self._transport, None
@@ -213,9 +216,10 @@ class Project:
     async def send(self, worker: Worker, message: Message, delay: float) -> None:
         """Publish `message` to `worker`'s queue, through the delay ladder when `delay` > 0."""
         seconds = ladder.delay_seconds(delay)
-        if (worker.name, seconds > 0) not in self._declared:  # the hot path skips a coroutine
+        route = (worker.name, seconds > 0)
+        if route not in self._routes_ready:
             await self.declare(worker, delayed=seconds > 0)
-            self._declared.add((worker.name, seconds > 0))
+            self._routes_ready.add(route)
         if seconds:
             exchange, key = ladder.route(self.name, seconds, worker.name)
             await self.transport.publish(exchange, key, message)
