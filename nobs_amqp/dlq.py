@@ -16,13 +16,14 @@ WAIT_SECONDS = 2.0
 
 
 async def _take(
-    project: Project, worker: Worker, limit: int, settle: Callable[[list[Delivery]], Awaitable[None]]
+    project: Project, worker: Worker, limit: int, settle: Callable[[list[Delivery]], Awaitable[int]]
 ) -> list[Message]:
-    """Receive up to `limit` dead letters (as many as are there), hand them to `settle`,
-    then give back whatever it left unsettled."""
+    """Receive up to `limit` dead letters (as many as are there), hand them to `settle`
+    (which returns how many it acked), then give back whatever it left unsettled."""
     queue = dead_letter_queue(worker.name)
     await project.declare(worker, delayed=False)
-    wanted = min(limit, await project.transport.message_count(queue))
+    before = await project.transport.message_count(queue)
+    wanted = min(limit, before)
     received: list[Delivery] = []
     arrived = asyncio.Event()
 
@@ -40,18 +41,26 @@ async def _take(
         pass  # fewer than counted: someone else took some
     finally:
         await subscription.cancel()
+    acked = 0
     try:
-        await settle(received)
+        acked = await settle(received)
     finally:
         await subscription.close()  # what was not acked goes back, in order
+    # The broker puts returned messages back asynchronously: wait until it shows them, so a
+    # count or a replay right after this sees the queue as it was.
+    deadline = asyncio.get_running_loop().time() + WAIT_SECONDS
+    while (  # noqa: ASYNC110 - polling the broker: it sends no event when a return lands
+        await project.transport.message_count(queue) < before - acked and asyncio.get_running_loop().time() < deadline
+    ):
+        await asyncio.sleep(0.01)
     return [d.message for d in received]
 
 
 async def peek(project: Project, worker: Worker, limit: int = 100) -> list[Message]:
     """Up to `limit` dead letters of `worker`, left in the queue."""
 
-    async def leave(deliveries: list[Delivery]) -> None:
-        pass  # unsettled, they go back when the subscription closes
+    async def leave(deliveries: list[Delivery]) -> int:
+        return 0  # unsettled, they go back when the subscription closes
 
     return await _take(project, worker, limit, leave)
 
@@ -66,10 +75,11 @@ async def replay(
     while remaining > 0:
         batch = int(min(REPLAY_BATCH, remaining))
 
-        async def send_back(deliveries: list[Delivery]) -> None:
+        async def send_back(deliveries: list[Delivery]) -> int:
             await asyncio.gather(*(project.send(worker, replay_copy(d.message), 0) for d in deliveries))
             for d in deliveries:
                 await d.ack()
+            return len(deliveries)
 
         taken = await _take(project, worker, batch, send_back)
         if not taken:
