@@ -1,4 +1,4 @@
-.PHONY: demo test lint venv broker bench
+.PHONY: demo test test-4 lint venv broker bench
 
 # Every target sets up what it needs: the virtualenv, and a RabbitMQ that answers.
 VENV := .venv
@@ -14,9 +14,23 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy --strict nobs_amqp
 
-## make test: lint, type-check, then the whole suite against the real broker.
+## make test: lint, type-check, then the whole suite twice: against the real broker
+## (NOBS_AMQP_URL, RabbitMQ 3.x here), then against a throwaway RabbitMQ 4.x node (test-4).
+## Fails if either run fails. NOBS_AMQP_SKIP_RABBITMQ4=1 skips the second run.
 test: venv broker lint
-	$(VENV)/bin/pytest
+	@status=0; \
+	$(VENV)/bin/pytest || status=$$?; \
+	if [ "$${NOBS_AMQP_SKIP_RABBITMQ4:-0}" = 1 ]; then \
+		echo "test: NOBS_AMQP_SKIP_RABBITMQ4=1, so the suite did not run against RabbitMQ 4.x"; \
+	else \
+		$(MAKE) --no-print-directory test-4 || status=$$?; \
+	fi; \
+	exit $$status
+
+## make test-4: the suite against a RabbitMQ 4.x node started from a Debian trixie root
+## (scripts/rabbitmq4.sh: built once with debootstrap, outside the repo; needs root on Debian).
+test-4: venv
+	bash scripts/rabbitmq4.sh run -- $(VENV)/bin/pytest
 
 ## make demo: a worker consumes priority_queue; one task fails, retries, lands in the DLQ.
 ## Without a RabbitMQ that can be reached or started, it runs on the in-memory broker and says so.

@@ -1,0 +1,378 @@
+"""Throwaway RabbitMQ nodes that a test owns: started, killed and restarted at will.
+
+A `Node` runs the installed RabbitMQ as a second node beside the shared broker, with its
+own name, free ports, data and logs in a temp dir; it shares only the Erlang cookie and
+epmd, so `rabbitmqctl -n <node.name>` reaches it. The shared broker is never touched.
+
+    async with Node(management=True) as node:
+        project = Project(url=node.url, ...)
+        await node.kill9()          # SIGKILL this node's beam process only
+        await node.start()          # same data dir: durable queues and persistent messages survive
+
+Starting one needs root (the node runs as the `rabbitmq` user, whose cookie it shares)
+or to be the `rabbitmq` user; otherwise `node_or_skip()` skips the test (fails under CI).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
+RABBITMQ_USER = "rabbitmq"
+MARKER = "NOBS_AMQP_NODE_ID"
+NOFILE = 65536
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for a TLS listener (the node verifies peers against `cacert`)."""
+
+    cacert: Path
+    cert: Path
+    key: Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cannot_start_reason() -> str | None:
+    """Why this machine cannot start a throwaway node, or None."""
+    if not (RABBITMQ_BIN / "rabbitmq-server").exists():
+        return f"RabbitMQ is not installed ({RABBITMQ_BIN} is missing)"
+    try:
+        pwd.getpwnam(RABBITMQ_USER)
+    except KeyError:
+        return f"there is no {RABBITMQ_USER!r} user"
+    if os.geteuid() != 0 and pwd.getpwuid(os.geteuid()).pw_name != RABBITMQ_USER:
+        return f"starting a throwaway RabbitMQ node needs root or the {RABBITMQ_USER!r} user"
+    return None
+
+
+def node_or_skip() -> None:
+    """Skip the test when no node can be started here; fail instead when CI is set."""
+    reason = cannot_start_reason()
+    if reason is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set, so this fails instead of skipping)")
+    pytest.skip(reason)
+
+
+def _pids_with_marker(node_id: str) -> list[int]:
+    """The processes started for this node (they inherit the marker in their environment)."""
+    needle = f"{MARKER}={node_id}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+class Node:
+    """A RabbitMQ node owned by a test, on free loopback ports, with data in a temp dir."""
+
+    def __init__(self, *, management: bool = False, tls: TlsFiles | None = None, start_timeout: float = 90.0) -> None:
+        self.id = uuid.uuid4().hex[:10]
+        self.name = f"nobs-{self.id}@localhost"
+        self.management = management
+        self.tls = tls
+        self.start_timeout = start_timeout
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.management_port = free_port() if management else None
+        self.tls_port = free_port() if tls else None
+        self.dir = Path(tempfile.mkdtemp(prefix=f"nobs-node-{self.id}-"))
+        self._process: asyncio.subprocess.Process | None = None
+        self._log: Any = None
+        self._configure()
+
+    # -- addresses ------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    @property
+    def management_url(self) -> str:
+        assert self.management_port is not None, "this node was made without management=True"
+        return f"http://127.0.0.1:{self.management_port}"
+
+    def tls_url(self, host: str = "localhost", **query: str) -> str:
+        assert self.tls_port is not None, "this node was made without tls="
+        params = "&".join(f"{k}={v}" for k, v in query.items())
+        return f"amqps://guest:guest@{host}:{self.tls_port}/" + (f"?{params}" if params else "")
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Node:
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.returncode is None
+
+    async def start(self) -> None:
+        """Start the node (again, on the same ports and data) and wait until it answers."""
+        if self.running:
+            return
+        node_or_skip()
+        env = self._env()
+        self._log = (self.dir / "console.log").open("ab")
+        user: dict[str, Any] = {}
+        if os.geteuid() == 0:
+            user = {"user": RABBITMQ_USER, "group": RABBITMQ_USER, "extra_groups": []}
+        # Raise the soft open-files limit as far as the hard one allows; fine if it cannot.
+        script = f'ulimit -n {NOFILE} 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$@"'
+        self._process = await asyncio.create_subprocess_exec(
+            "sh",
+            "-c",
+            script,
+            "sh",
+            str(RABBITMQ_BIN / "rabbitmq-server"),
+            cwd=self.dir,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+            **user,
+        )
+        started = time.monotonic()
+        try:
+            await self._wait_until_up(started + self.start_timeout)
+        except BaseException:
+            await self._kill_all()
+            raise
+
+    async def stop(self, timeout: float = 60.0) -> None:
+        """Stop gracefully (`rabbitmqctl stop`); SIGKILL whatever is left after `timeout`."""
+        if not self.running:
+            return
+        with contextlib.suppress(AssertionError, TimeoutError):
+            await self.ctl("stop", timeout=timeout)
+        try:
+            await self._wait_exited(timeout)
+        except TimeoutError:
+            await self._kill_all()
+
+    async def kill9(self) -> int:
+        """SIGKILL this node's Erlang VM, as the OOM killer would; return the pid killed."""
+        pid = self.beam_pid()
+        os.kill(pid, signal.SIGKILL)
+        await self._wait_exited(30)
+        return pid
+
+    async def restart(self, *, kill: bool = False) -> None:
+        """Stop (gracefully, or by SIGKILL) and start again on the same data dir and ports."""
+        if kill:
+            await self.kill9()
+        else:
+            await self.stop()
+        await self.start()
+
+    async def close(self) -> None:
+        """Stop the node if it runs (by SIGKILL: its data is thrown away) and remove its dir."""
+        await self._kill_all()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- looking inside -------------------------------------------------------------------
+
+    def beam_pid(self) -> int:
+        """The pid of this node's beam.smp (from its pid file, checked against its marker)."""
+        mine = set(_pids_with_marker(self.id))
+        with contextlib.suppress(OSError, ValueError):
+            pid = int((self.dir / "rabbit.pid").read_text().strip())
+            if pid in mine:
+                return pid
+        beams = [pid for pid in mine if _comm(pid).startswith("beam")]
+        assert len(beams) == 1, f"expected one beam process of node {self.name}, found {beams}"
+        return beams[0]
+
+    async def ctl(self, *args: str, timeout: float = 60.0) -> str:
+        """`rabbitmqctl -n <node> ARGS`; its output (fails the test if it exits non-zero)."""
+        user: dict[str, Any] = {}
+        if os.geteuid() == 0:
+            user = {"user": RABBITMQ_USER, "group": RABBITMQ_USER, "extra_groups": []}
+        process = await asyncio.create_subprocess_exec(
+            str(RABBITMQ_BIN / "rabbitmqctl"),
+            "-n",
+            self.name,
+            *args,
+            cwd=self.dir,
+            env=self._env(),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            **user,
+        )
+        try:
+            output, _ = await asyncio.wait_for(process.communicate(), timeout)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        text = output.decode(errors="replace")
+        assert process.returncode == 0, f"rabbitmqctl {' '.join(args)} exited {process.returncode}: {text}"
+        return text
+
+    def log_tail(self, chars: int = 4000) -> str:
+        parts = []
+        for path in [self.dir / "console.log", *sorted((self.dir / "log").glob("*.log"))]:
+            with contextlib.suppress(OSError):
+                parts.append(f"--- {path.name}\n" + path.read_text(errors="replace")[-chars:])
+        return "\n".join(parts)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _configure(self) -> None:
+        (self.dir / "mnesia").mkdir()
+        (self.dir / "log").mkdir()
+        lines = ["loopback_users = none", "log.console = false", "log.file.level = info"]
+        if self.management_port is not None:
+            lines += ["management.tcp.ip = 127.0.0.1", f"management.tcp.port = {self.management_port}"]
+        if self.tls is not None:
+            # The node reads the certificates as the rabbitmq user: keep copies in its dir.
+            tls_dir = self.dir / "tls"
+            tls_dir.mkdir()
+            for field in ("cacert", "cert", "key"):
+                shutil.copyfile(getattr(self.tls, field), tls_dir / f"{field}.pem")
+            lines += [
+                f"listeners.ssl.1 = 127.0.0.1:{self.tls_port}",
+                f"ssl_options.cacertfile = {tls_dir / 'cacert.pem'}",
+                f"ssl_options.certfile = {tls_dir / 'cert.pem'}",
+                f"ssl_options.keyfile = {tls_dir / 'key.pem'}",
+                "ssl_options.verify = verify_peer",
+                "ssl_options.fail_if_no_peer_cert = false",
+            ]
+        (self.dir / "rabbitmq.conf").write_text("\n".join(lines) + "\n")
+        plugins = "[rabbitmq_management]." if self.management else "[]."
+        (self.dir / "enabled_plugins").write_text(plugins + "\n")
+        if os.geteuid() == 0:
+            account = pwd.getpwnam(RABBITMQ_USER)
+            for path in [self.dir, *self.dir.rglob("*")]:
+                os.chown(path, account.pw_uid, account.pw_gid)
+
+    def _env(self) -> dict[str, str]:
+        home = pwd.getpwnam(RABBITMQ_USER).pw_dir  # where the Erlang cookie is
+        return {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "HOME": home,
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            MARKER: self.id,
+            "RABBITMQ_NODENAME": self.name,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.dir / "log"),
+            "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
+            "RABBITMQ_PID_FILE": str(self.dir / "rabbit.pid"),
+        }
+
+    async def _wait_until_up(self, deadline: float) -> None:
+        ports = [self.port, *(p for p in (self.management_port, self.tls_port) if p is not None)]
+        while True:
+            if not self.running:
+                raise AssertionError(f"node {self.name} exited while starting:\n{self.log_tail()}")
+            if all(_answers(p) for p in ports) and await self._management_answers():
+                return
+            if time.monotonic() > deadline:
+                waited = f"node {self.name} did not answer within {self.start_timeout} s"
+                raise AssertionError(f"{waited}:\n{self.log_tail()}")
+            await asyncio.sleep(0.2)
+
+    async def _management_answers(self) -> bool:
+        if self.management_port is None:
+            return True
+        return await asyncio.to_thread(_http_ok, f"{self.management_url}/api/overview")
+
+    async def _wait_exited(self, timeout: float) -> None:
+        """Wait for the rabbitmq-server process and every process of this node to be gone."""
+        deadline = time.monotonic() + timeout
+        while self.running or _pids_with_marker(self.id):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node {self.name} still runs after {timeout} s")
+            await asyncio.sleep(0.05)
+        self._close_log()
+
+    async def _kill_all(self) -> None:
+        """SIGKILL every process of this node (found by its marker), then reap ours."""
+        for _ in range(50):
+            pids = _pids_with_marker(self.id)
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            await asyncio.sleep(0.1)
+        if self._process is not None and self._process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.kill()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._process.wait(), 10)
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _http_ok(url: str) -> bool:
+    request = urllib.request.Request(url)
+    request.add_header("Authorization", "Basic Z3Vlc3Q6Z3Vlc3Q=")  # guest:guest
+    try:
+        with urllib.request.urlopen(request, timeout=3) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
