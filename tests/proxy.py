@@ -1,24 +1,33 @@
-"""A small TCP proxy in front of the shared broker, to cut connections without touching RabbitMQ."""
+"""A small TCP proxy in front of the test broker, to cut connections without touching RabbitMQ."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from urllib.parse import urlsplit, urlunsplit
 
 CHUNK = 65536
 
 
+def broker_address(url: str | None = None) -> tuple[str, int]:
+    """The host and port of `url`, by default NOBS_AMQP_URL (the broker the tests run on)."""
+    parts = urlsplit(url or os.environ.get("NOBS_AMQP_URL") or "amqp://127.0.0.1:5672/")
+    return parts.hostname or "127.0.0.1", parts.port or (5671 if parts.scheme == "amqps" else 5672)
+
+
 class Proxy:
-    """Forwards 127.0.0.1:<ephemeral port> to `target`; `cut()` drops every open connection.
+    """Forwards 127.0.0.1:<ephemeral port> to the broker (NOBS_AMQP_URL's host and port unless
+    given); `cut()` drops every open connection.
 
     While `refusing` is set, a new connection is closed as soon as it is accepted (and
     counted in `refused`), as if the broker were down.
     """
 
-    def __init__(self, target_host: str = "127.0.0.1", target_port: int = 5672) -> None:
-        self.target_host = target_host
-        self.target_port = target_port
+    def __init__(self, target_host: str | None = None, target_port: int | None = None) -> None:
+        default_host, default_port = broker_address()
+        self.target_host = target_host or default_host
+        self.target_port = target_port or default_port
         self.refusing = False
         self.accepted = 0
         self.refused = 0
