@@ -293,12 +293,12 @@ print_env() {
 run() {
     [[ ${1:-} == -- ]] && shift
     (($#)) || die "usage: $0 run -- COMMAND..."
-    local id
-    id=run-$$-$RANDOM
-    trap 'stop "$id"' EXIT
-    trap 'exit 130' INT TERM
-    start "$id" >/dev/null
-    load "$id"
+    RUN_ID=run-$$-$RANDOM     # global: the EXIT trap runs after this function has returned
+    trap 'stop "$RUN_ID"' EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    start "$RUN_ID" >/dev/null
+    load "$RUN_ID"
     local status=0
     NOBS_AMQP_URL="amqp://guest:guest@127.0.0.1:$AMQP_PORT/" \
         NOBS_AMQP_MANAGEMENT_URL="http://127.0.0.1:$MGMT_PORT" \
