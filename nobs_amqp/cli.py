@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import tomllib
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -25,11 +24,13 @@ from .message import Message
 from .project import Project
 from .status import project_status, topology_diff
 from .supervisor import supervise
-from .tasks import UnknownTaskError, resolve
+from .tasks import UnknownTaskError
 from .topology import definitions
 from .worker import Worker
 
 APP_ENV = "NOBS_AMQP_APP"
+#: A signal that finds the event loop blocked this long ends the process at once.
+BLOCKED_EXIT_SECONDS = 1.0
 T = TypeVar("T")
 log = logging.getLogger("nobs_amqp")
 
@@ -141,10 +142,6 @@ def consume(
     except NobsAmqpError as exc:
         raise click.ClickException(str(exc)) from None
     log.info("worker %s: stopped after %d task(s)", worker, consumer.processed)
-    if any(t.name.startswith("nobs-") and t.is_alive() for t in threading.enumerate()):
-        # A sync task outlived the grace period; its message is back in the queue.
-        logging.shutdown()
-        os._exit(0)
 
 
 def _worker(project: Project, name: str) -> Worker:
@@ -275,10 +272,10 @@ def enqueue(app: str | None, worker: str, task: str, payload: str, delay: float)
     project = load_project(app_reference(app))
     target = _worker(project, worker)
     try:
-        fn = resolve(task, project.allowlist)
+        spec = project.tasks().get(task)
     except UnknownTaskError as exc:
         raise click.UsageError(str(exc)) from None
-    spec = project.spec(fn)
+    fn = spec.fn
     try:
         value = spec.decode(payload.encode())
     except ValueError as exc:  # bad JSON, or a payload that does not validate
@@ -360,7 +357,22 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 async def _consume(project: Project, consumer: Consumer) -> None:
     loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int, frame: object) -> None:
+        # A plain signal handler (not the loop's): it runs even while a task blocks the loop.
+        watchdog = consumer.watchdog
+        if watchdog is not None and watchdog.blocked_for() >= BLOCKED_EXIT_SECONDS:
+            log.error(
+                "%s while the event loop is blocked by %s: it cannot drain, exiting now; "
+                "the broker returns every unsettled message to the queue",
+                signal.Signals(signum).name,
+                watchdog.culprit or "a task",
+            )
+            logging.shutdown()
+            os._exit(0)
+        loop.call_soon_threadsafe(consumer.stop)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, consumer.stop)
+        signal.signal(signum, on_signal)
     async with project:
         await consumer.run()

@@ -2,7 +2,9 @@
 
 A message is acked only after whatever replaces it (its retry, or its
 dead-letter copy) has been confirmed by the broker, so a crash at any point
-loses nothing and at worst runs a task twice.
+loses nothing and at worst runs a task twice. Every delivery ends in exactly one
+settle whatever raises, here or in the task; what a publisher put in the message
+is validated, never trusted.
 """
 
 from __future__ import annotations
@@ -10,17 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import orjson
 from pydantic import ValidationError
 
 from . import message as wire
-from .errors import NobsAmqpError, TaskDefinitionError
-from .retry import Ack, DeadLetter, DeliveryLimitExceeded, Outcome, RetryLater, TimeLimitExceeded, decide
-from .tasks import TaskSpec, UnknownTaskError, resolve
-from .topology import dead_letter_exchange
+from .errors import BrokerUnavailableError, NobsAmqpError, TaskDefinitionError, TopologyMismatchError
+from .message import printable
+from .retry import Ack, DeadLetter, DeliveryLimitExceeded, Outcome, RetryLater, decide
+from .runner import LoopWatchdog, TaskRunner
+from .tasks import TaskTable, UnknownTaskError
 from .transport import Delivery, Subscription
 
 if TYPE_CHECKING:
@@ -34,6 +38,21 @@ BURST_POLL_SECONDS = 0.1
 #: RabbitMQ 4.3 counts only explicit failures there and every earlier hand-out in
 #: `x-acquired-count`, so the larger of the two says how often a worker got it before.
 DELIVERY_COUNTS = ("x-delivery-count", "x-acquired-count")
+#: How many settled attempts a worker remembers, to settle a redelivered one without rerunning it.
+REMEMBERED = 10_000
+#: After a settle failed for a reason other than a lost connection: wait before the message goes back.
+REQUEUE_PAUSE_SECONDS = 5.0
+
+Identity = tuple[str, int, str]
+_Publish = Callable[[], Awaitable[None]]
+
+
+class UndecodableMessageError(Exception):
+    """Some of a message's properties could not be decoded."""
+
+
+class BadSignatureError(Exception):
+    """A message is unsigned or its signature does not match the project's keys."""
 
 
 class Consumer:
@@ -56,14 +75,21 @@ class Consumer:
         self.burst = burst
         self.grace_period = grace_period
         self.processed = 0
+        #: Redelivered attempts settled here before (their ack was lost), acked without running again.
+        self.duplicates = 0
         self._slots = asyncio.Semaphore(self.concurrency)
         self._running: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         #: Set once the queue is declared and messages flow.
         self.ready = asyncio.Event()
-        self._specs: dict[str, TaskSpec] = {}
-        self._threads: ThreadPoolExecutor | None = None
+        self.runner = TaskRunner(worker.name)
+        self.watchdog: LoopWatchdog | None = None
+        self._tasks: TaskTable | None = None
         self._subscription: Subscription | None = None
+        self._failure: BaseException | None = None
+        self._settled: OrderedDict[Identity, None] = OrderedDict()
+        self._inflight: dict[Identity, asyncio.Event] = {}
+        self._quorum = worker.queue_options.queue_type == "quorum"
 
     def stop(self) -> None:
         """Stop taking messages; running tasks get the grace period to finish."""
@@ -72,18 +98,24 @@ class Consumer:
             self._stopping.set()
 
     async def run(self) -> None:
+        self._tasks = self.project.tasks()
         await self.project.declare(self.worker, delayed=False)
-        # The delay ladder (for retries) is declared while the first messages already run.
+        # The delay ladder (for retries) is declared while the first messages already run;
+        # a ladder that exists with other arguments stops the worker at once.
         ladder = asyncio.create_task(self.project.declare(self.worker, delayed=True))
-        self._threads = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"nobs-{self.worker.name}")
+        ladder.add_done_callback(self._ladder_declared)
+        self.watchdog = LoopWatchdog(asyncio.get_running_loop(), self.runner.labels)
+        self.watchdog.start()
         await self._subscribe()
         self.ready.set()
         log.info(
-            "worker %s: consuming (prefetch %d, concurrency %d%s)",
+            "worker %s: consuming %d task(s) (prefetch %d, concurrency %d%s%s)",
             self.worker.name,
+            len(self._tasks),
             self.prefetch,
             self.concurrency,
             ", burst" if self.burst else "",
+            ", signed messages only" if self.project.signer is not None else "",
         )
         try:
             if self.burst:
@@ -92,10 +124,22 @@ class Consumer:
                 await self._stopping.wait()
         finally:
             await self._drain()
-            try:
+            self.watchdog.stop()
+            with contextlib.suppress(Exception):  # reported by _ladder_declared
                 await ladder
-            except Exception as exc:  # noqa: BLE001 - retries would have reported it too
-                log.error("worker %s: cannot declare the delay ladder: %s", self.worker.name, exc)
+        if self._failure is not None:
+            raise self._failure
+
+    def _ladder_declared(self, declaring: asyncio.Task[None]) -> None:
+        if declaring.cancelled() or declaring.exception() is None:
+            return
+        error = declaring.exception()
+        if isinstance(error, TopologyMismatchError):
+            log.error("worker %s: refusing to run: %s", self.worker.name, error)
+            self._failure = error
+            self.stop()
+        else:
+            log.error("worker %s: cannot declare the delay ladder yet: %s", self.worker.name, error)
 
     async def flush(self) -> None:
         """Send acks that wait to be batched (they go out within milliseconds anyway)."""
@@ -137,8 +181,6 @@ class Consumer:
                 task.cancel()
             await asyncio.gather(*self._running, return_exceptions=True)
         await subscription.close()
-        if self._threads is not None:
-            self._threads.shutdown(wait=False, cancel_futures=True)
 
     async def _wait_running(self, limit: float | None) -> bool:
         if not self._running:
@@ -151,18 +193,82 @@ class Consumer:
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
+    # -- one delivery ------------------------------------------------------------------------
+
     async def _process(self, delivery: Delivery) -> None:
         async with self._slots:
             if self._stopping.is_set():
                 await _quietly(delivery.nack(requeue=True))
                 return
-            outcome = await self._execute(delivery.message)
-            await self._settle(delivery, outcome)
+            message = delivery.message
+            identity = message.identity
+            if identity is not None and await self._seen(identity):
+                log.info(
+                    "task %s id %s attempt %d: already settled here; acking the redelivered copy",
+                    printable(message.task),
+                    printable(message.message_id),
+                    message.attempt,
+                )
+                self.duplicates += 1
+                await _quietly(delivery.ack())
+                return
+            done = asyncio.Event()
+            if identity is not None:
+                self._inflight[identity] = done
+            try:
+                await self._handle(delivery)
+            except asyncio.CancelledError:
+                await _quietly(delivery.nack(requeue=True))  # shutdown past the grace period
+                raise
+            except Exception as exc:
+                log.exception(
+                    "task %s id %s: the worker failed to handle it",
+                    printable(message.task),
+                    printable(message.message_id),
+                )
+                await self._last_resort(delivery, exc)
+            finally:
+                if identity is not None:
+                    self._inflight.pop(identity, None)
+                done.set()
             self.processed += 1
 
-    async def _execute(self, message: wire.Message) -> Outcome:
-        returned = max((n for h in DELIVERY_COUNTS if isinstance(n := message.headers.get(h), int)), default=0)
+    async def _seen(self, identity: Identity) -> bool:
+        """Whether this attempt was settled here before (its ack was lost), waiting for it if it is
+        running here right now (the broker redelivered it after a connection loss)."""
+        running = self._inflight.get(identity)
+        if running is not None:
+            await running.wait()
+        return identity in self._settled
+
+    def _remember(self, identity: Identity | None) -> None:
+        if identity is None:
+            return
+        self._settled[identity] = None
+        if len(self._settled) > REMEMBERED:
+            self._settled.popitem(last=False)
+
+    async def _handle(self, delivery: Delivery) -> None:
+        message = delivery.message
+        outcome = await self._execute(delivery)
+        if isinstance(outcome, RetryLater):
+            outcome = await self._retry(message, outcome)
+        if isinstance(outcome, DeadLetter) and not await self._dead_letter(message, outcome):
+            await delivery.nack(requeue=False)  # the broker's own dead-lettering, to W.dlx
+            return
+        self._remember(message.identity)
+        await delivery.ack()
+
+    async def _execute(self, delivery: Delivery) -> Outcome:
+        message = delivery.message
+        undecodable = message.headers.get(wire.UNDECODABLE)
+        if undecodable is not None:
+            return DeadLetter("decode_error", UndecodableMessageError(printable(undecodable, 1000)))
+        signer = self.project.signer
+        if signer is not None and (problem := signer.problem(message)) is not None:
+            return DeadLetter("bad_signature", BadSignatureError(problem))
         limit = self.worker.queue_options.delivery_limit
+        returned = self._returned(delivery)
         if limit is not None and returned >= limit:
             return DeadLetter(
                 "delivery_limit",
@@ -171,85 +277,127 @@ class Consumer:
                     f"ran out of memory, crashed, or was stopped before it ran it); not running it again"
                 ),
             )
+        assert self._tasks is not None
         try:
-            spec = self._spec(message.task)
+            spec = self._tasks.get(message.task)
+            payload = spec.decode(message.body)
         except (UnknownTaskError, TaskDefinitionError) as exc:
             return DeadLetter("unknown_task", exc)
-        try:
-            payload = spec.decode(message.body)
         except orjson.JSONDecodeError as exc:
             return DeadLetter("decode_error", exc)
         except ValidationError as exc:
             return DeadLetter("validation_error", exc)
-        log.debug("task %s id %s attempt %d: start", message.task, message.message_id, message.attempt)
+        except RecursionError as exc:
+            return DeadLetter("decode_error", exc)
+        log.debug("task %s id %s attempt %d: start", message.task, printable(message.message_id), message.attempt)
+        current = asyncio.current_task()
+        assert current is not None
+        self.runner.labels[current] = f"task {message.task} id {printable(message.message_id)}"
         try:
-            await self._call(spec, payload)
+            await self.runner.call(spec.fn, payload, is_async=spec.is_async, limit=self.worker.time_limit)
         except Exception as exc:  # noqa: BLE001 - any task failure is settled by the policy
             return decide(self.worker.policy, exc, message.attempt, message.enqueued_at, spec.fn)
+        finally:
+            self.runner.labels.pop(current, None)
         return Ack()
 
-    def _spec(self, reference: str) -> TaskSpec:
-        spec = self._specs.get(reference)
-        if spec is None:
-            fn = resolve(reference, self.project.allowlist)
-            spec = self._specs[reference] = TaskSpec(fn, reference)
-        return spec
+    def _returned(self, delivery: Delivery) -> int:
+        """How often the broker handed this message out before. Only a quorum queue counts that,
+        and only on a redelivery: a header a publisher wrote is not the broker's count."""
+        if not (self._quorum and delivery.redelivered):
+            return 0
+        headers = delivery.message.headers
+        return max((n for h in DELIVERY_COUNTS if type(n := headers.get(h)) is int), default=0)
 
-    async def _call(self, spec: TaskSpec, payload: object) -> None:
-        limit = self.worker.time_limit
-        if spec.is_async:
-            call = spec.fn(payload)
-        else:
-            loop = asyncio.get_running_loop()
-            call = loop.run_in_executor(self._threads, spec.fn, payload)
-        try:
-            await asyncio.wait_for(call, limit)
-        except TimeoutError as exc:
-            raise TimeLimitExceeded(f"task ran longer than its time limit of {limit} s") from exc
-
-    async def _settle(self, delivery: Delivery, outcome: Outcome) -> None:
-        message = delivery.message
-        try:
-            if isinstance(outcome, RetryLater):
-                copy = wire.retry_copy(message, outcome.delay)
-                await self.project.send(self.worker, copy, outcome.delay)
-                log.warning(
-                    "task %s id %s attempt %d failed (%s: %s); retry in %.0f s",
-                    message.task,
-                    message.message_id,
-                    message.attempt,
-                    type(outcome.error).__name__,
-                    outcome.error,
-                    outcome.delay,
-                )
-            elif isinstance(outcome, DeadLetter):
-                copy = wire.dead_letter_copy(message, outcome.reason, outcome.error)
-                await self.project.transport.publish(dead_letter_exchange(self.worker.name), "", copy)
-                log.error(
-                    "task %s id %s attempt %d dead-lettered to %s.dlq (%s: %s)",
-                    message.task or "?",
-                    message.message_id,
-                    message.attempt,
-                    self.worker.name,
-                    outcome.reason,
-                    outcome.error,
-                )
-            await delivery.ack()
-        except NobsAmqpError as exc:
-            log.error(
-                "task %s id %s: cannot settle (%s); it goes back to the queue",
-                message.task,
-                message.message_id,
-                exc,
-            )
-            await _quietly(delivery.nack(requeue=True))
-        except Exception as exc:  # noqa: BLE001 - a lost channel: the broker requeues it
+    async def _retry(self, message: wire.Message, outcome: RetryLater) -> Outcome:
+        """Place the retry copy; if it cannot be placed, the dead letter that replaces it."""
+        copy = wire.retry_copy(message, outcome.delay)
+        error = await self._publish_once_more(lambda: self.project.send(self.worker, copy, outcome.delay))
+        if error is None:
             log.warning(
-                "task %s id %s: settle failed (%s); the broker will redeliver it",
+                "task %s id %s attempt %d failed (%s: %s); retry in %.0f s",
                 message.task,
-                message.message_id,
-                exc,
+                printable(message.message_id),
+                message.attempt,
+                type(outcome.error).__name__,
+                printable(outcome.error),
+                outcome.delay,
             )
+            return outcome
+        log.error(
+            "task %s id %s attempt %d: its retry cannot be placed (%s); dead-lettering it",
+            message.task,
+            printable(message.message_id),
+            message.attempt,
+            printable(error),
+        )
+        failed = RetryNotPlacedError(f"{printable(outcome.error, 500)}; and its retry could not be published: {error}")
+        failed.__cause__ = outcome.error
+        return DeadLetter("retry_failed", failed)
+
+    async def _dead_letter(self, message: wire.Message, outcome: DeadLetter) -> bool:
+        """Publish the dead-letter copy (confirmed); False when it cannot be placed."""
+        copy = wire.dead_letter_copy(message, outcome.reason, outcome.error)
+        error = await self._publish_once_more(lambda: self.project.dead_letter(self.worker, copy))
+        if error is not None:
+            log.error(
+                "task %s id %s: its dead letter cannot be placed (%s); rejecting it to %s.dlx",
+                printable(message.task),
+                printable(message.message_id),
+                printable(error),
+                self.worker.name,
+            )
+            return False
+        log.error(
+            "task %s id %s attempt %d dead-lettered to %s.dlq (%s: %s)",
+            printable(message.task or "?"),
+            printable(message.message_id),
+            message.attempt,
+            self.worker.name,
+            outcome.reason,
+            printable(outcome.error),
+        )
+        return True
+
+    async def _publish_once_more(self, publish: _Publish) -> NobsAmqpError | None:
+        """Publish; if the broker says something is missing (404, returned) or refused it, declare the
+        topology again and try once more. The error that remains, or None. An unreachable broker
+        raises: the connection is gone, and the broker gives the message back itself."""
+        try:
+            await publish()
+            return None
+        except BrokerUnavailableError:
+            raise
+        except NobsAmqpError as exc:
+            first = exc
+        log.warning("worker %s: %s; declaring the topology again", self.worker.name, printable(first))
+        self.project.forget_declared(self.worker)
+        try:
+            await publish()
+            return None
+        except BrokerUnavailableError:
+            raise
+        except NobsAmqpError as exc:
+            return exc
+
+    async def _last_resort(self, delivery: Delivery, error: BaseException) -> None:
+        """Settle a delivery whose handling failed in the worker itself: dead-letter it with the
+        error, else reject it to the dead-letter exchange; never leave it unsettled."""
+        if isinstance(error, BrokerUnavailableError):
+            await asyncio.sleep(REQUEUE_PAUSE_SECONDS)  # no busy loop while the broker is away
+            await _quietly(delivery.nack(requeue=True))
+            return
+        try:
+            if await self._dead_letter(delivery.message, DeadLetter("worker_error", error)):
+                await delivery.ack()
+                return
+        except Exception as exc:  # noqa: BLE001 - the dead letter failed too: the broker's own dead-lettering
+            log.warning("id %s: cannot dead-letter it (%s)", printable(delivery.message.message_id), printable(exc))
+        await _quietly(delivery.nack(requeue=False))
+
+
+class RetryNotPlacedError(Exception):
+    """A task failed and its retry could not be published: it was dead-lettered instead."""
 
 
 async def _quietly(settle: object) -> None:

@@ -95,6 +95,21 @@ class UnroutableError(PublishError):
         )
 
 
+class BrokerUnavailableError(PublishError):
+    """The broker stayed unreachable for the whole publish timeout."""
+
+
+class NotFoundError(PublishError):
+    """The exchange a message was published to does not exist (AMQP 404)."""
+
+    def __init__(self, destination: str, detail: str) -> None:
+        super().__init__(
+            destination,
+            f"the broker answered 404, it does not exist ({detail}); run `nobs-amqp topology apply` "
+            f"or start a worker to declare it",
+        )
+
+
 class TopologyMismatchError(NobsAmqpError):
     """A queue or exchange exists on the broker with other arguments than declared."""
 

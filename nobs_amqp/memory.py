@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
-from .errors import TopologyMismatchError, UnroutableError
+from .errors import NotFoundError, TopologyMismatchError, UnroutableError
 from .message import Message
 from .topology import ExchangeSpec, QueueSpec, ServerVersion, Topology, difference
 from .transport import Handler
@@ -284,13 +284,14 @@ class MemoryBroker:
 
 
 class MemoryDelivery:
-    __slots__ = ("_broker", "_consumer", "_tag", "message", "queue")
+    __slots__ = ("_broker", "_consumer", "_tag", "message", "queue", "redelivered")
 
     def __init__(self, broker: MemoryBroker, consumer: _Consumer, tag: int, entry: _Entry) -> None:
         self._broker = broker
         self._consumer = consumer
         self._tag = tag
         self.queue = consumer.queue.spec.name
+        self.redelivered = entry.returned > 0
         message = entry.message
         if entry.returned and consumer.queue.spec.arguments.get("x-queue-type") == "quorum":
             message = replace(message, headers={**message.headers, "x-delivery-count": entry.returned})
@@ -348,6 +349,8 @@ class MemoryTransport:
         self.broker.declare(topology)
 
     async def publish(self, exchange: str, routing_key: str, message: Message) -> None:
+        if exchange and exchange not in self.broker.exchanges:
+            raise NotFoundError(exchange, f"no exchange '{exchange}' in vhost '/'")
         if not self.broker.publish(exchange, routing_key, message):
             raise UnroutableError(exchange or routing_key)
 

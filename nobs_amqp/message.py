@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import re
 import socket
 import traceback
 import uuid
@@ -28,15 +29,26 @@ ERROR_MESSAGE = "x-nobs-error-message"
 TRACEBACK = "x-nobs-traceback"
 FAILED_AT = "x-nobs-failed-at"
 WORKER_HOST = "x-nobs-worker-host"
+#: Set by the transport (never trusted from a publisher beyond its own message) when some of a
+#: message's properties could not be decoded: says which and why. Such a message is dead-lettered.
+UNDECODABLE = "x-nobs-undecodable"
 
 MAX_TRACEBACK = 4000
 MAX_ERROR_MESSAGE = 1000
 _HOST = socket.gethostname()
 
 
+MAX_ATTEMPT = 2**31 - 1
+SIGNATURE = "x-nobs-signature"
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One task message, as published and as received."""
+    """One task message, as published and as received.
+
+    Headers of a received message come from whoever published it: every `x-nobs-*` value
+    is read through the properties below, which validate it, never used as it is.
+    """
 
     body: bytes
     task: str
@@ -49,11 +61,19 @@ class Message:
     @property
     def attempt(self) -> int:
         value = self.headers.get(ATTEMPT, 1)
-        return value if isinstance(value, int) and value >= 1 else 1
+        return min(value, MAX_ATTEMPT) if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1
 
     @property
     def enqueued_at(self) -> datetime:
         return parse_time(self.headers.get(ENQUEUED_AT)) or self.timestamp
+
+    @property
+    def identity(self) -> tuple[str, int, str] | None:
+        """What tells one attempt of a message from any other: (id, attempt, first enqueued).
+        A replay gets a new enqueue time, so it is a new attempt 1; None without an id."""
+        if not self.message_id:
+            return None
+        return (self.message_id, self.attempt, format_time(self.enqueued_at))
 
 
 def now() -> datetime:
@@ -65,14 +85,27 @@ def format_time(moment: datetime) -> str:
 
 
 def parse_time(value: object) -> datetime | None:
+    """A time from a header, always with a time zone (UTC when it has none); None if unreadable."""
     if isinstance(value, bytes):
         value = value.decode(errors="replace")
-    if not isinstance(value, str):
+    if not isinstance(value, str) or len(value) > 64:
         return None
     try:
-        return datetime.fromisoformat(value)
+        moment = datetime.fromisoformat(value)
     except ValueError:
         return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(value: object, limit: int = 300) -> str:
+    """`value` as one log-safe line: control characters escaped (no forged log lines), capped."""
+    text = value if isinstance(value, str) else _text(value, limit + 1)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
 
 
 def new_message(
@@ -91,34 +124,58 @@ def new_message(
     return Message(body, task, uuid.uuid4().hex, app_id, moment, headers, priority)
 
 
-def _nobs_headers(message: Message) -> dict[str, object]:
-    """The headers of ours that a copy keeps: never the broker's `x-death` history."""
-    return {k: v for k, v in message.headers.items() if k.startswith("x-nobs-")}
+def _trusted_headers(message: Message) -> dict[str, object]:
+    """The headers of ours a copy carries, rebuilt from validated values: never a publisher's
+    other `x-nobs-*` values, nor the broker's `x-death` history."""
+    return {ATTEMPT: message.attempt, ENQUEUED_AT: format_time(message.enqueued_at)}
 
 
 def retry_copy(message: Message, delay: float) -> Message:
     """The next attempt of `message`, due after `delay` seconds."""
-    headers = _nobs_headers(message)
-    for key in (REASON, ERROR_TYPE, ERROR_MESSAGE, TRACEBACK, FAILED_AT, WORKER_HOST, ETA):
-        headers.pop(key, None)
-    headers[ATTEMPT] = message.attempt + 1
+    headers = _trusted_headers(message)
+    headers[ATTEMPT] = min(message.attempt + 1, MAX_ATTEMPT)
     if delay > 0:
         headers[ETA] = format_time(now() + timedelta(seconds=delay))
-    return replace(message, headers=headers, timestamp=now())
+    return _clean(replace(message, headers=headers, timestamp=now()))
 
 
-def dead_letter_copy(message: Message, reason: str, error: BaseException | None) -> Message:
+def dead_letter_copy(message: Message, reason: str, error: BaseException | str | None) -> Message:
     """`message` as it goes to the dead-letter queue, with why and where it failed."""
-    headers = _nobs_headers(message)
-    headers.pop(ETA, None)
+    headers = _trusted_headers(message)
     headers[REASON] = reason
     headers[FAILED_AT] = format_time(now())
     headers[WORKER_HOST] = _HOST
-    if error is not None:
+    if isinstance(error, BaseException):
         headers[ERROR_TYPE] = f"{type(error).__module__}.{type(error).__qualname__}"
-        headers[ERROR_MESSAGE] = str(error)[:MAX_ERROR_MESSAGE]
+        headers[ERROR_MESSAGE] = _text(error, MAX_ERROR_MESSAGE)
         headers[TRACEBACK] = _task_traceback(error)[-MAX_TRACEBACK:]
-    return replace(message, headers=headers)
+    elif error is not None:
+        headers[ERROR_MESSAGE] = _text(error, MAX_ERROR_MESSAGE)
+    return _clean(replace(message, headers=headers))
+
+
+def _text(value: object, limit: int) -> str:
+    try:
+        text = str(value)
+    except Exception as exc:  # noqa: BLE001 - an exception whose __str__ raises
+        text = f"<unprintable {type(value).__name__}: {type(exc).__name__}>"
+    return text[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _short(value: str) -> str:
+    """`value` as an AMQP short string can carry it: UTF-8, at most 255 bytes."""
+    return value.encode("utf-8", "backslashreplace")[:255].decode("utf-8", "ignore")
+
+
+def _clean(message: Message) -> Message:
+    """A copy safe to publish whatever the original carried: properties a client can encode."""
+    return replace(
+        message,
+        task=_short(message.task),
+        message_id=_short(message.message_id),
+        app_id=_short(message.app_id),
+        priority=message.priority if message.priority is not None and 0 <= message.priority <= 255 else None,
+    )
 
 
 _OWN_FRAMES = (str(Path(__file__).parent), str(Path(asyncio.__file__).parent), str(Path(concurrent.__file__).parent))
@@ -134,5 +191,5 @@ def _task_traceback(error: BaseException) -> str:
 
 def replay_copy(message: Message) -> Message:
     """A dead-lettered message sent back to its queue: attempt count reset, failure kept out."""
-    copy = retry_copy(message, 0)
-    return replace(copy, headers={**copy.headers, ATTEMPT: 1, ENQUEUED_AT: format_time(copy.timestamp)})
+    moment = now()
+    return _clean(replace(message, headers={ATTEMPT: 1, ENQUEUED_AT: format_time(moment)}, timestamp=moment))

@@ -16,8 +16,9 @@ from .amqp import AmqpTransport
 from .errors import ConfigurationError, ProjectNotOpenError, TaskNotAllowedError
 from .memory import MEMORY_SCHEME, MemoryTransport
 from .message import Message
-from .tasks import Allowlist, TaskFunction, TaskSpec, reference_of
-from .topology import Topology, check_name, worker_topology
+from .signing import Signer, SigningKeys
+from .tasks import Allowlist, TaskFunction, TaskSpec, TaskTable, UnknownTaskError, task_spec
+from .topology import Topology, check_name, dead_letter_exchange, worker_topology
 from .transport import Transport
 
 if TYPE_CHECKING:
@@ -62,8 +63,13 @@ class Project:
     """The workers of one application.
 
     `url` (or NOBS_AMQP_URL, comma-separated for a cluster) says where RabbitMQ is.
-    Workers run only tasks from `packages` (by default the top-level package of the
-    module that creates the project) and the functions listed in `tasks`.
+    Workers run only tasks: functions of one request model (a pydantic model or a
+    dataclass) defined in `packages` (by default the top-level package of the module
+    that creates the project), and the functions listed in `tasks` (any payload type).
+    A worker imports the modules of `packages` when it starts (only `modules`, when
+    given), never because of a message. `signing_key` (or NOBS_AMQP_SIGNING_KEY): sign
+    every message, and run only messages signed with it (a list rotates keys: the first
+    signs, all verify).
     """
 
     def __init__(
@@ -74,6 +80,8 @@ class Project:
         url: str | Sequence[str] | None = None,
         packages: Iterable[str] | None = None,
         tasks: Iterable[TaskFunction] = (),
+        modules: Iterable[str] | None = None,
+        signing_key: SigningKeys | None = None,
         channel_pool_size: int = 4,
     ) -> None:
         self.name = check_name("project", name)
@@ -86,7 +94,12 @@ class Project:
         if packages is None:
             caller = _caller_package()
             packages = [caller] if caller else []
-        self.allowlist = Allowlist.build(packages, tasks)
+        self._explicit = tuple(tasks)
+        self.allowlist = Allowlist.build(packages, self._explicit)
+        self._modules = tuple(modules) if modules is not None else None
+        self._table: TaskTable | None = None
+        self._signing_key = signing_key
+        self.signer = Signer.configured(signing_key) if signing_key is not None else None
         self._channel_pool_size = channel_pool_size
         self._transport: Transport | None = None
         self._declared: set[str] = set()
@@ -140,6 +153,8 @@ class Project:
         else:
             transport = AmqpTransport(urls, name=f"nobs-amqp {self.name}", pool_size=self._channel_pool_size)
         await transport.open()
+        if self._signing_key is None:
+            self.signer = Signer.configured(None)  # NOBS_AMQP_SIGNING_KEY as it is when the project opens
         self._transport = transport
         self._declared.clear()
         self._routes_ready.clear()
@@ -207,11 +222,17 @@ class Project:
         """The checked task spec of `fn`: raises at the call site for anything a worker would refuse."""
         spec = self._specs.get(fn)
         if spec is None:
-            reference = reference_of(fn)
-            if not self.allowlist.allows(reference):
-                raise TaskNotAllowedError(reference, self.name)
-            spec = self._specs[fn] = TaskSpec(fn, reference)
+            try:
+                spec = self._specs[fn] = task_spec(fn, self.allowlist)
+            except UnknownTaskError as exc:
+                raise TaskNotAllowedError(str(exc), self.name) from None
         return spec
+
+    def tasks(self) -> TaskTable:
+        """Every task this project's workers run (imports the task modules the first time)."""
+        if self._table is None:
+            self._table = TaskTable(self.allowlist, self._explicit, self._modules)
+        return self._table
 
     async def send(self, worker: Worker, message: Message, delay: float) -> None:
         """Publish `message` to `worker`'s queue, through the delay ladder when `delay` > 0."""
@@ -222,9 +243,27 @@ class Project:
             self._routes_ready.add(route)
         if seconds:
             exchange, key = ladder.route(self.name, seconds, worker.name)
-            await self.transport.publish(exchange, key, message)
+            await self._publish(exchange, key, message)
         else:
-            await self.transport.publish("", worker.name, message)
+            await self._publish("", worker.name, message)
+
+    async def dead_letter(self, worker: Worker, message: Message) -> None:
+        """Publish `message` (a dead-letter copy) to `worker`'s dead-letter exchange."""
+        await self.declare(worker, delayed=False)
+        await self._publish(dead_letter_exchange(worker.name), "", message)
+
+    async def _publish(self, exchange: str, key: str, message: Message) -> None:
+        if self.signer is not None:
+            message = self.signer.sign(message)
+        await self.transport.publish(exchange, key, message)
+
+    def forget_declared(self, worker: Worker) -> None:
+        """Declare `worker`'s topology and the ladder again on next use (after a 404 or a
+        returned publish showed that something was deleted)."""
+        for key in (f"worker:{worker.name}", "ladder", f"deliver:{worker.name}"):
+            self._declared.discard(key)
+        self._routes_ready.discard((worker.name, True))
+        self._routes_ready.discard((worker.name, False))
 
     async def declare(self, worker: Worker, *, delayed: bool) -> None:
         """Declare `worker`'s topology (and the delay ladder) once per connection."""

@@ -1,30 +1,39 @@
-"""Tasks: how a function becomes a reference on the wire, and back, safely.
+"""Tasks: how a function becomes a reference on the wire, and which references a worker runs.
 
-A message names its task as `module:function`. A worker only imports and calls a
-reference that the project allows: a module-level function defined in one of the
-project's packages, or one listed explicitly. Anything else (`os:system`, a module
-outside the project, a builtin, something re-exported from elsewhere) is never
-imported or called.
+A message names its task as `module:function`. A worker runs only what its project
+made runnable before the first message arrived: the project's task modules are
+imported when the worker starts, and a message is looked up in the table built then.
+A message never causes an import and never reaches anything outside that table.
+
+A task is a module-level function of one typed request model (a pydantic model or a
+dataclass), defined in one of the project's packages; a function listed in
+`Project(tasks=[...])` may take any type pydantic validates. Nothing else (`os:system`,
+a helper taking an `int`, a CLI `main`, something re-exported from elsewhere, a
+module the project never loaded) can be run by a message.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
+import logging
+import pkgutil
 import re
 import sys
 import typing
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, is_dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 import orjson
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from .errors import PayloadTypeError, TaskDefinitionError
 
 TaskFunction = Callable[[Any], Any]
+log = logging.getLogger("nobs_amqp")
 
 _REFERENCE = re.compile(r"^([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):([A-Za-z_]\w*)$")
 
@@ -56,9 +65,13 @@ def reference_of(fn: object) -> str:
     return f"{module}:{qualname}"
 
 
+def in_packages(module: str, packages: Iterable[str]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
 @dataclass(frozen=True, slots=True)
 class Allowlist:
-    """What a worker may import: whole packages, and single references."""
+    """What a project's workers may run: functions of its packages, and functions listed by name."""
 
     packages: frozenset[str]
     references: frozenset[str]
@@ -68,28 +81,8 @@ class Allowlist:
         return cls(frozenset(packages), frozenset(reference_of(fn) for fn in tasks))
 
     def allows(self, reference: str) -> bool:
-        if reference in self.references:
-            return True
-        module = reference.partition(":")[0]
-        return any(module == p or module.startswith(p + ".") for p in self.packages)
-
-
-def resolve(reference: str, allowlist: Allowlist) -> TaskFunction:
-    """The function a message names, imported only if the allowlist allows it."""
-    match = _REFERENCE.match(reference)
-    if match is None:
-        raise UnknownTaskError(f"{reference!r} is not a task reference (module:function)")
-    if not allowlist.allows(reference):
-        raise UnknownTaskError(f"{reference} is outside the project's allowed tasks; it was not imported")
-    module_name, name = match.groups()
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UnknownTaskError(f"{reference}: module cannot be imported ({exc})") from exc
-    fn = getattr(module, name, None)
-    if not inspect.isfunction(fn) or fn.__module__ != module_name or fn.__qualname__ != name:
-        raise UnknownTaskError(f"{reference} is not a function defined in {module_name}")
-    return fn
+        """Whether `reference` lies where the project's tasks live (its kind is checked elsewhere)."""
+        return reference in self.references or in_packages(reference.partition(":")[0], self.packages)
 
 
 class TaskSpec:
@@ -103,16 +96,18 @@ class TaskSpec:
 
     @cached_property
     def adapter(self) -> TypeAdapter[Any]:
-        return TypeAdapter(self.payload_type)  # type: ignore[arg-type]
+        try:
+            return TypeAdapter(self.payload_type)  # type: ignore[arg-type]
+        except Exception as exc:
+            raise TaskDefinitionError(self.fn, f"pydantic cannot validate its payload type ({exc})") from exc
 
     def encode(self, payload: object) -> bytes:
         expected = self.payload_type
-        if isinstance(expected, type) and (_is_model(expected) or is_dataclass(expected)):
-            if not isinstance(payload, expected):
+        if is_request_model(expected):
+            if not isinstance(payload, expected):  # type: ignore[arg-type]
+                name = getattr(expected, "__qualname__", repr(expected))
                 raise PayloadTypeError(
-                    self.reference,
-                    expected,
-                    f"got {type(payload).__qualname__}; pass a {expected.__qualname__}(...)",
+                    self.reference, expected, f"got {type(payload).__qualname__}; pass a {name}(...)"
                 )
         else:
             try:
@@ -126,15 +121,121 @@ class TaskSpec:
         return self.adapter.validate_python(orjson.loads(body))
 
 
-def _is_model(tp: type) -> bool:
-    return hasattr(tp, "model_validate")
+def is_request_model(tp: object) -> bool:
+    """A pydantic model class or a dataclass: what a task of a project package takes."""
+    return isinstance(tp, type) and (issubclass(tp, BaseModel) or dataclasses.is_dataclass(tp))
+
+
+def task_spec(fn: TaskFunction, allowlist: Allowlist) -> TaskSpec:
+    """The spec of `fn` if the project's workers would run it, else TaskDefinitionError/UnknownTaskError."""
+    reference = reference_of(fn)
+    if not allowlist.allows(reference):
+        raise UnknownTaskError(reference)
+    spec = TaskSpec(fn, reference)
+    if reference not in allowlist.references and not is_request_model(spec.payload_type):
+        name = getattr(spec.payload_type, "__qualname__", repr(spec.payload_type))
+        raise TaskDefinitionError(
+            fn,
+            f"its parameter is a {name}, and a task takes one request model (a pydantic model or a "
+            f"dataclass); to queue it anyway, list it in Project(tasks=[...])",
+        )
+    spec.adapter  # noqa: B018 - a type pydantic cannot validate fails here, not in the worker
+    return spec
+
+
+class TaskTable:
+    """Every task a worker runs, by reference, built once when the worker starts.
+
+    Imports the modules of the project's packages (or exactly `modules`, when given) so a
+    message never causes an import later. A module that fails to import is logged once;
+    a message naming one of its tasks is dead-lettered with that error.
+    """
+
+    def __init__(self, allowlist: Allowlist, explicit: Iterable[TaskFunction], modules: Iterable[str] | None) -> None:
+        self._allowlist = allowlist
+        self._specs: dict[str, TaskSpec] = {}
+        self._broken: dict[str, str] = {}  # module -> why it did not import
+        self._rejected: dict[str, str] = {}  # reference -> why it is not a task
+        names = list(modules) if modules is not None else _package_modules(allowlist.packages, self._broken)
+        for name in names:
+            self._load(name)
+        for fn in explicit:
+            self._add(fn)
+
+    def _load(self, name: str) -> None:
+        try:
+            module = importlib.import_module(name)
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - a task module's import error costs only its tasks
+            self._broken[name] = f"{type(exc).__name__}: {exc}"
+            log.warning("task module %s cannot be imported (%s); its tasks will be dead-lettered", name, exc)
+            return
+        for value in list(vars(module).values()):
+            if inspect.isfunction(value) and value.__module__ == name and "." not in value.__qualname__:
+                self._add(value)
+
+    def _add(self, fn: TaskFunction) -> None:
+        reference = f"{fn.__module__}:{fn.__qualname__}"
+        if reference in self._specs:
+            return
+        try:
+            self._specs[reference] = task_spec(fn, self._allowlist)
+        except (TaskDefinitionError, UnknownTaskError) as exc:
+            self._rejected[reference] = str(exc)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    @property
+    def references(self) -> Mapping[str, TaskSpec]:
+        return self._specs
+
+    def get(self, reference: str) -> TaskSpec:
+        """The task `reference` names; UnknownTaskError (never an import) for anything else."""
+        spec = self._specs.get(reference)
+        if spec is not None:
+            return spec
+        match = _REFERENCE.match(reference)
+        if match is None:
+            raise UnknownTaskError(f"{reference!r} is not a task reference (module:function)")
+        module = match.group(1)
+        if reference in self._rejected:
+            raise UnknownTaskError(f"{reference} is not a task: {self._rejected[reference]}")
+        if module in self._broken:
+            raise UnknownTaskError(f"{reference}: its module failed to import at worker start ({self._broken[module]})")
+        if not self._allowlist.allows(reference):
+            raise UnknownTaskError(f"{reference} is outside the project's tasks; nothing was imported")
+        raise UnknownTaskError(f"{reference} is not a task this worker loaded; nothing was imported")
+
+
+def _package_modules(packages: Iterable[str], broken: dict[str, str]) -> list[str]:
+    """Every module of `packages` (importing each package to find its submodules)."""
+    names: list[str] = []
+    for package in sorted(packages):
+        try:
+            root = importlib.import_module(package)
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - reported as the package's tasks failing
+            broken[package] = f"{type(exc).__name__}: {exc}"
+            log.warning("task package %s cannot be imported (%s)", package, exc)
+            continue
+        names.append(package)
+        path = getattr(root, "__path__", None)
+        if path is None:
+            continue
+
+        def failed(name: str) -> None:
+            broken[name] = "its package failed to import"
+
+        for info in pkgutil.walk_packages(path, prefix=package + ".", onerror=failed):
+            if info.name.rsplit(".", 1)[-1] != "__main__":
+                names.append(info.name)
+    return names
 
 
 def _payload_type(fn: TaskFunction) -> object:
     params = list(inspect.signature(fn).parameters.values())
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     required_other = [p for p in params if p not in positional and p.default is p.empty and p.kind is p.KEYWORD_ONLY]
-    if len(positional) != 1 or required_other:
+    if len(positional) != 1 or required_other or any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
         raise TaskDefinitionError(fn, "a task takes exactly one parameter, the payload")
     try:
         hints = typing.get_type_hints(fn)

@@ -23,6 +23,10 @@ class Delivery(Protocol):
     @property
     def queue(self) -> str: ...
 
+    @property
+    def redelivered(self) -> bool:
+        """The broker handed this message out before (so its delivery count is the broker's)."""
+
     async def ack(self) -> None: ...
 
     async def nack(self, *, requeue: bool) -> None: ...

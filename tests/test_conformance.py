@@ -231,15 +231,37 @@ async def test_declaring_twice_is_idempotent(url: str, name: str) -> None:
 
 
 async def test_a_message_handed_out_too_often_is_dead_lettered_unrun(url: str, name: str) -> None:
-    """RabbitMQ 4.3 reports hand-outs in x-acquired-count, earlier versions in x-delivery-count."""
+    """Each time its worker died holding it, the queue counted a return; at the limit it is not run again."""
+    project, worker = make(url, name, delivery_limit=3)
+    k = key()
+    async with project:
+        await project.declare(worker, delayed=False)
+        await worker.queue(tasks.record, tasks.Job(key=k))
+        for _ in range(3):  # three workers that died holding it: the broker gets it back each time
+            held: list[Any] = []
+
+            async def hold(delivery: Any, held: list[Any] = held) -> None:
+                held.append(delivery)
+
+            subscription = await project.transport.consume(name, 1, hold)
+            await eventually(lambda held=held: held)  # type: ignore[misc]
+            await subscription.cancel()
+            await subscription.close()
+        async with consuming(project, worker):
+            [dead] = await take_messages(project, f"{name}.dlq")
+    assert dead.headers[wire.REASON] == "delivery_limit"
+    assert tasks.calls(k) == []
+
+
+async def test_a_forged_delivery_count_is_not_the_brokers(url: str, name: str) -> None:
+    """A publisher's x-delivery-count / x-acquired-count on a first delivery counts for nothing."""
     project, worker = make(url, name, delivery_limit=3)
     k = key()
     async with project, consuming(project, worker):
         body = tasks.Job(key=k).model_dump_json().encode()
-        headers = {"x-acquired-count": 3, wire.ATTEMPT: 1}
+        headers = {"x-acquired-count": 100, "x-delivery-count": 100, wire.ATTEMPT: 1}
         await project.transport.publish(
-            "", name, wire.Message(body, "tests.apps.tasks:record", "looping", PROJECT, wire.now(), headers)
+            "", name, wire.Message(body, "tests.apps.tasks:record", "forged", PROJECT, wire.now(), headers)
         )
-        [dead] = await take_messages(project, f"{name}.dlq")
-    assert dead.headers[wire.REASON] == "delivery_limit"
-    assert tasks.calls(k) == []
+        await eventually(lambda: tasks.calls(k))
+    assert len(tasks.calls(k)) == 1

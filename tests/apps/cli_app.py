@@ -14,4 +14,4 @@ worker = Worker(
     concurrency=int(os.environ.get("NOBS_TEST_CONCURRENCY", "10")),
     delivery_limit=int(os.environ.get("NOBS_TEST_DELIVERY_LIMIT", "10")),
 )
-project = Project(name="nobs-test", workers=[worker])
+project = Project(name="nobs-test", workers=[worker], packages=["tests.apps"])

@@ -103,3 +103,56 @@ def crash(job: FileJob) -> None:
     """Kills its own worker process, as a segfault or the OOM killer would."""
     _touch(job, "start")
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+# -- for tests/test_reliability.py ---------------------------------------------------------
+
+
+async def exit_task(job: Job) -> None:
+    """A task that calls sys.exit: its own failure, never the worker's end."""
+    _record(job.key)
+    raise SystemExit(0)
+
+
+def interrupt_sync(job: SyncJob) -> None:
+    _record(job.key)
+    raise KeyboardInterrupt
+
+
+@dataclass
+class Hang:
+    key: str
+    seconds: float
+
+
+def hang_sync(job: Hang) -> None:
+    """Blocks its thread far past any time limit (bounded, so the test process can end)."""
+    _record(job.key)
+    time.sleep(job.seconds)
+
+
+async def block_loop(job: FileJob) -> None:
+    """Blocks the event loop: a sync sleep inside async def."""
+    _touch(job, "start")
+    time.sleep(job.sleep)  # noqa: ASYNC251 - the misbehaviour under test
+    _touch(job, "done")
+
+
+def helper_int(n: int) -> int:
+    """A project helper, not a task: a message must not run it."""
+    _record(f"helper-{n}")
+    return n * 2
+
+
+def main(argv: list[str]) -> None:
+    """A CLI entry point in a task module: a message must not run it."""
+    _record("main-" + "-".join(argv))
+
+
+@dataclass
+class Unvalidatable:
+    lock: threading.Lock  # pydantic cannot build a schema for this
+
+
+async def weird(job: Unvalidatable) -> None:
+    _record("weird")

@@ -1,0 +1,174 @@
+"""Running one task: on the loop or in a thread of its own, within its time limit, contained.
+
+Whatever a task does is its own failure: an exception of any kind (`SystemExit` and
+`KeyboardInterrupt` included) comes back as `TaskAborted` or the exception itself, never
+as something that stops the worker. The time limit counts the task's own run only: a
+sync task gets a thread the moment it starts (the consumer's slots bound how many run),
+so it never waits behind a thread that is stuck past its limit. A thread that will not
+stop cannot be killed in Python: it is counted and reported, and the worker goes on.
+
+`LoopWatchdog` notices an async task that blocks the event loop (a `time.sleep` inside
+`async def`) and says which one, so the log explains a dropped connection, and so a
+signal handler can tell that the loop cannot drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from .message import printable
+from .retry import TimeLimitExceeded
+
+log = logging.getLogger("nobs_amqp")
+
+WATCHDOG_INTERVAL = 0.25
+BLOCKED_SECONDS = 2.0
+
+
+class TaskAborted(Exception):  # noqa: N818 - what a task did, named as it reads in the DLQ
+    """A task raised SystemExit, KeyboardInterrupt or another BaseException: it failed, the worker goes on."""
+
+
+class TaskRunner:
+    """Calls task functions for one consumer. `stuck` counts threads still running past their limit."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._numbers = itertools.count(1)
+        self._stuck: set[threading.Thread] = set()
+        #: What each running asyncio task is doing, for the watchdog: task -> "reference id X".
+        self.labels: dict[asyncio.Task[Any], str] = {}
+
+    @property
+    def stuck(self) -> int:
+        self._stuck = {t for t in self._stuck if t.is_alive()}
+        return len(self._stuck)
+
+    async def call(self, fn: Callable[[Any], Any], payload: object, *, is_async: bool, limit: float | None) -> None:
+        if is_async:
+            await _within(_contained(fn, payload), limit)
+            return
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        thread = threading.Thread(
+            target=_in_thread,
+            args=(fn, payload, loop, done),
+            name=f"nobs-{self._name}-{next(self._numbers)}",
+            daemon=True,
+        )
+        thread.start()
+        try:
+            await _within(asyncio.shield(done), limit)
+        except TimeLimitExceeded:
+            # Whatever the thread ends with later is the past; nobody waits for it.
+            done.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._stuck.add(thread)
+            log.error(
+                "worker %s: thread %s still runs its task past the time limit; it cannot be stopped, "
+                "the worker goes on without it (%d stuck)",
+                self._name,
+                thread.name,
+                self.stuck,
+            )
+            raise
+
+
+async def _contained(fn: Callable[[Any], Coroutine[Any, Any, Any]], payload: object) -> None:
+    try:
+        await fn(payload)
+    except (SystemExit, KeyboardInterrupt, GeneratorExit) as exc:
+        raise TaskAborted(f"the task raised {type(exc).__name__}({printable(exc)})") from exc
+
+
+def _in_thread(
+    fn: Callable[[Any], Any], payload: object, loop: asyncio.AbstractEventLoop, done: asyncio.Future[None]
+) -> None:
+    error: BaseException | None = None
+    try:
+        fn(payload)
+    except Exception as exc:  # noqa: BLE001 - handed to the loop as the task's failure
+        error = exc
+    except BaseException as exc:  # noqa: BLE001 - SystemExit in a task thread is the task's failure too
+        error = TaskAborted(f"the task raised {type(exc).__name__}({printable(exc)})")
+        error.__cause__ = exc
+    with contextlib.suppress(RuntimeError):  # the loop is closed: the worker is gone anyway
+        loop.call_soon_threadsafe(_resolve, done, error)
+
+
+def _resolve(done: asyncio.Future[None], error: BaseException | None) -> None:
+    if done.done():
+        return
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
+
+
+async def _within(call: Coroutine[Any, Any, None] | asyncio.Future[None], limit: float | None) -> None:
+    try:
+        await asyncio.wait_for(call, limit)
+    except TimeoutError as exc:
+        raise TimeLimitExceeded(f"task ran longer than its time limit of {limit} s") from exc
+
+
+class LoopWatchdog:
+    """A thread that pings the event loop and logs when a task keeps it from answering."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        labels: dict[asyncio.Task[Any], str],
+        *,
+        threshold: float = BLOCKED_SECONDS,
+    ) -> None:
+        self._loop = loop
+        self._labels = labels
+        self._threshold = threshold
+        self._beat = time.monotonic()
+        self._halt = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="nobs-watchdog", daemon=True)
+        #: The task that blocked the loop most recently (a label), for the shutdown path.
+        self.culprit: str | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def blocked_for(self) -> float:
+        """Seconds since the loop last answered (about 0 while it runs freely)."""
+        return max(0.0, time.monotonic() - self._beat - WATCHDOG_INTERVAL)
+
+    def _pong(self) -> None:
+        self._beat = time.monotonic()
+
+    def _watch(self) -> None:
+        reported = False
+        started = 0.0
+        while not self._halt.wait(WATCHDOG_INTERVAL):
+            try:
+                self._loop.call_soon_threadsafe(self._pong)
+            except RuntimeError:  # the loop is closed
+                return
+            blocked = self.blocked_for()
+            if blocked >= self._threshold and not reported:
+                reported, started = True, self._beat
+                task = asyncio.current_task(self._loop)
+                self.culprit = self._labels.get(task, "code outside a task") if task is not None else "the worker"
+                log.error(
+                    "event loop blocked for %.1f s by %s: a blocking call inside an async task "
+                    "(use a sync task or asyncio.to_thread); heartbeats and other tasks wait",
+                    blocked,
+                    self.culprit,
+                )
+            elif reported and blocked < self._threshold:
+                reported = False
+                log.warning("event loop answers again after %.1f s blocked by %s", self._beat - started, self.culprit)

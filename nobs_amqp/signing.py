@@ -1,0 +1,91 @@
+"""Optional message signing: publish rights alone do not let anyone run a task.
+
+With `Project(signing_key=...)` (or NOBS_AMQP_SIGNING_KEY) every message a project
+publishes carries `x-nobs-signature`, an HMAC-SHA256 over the task reference, the
+message id, the `x-nobs-*` headers and the body. A worker with a key dead-letters an
+unsigned or forged message as `bad_signature` before it looks at anything else.
+
+Several keys rotate: the first signs, every one verifies. Roll a new key out as
+`"new old"` everywhere, then drop the old one once no message signed with it is left
+(in queues, the delay ladder or the DLQ).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Sequence
+from dataclasses import replace
+
+import orjson
+
+from .errors import ConfigurationError
+from .message import SIGNATURE, Message
+
+KEY_ENV = "NOBS_AMQP_SIGNING_KEY"
+MIN_KEY_BYTES = 16
+_SCHEME = "v1="
+
+SigningKeys = str | bytes | Sequence[str | bytes]
+
+
+class Signer:
+    """Signs with the first key, verifies with any. Holds keys; never prints them."""
+
+    def __init__(self, keys: Sequence[bytes]) -> None:
+        if not keys:
+            raise ConfigurationError("signing needs at least one key")
+        for key in keys:
+            if len(key) < MIN_KEY_BYTES:
+                raise ConfigurationError(
+                    f"a signing key must have at least {MIN_KEY_BYTES} bytes; "
+                    f'make one with: python -c "import secrets; print(secrets.token_urlsafe(32))"'
+                )
+        self._keys = tuple(keys)
+
+    def __repr__(self) -> str:
+        return f"Signer({len(self._keys)} key(s))"
+
+    @classmethod
+    def configured(cls, setting: SigningKeys | None) -> Signer | None:
+        """The signer for `Project(signing_key=...)`, else NOBS_AMQP_SIGNING_KEY (keys separated
+        by spaces, newest first), else None: no signing."""
+        if setting is None:
+            setting = os.environ.get(KEY_ENV, "").split() or None
+            if setting is None:
+                return None
+        values = [setting] if isinstance(setting, str | bytes) else list(setting)
+        return cls([v.encode() if isinstance(v, str) else bytes(v) for v in values])
+
+    def sign(self, message: Message) -> Message:
+        headers = {k: v for k, v in message.headers.items() if k != SIGNATURE}
+        unsigned = replace(message, headers=headers)
+        signature = _SCHEME + _mac(self._keys[0], _canonical(unsigned)).hex()
+        return replace(message, headers={**headers, SIGNATURE: signature})
+
+    def problem(self, message: Message) -> str | None:
+        """Why `message` is not signed by one of our keys; None when it is."""
+        given = message.headers.get(SIGNATURE)
+        if not isinstance(given, str) or not given:
+            return "the message is not signed, and this worker only runs signed messages"
+        if not given.startswith(_SCHEME):
+            return "the signature is not of a kind this worker knows"
+        try:
+            expected = bytes.fromhex(given.removeprefix(_SCHEME))
+            content = _canonical(message)
+        except (ValueError, TypeError, orjson.JSONEncodeError):
+            return "the signature or the signed headers cannot be read"
+        if any(hmac.compare_digest(_mac(key, content), expected) for key in self._keys):
+            return None
+        return "the signature does not match: signed with another key, or changed after signing"
+
+
+def _mac(key: bytes, content: bytes) -> bytes:
+    return hmac.new(key, content, hashlib.sha256).digest()
+
+
+def _canonical(message: Message) -> bytes:
+    headers = {k: v for k, v in message.headers.items() if k.startswith("x-nobs-") and k != SIGNATURE}
+    head = orjson.dumps([message.task, message.message_id, headers], option=orjson.OPT_SORT_KEYS)
+    return head + b"\n" + message.body
