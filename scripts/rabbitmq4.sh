@@ -91,7 +91,7 @@ build() {
     mkdir -p "$(dirname "$ROOT")"
     exec 8>"$LOCK"
     timeout 3000 flock 8 || die "another build of $ROOT still holds $LOCK"
-    [[ -f $READY ]] && return 0      # built by whoever held the lock
+    if [[ -f $READY ]]; then exec 8>&-; return 0; fi      # built by whoever held the lock
 
     if ! command -v debootstrap >/dev/null 2>&1; then
         [[ -f /etc/debian_version ]] || die "debootstrap is missing; install it and rerun"
@@ -124,6 +124,7 @@ build() {
     version=$(chroot "$partial" dpkg-query -W -f='${Version}' rabbitmq-server)
     mv "$partial" "$ROOT"
     echo "$version" >"$READY"
+    exec 8>&-     # the build lock
     say "rabbitmq-server $version installed in $ROOT"
 }
 
@@ -223,6 +224,7 @@ log.file.level = info
 log.console = false
 EOF
     echo '[rabbitmq_management].' >"$dir/enabled_plugins"
+    touch "$dir/starting"     # keeps the mounts while the node is not running yet (see stop)
     chown -R "$(rabbitmq_ids)" "$dir"
     chown "$(rabbitmq_ids)" "$ROOT$NODES"
     flock -u 9
@@ -238,6 +240,7 @@ EOF
         kill -0 "$launcher" 2>/dev/null || break
         sleep 1
     done
+    rm -f "$dir/starting"
     if ! amqp_up "$AMQP_PORT" || ! mgmt_up "$MGMT_PORT"; then
         tail -n 40 "$dir/log/console.log" >&2 || true
         stop "$id"
@@ -277,8 +280,8 @@ stop() {
     local other busy=0
     for other in "$ROOT$NODES"/*/; do
         [[ -d $other ]] || continue
-        other=$(basename "$other")
-        [[ -n $(node_pids "$other") ]] && busy=1
+        [[ -f $other/starting ]] && busy=1
+        [[ -n $(node_pids "$(basename "$other")") ]] && busy=1
     done
     [[ $busy == 1 ]] || unmount_from "$ROOT"
 }
