@@ -221,3 +221,41 @@ async def test_graceful_broker_restart_keeps_delayed_retrying_and_waiting_tasks(
     assert not lost, f"tasks that did not run (enough) after the restart: {lost[:5]}"
     early = [k for k in delayed if tasks.calls(k)[0] - queued_at < 7.5]
     assert not early, f"delayed tasks ran before their delay: {early[:3]}"
+
+
+@pytest.mark.timeout(90)
+async def test_a_broker_that_stays_down_fails_queue_with_a_clear_error(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """queue() retries through the outage for its publish timeout (30 s), then raises PublishError;
+    opening a project on a dead broker raises BrokerConnectionError at once. Neither shows the password."""
+    name = unique("down")
+    project, worker = make(node.url, name)
+    async with project:
+        await worker.queue(tasks.record, tasks.Job(key=unique("warm")))  # declared, connection open
+        await node.kill9()
+        began = time.monotonic()
+        with pytest.raises(PublishError) as caught:
+            await asyncio.wait_for(worker.queue(tasks.record, tasks.Job(key=unique("lost"))), 60)
+        gave_up = time.monotonic() - began
+        fresh, _ = make(node.url, name)
+        opening = time.monotonic()
+        with pytest.raises(BrokerConnectionError) as refused:
+            await asyncio.wait_for(fresh.open(), 30)
+        open_failed = time.monotonic() - opening
+        await node.start()
+        key = unique("after")
+        await asyncio.wait_for(worker.queue(tasks.record, tasks.Job(key=key)), 45)  # the same project recovers
+    report(
+        {
+            "test": "broker down longer than the publish timeout",
+            "queue_raised_after_s": round(gave_up, 1),
+            "queue_error": describe(caught.value),
+            "open_raised_after_s": round(open_failed, 1),
+            "open_error": describe(refused.value),
+        },
+        capsys,
+    )
+    for error in (caught.value, refused.value):
+        assert str(error) and "guest:guest@" not in str(error), str(error)
+    assert "unreachable" in str(caught.value), str(caught.value)
