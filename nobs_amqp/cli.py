@@ -23,7 +23,7 @@ from .errors import NobsAmqpError
 from .message import Message
 from .project import Project
 from .status import project_status, topology_diff
-from .supervisor import supervise
+from .supervisor import RECYCLE_EXIT, supervise
 from .tasks import UnknownTaskError
 from .topology import definitions
 from .worker import Worker
@@ -31,6 +31,7 @@ from .worker import Worker
 APP_ENV = "NOBS_AMQP_APP"
 #: A signal that finds the event loop blocked this long ends the process at once.
 BLOCKED_EXIT_SECONDS = 1.0
+
 T = TypeVar("T")
 log = logging.getLogger("nobs_amqp")
 
@@ -113,6 +114,13 @@ def main(ctx: click.Context, app: str | None, log_level: str) -> None:
     show_default=True,
     help="Worker processes (for CPU-bound sync tasks); one that dies is restarted.",
 )
+@click.option(
+    "--max-memory",
+    type=click.FloatRange(min=1),
+    help="MiB: a process that grows past this after a task finishes its running tasks and exits "
+    f"(code {RECYCLE_EXIT}) to be replaced; with --processes, the supervisor restarts it.",
+)
+@click.option("--recycle-stuck-threads", type=click.IntRange(min=1), hidden=True)
 @click.pass_context
 def consume(
     ctx: click.Context,
@@ -122,19 +130,35 @@ def consume(
     burst: bool,
     grace_period: float,
     processes: int,
+    max_memory: float | None,
+    recycle_stuck_threads: int | None,
 ) -> None:
     """Consume WORKER's queue and run its tasks."""
     reference = app_reference(ctx.obj)
     project = load_project(reference)
     target = _worker(project, worker)
     if processes > 1:
-        options = {"--prefetch": prefetch, "--concurrency": concurrency, "--grace-period": grace_period}
+        options = {
+            "--prefetch": prefetch,
+            "--concurrency": concurrency,
+            "--grace-period": grace_period,
+            "--max-memory": max_memory,
+            # A child whose every slot's thread is stuck past its time limit is replaced.
+            "--recycle-stuck-threads": concurrency or target.concurrency,
+        }
         command = [sys.executable, "-m", "nobs_amqp", "--app", reference, "--log-level", ctx.parent.params["log_level"]]  # type: ignore[union-attr]
         command += ["consume", worker, *(f"{k}={v}" for k, v in options.items() if v is not None)]
         command += ["--burst"] if burst else []
         sys.exit(supervise(command, processes, restart=not burst, grace_period=grace_period))
     consumer = Consumer(
-        project, target, prefetch=prefetch, concurrency=concurrency, burst=burst, grace_period=grace_period
+        project,
+        target,
+        prefetch=prefetch,
+        concurrency=concurrency,
+        burst=burst,
+        grace_period=grace_period,
+        max_memory_mb=max_memory,
+        max_stuck_threads=recycle_stuck_threads,
     )
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
@@ -142,6 +166,8 @@ def consume(
     except NobsAmqpError as exc:
         raise click.ClickException(str(exc)) from None
     log.info("worker %s: stopped after %d task(s)", worker, consumer.processed)
+    if consumer.recycle_reason is not None:
+        sys.exit(RECYCLE_EXIT)
 
 
 def _worker(project: Project, name: str) -> Worker:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import resource
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -67,6 +69,8 @@ class Consumer:
         concurrency: int | None = None,
         burst: bool = False,
         grace_period: float = 25.0,
+        max_memory_mb: float | None = None,
+        max_stuck_threads: int | None = None,
     ) -> None:
         self.project = project
         self.worker = worker
@@ -74,6 +78,10 @@ class Consumer:
         self.prefetch = prefetch or worker.prefetch or self.concurrency
         self.burst = burst
         self.grace_period = grace_period
+        self.max_memory_mb = max_memory_mb
+        self.max_stuck_threads = max_stuck_threads
+        #: Why this consumer stopped itself to be replaced by a fresh process (None: it did not).
+        self.recycle_reason: str | None = None
         self.processed = 0
         #: Redelivered attempts settled here before (their ack was lost), acked without running again.
         self.duplicates = 0
@@ -299,7 +307,22 @@ class Consumer:
             return decide(self.worker.policy, exc, message.attempt, message.enqueued_at, spec.fn)
         finally:
             self.runner.labels.pop(current, None)
+            self._check_health()
         return Ack()
+
+    def _check_health(self) -> None:
+        """Stop (to be replaced by a fresh process) when tasks leaked memory or left threads stuck."""
+        if self.recycle_reason is not None:
+            return
+        if self.max_stuck_threads is not None and (stuck := self.runner.stuck) >= self.max_stuck_threads:
+            self.recycle(f"{stuck} thread(s) stuck in tasks past their time limit")
+        elif self.max_memory_mb is not None and (rss := resident_mb()) > self.max_memory_mb:
+            self.recycle(f"{rss:.0f} MiB resident, over the limit of {self.max_memory_mb:.0f} MiB")
+
+    def recycle(self, reason: str) -> None:
+        log.warning("worker %s: %s; finishing running tasks, then exiting to be replaced", self.worker.name, reason)
+        self.recycle_reason = reason
+        self.stop()
 
     def _returned(self, delivery: Delivery) -> int:
         """How often the broker handed this message out before. Only a quorum queue counts that,
@@ -394,6 +417,15 @@ class Consumer:
         except Exception as exc:  # noqa: BLE001 - the dead letter failed too: the broker's own dead-lettering
             log.warning("id %s: cannot dead-letter it (%s)", printable(delivery.message.message_id), printable(exc))
         await _quietly(delivery.nack(requeue=False))
+
+
+def resident_mb() -> float:
+    """This process's resident memory now (Linux), else its peak."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class RetryNotPlacedError(Exception):

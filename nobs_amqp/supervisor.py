@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 log = logging.getLogger("nobs_amqp")
@@ -16,6 +16,8 @@ log = logging.getLogger("nobs_amqp")
 POLL_SECONDS = 0.2
 RESTART_PAUSE_SECONDS = 1.0
 PR_SET_PDEATHSIG = 1
+#: Exit code of a worker that stopped itself to be replaced (EX_TEMPFAIL: a service manager restarts it).
+RECYCLE_EXIT = 75
 
 
 def _start(command: Sequence[str]) -> subprocess.Popen[bytes]:
@@ -26,6 +28,22 @@ def _stop_with_parent() -> None:
     """In the child, before exec: get SIGTERM (and drain) if the supervisor dies, even by kill -9."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _replace(
+    child: subprocess.Popen[bytes], command: Sequence[str], stopping: Callable[[], bool]
+) -> subprocess.Popen[bytes]:
+    """A new worker in place of `child`, which exited (unless a signal came meanwhile)."""
+    code = child.returncode
+    why = "replaced itself (it leaked memory or threads)" if code == RECYCLE_EXIT else f"exited with {code}"
+    log.warning("supervisor: worker pid %d %s; restarting it", child.pid, why)
+    time.sleep(RESTART_PAUSE_SECONDS)
+    if stopping():  # a signal came during the pause: nothing to restart
+        return child
+    new = _start(command)
+    if stopping():  # ... or while it started: it was not among those signalled
+        new.send_signal(signal.SIGTERM)
+    return new
 
 
 def supervise(command: Sequence[str], processes: int, *, restart: bool, grace_period: float) -> int:
@@ -49,11 +67,8 @@ def supervise(command: Sequence[str], processes: int, *, restart: bool, grace_pe
     try:
         while any(c.poll() is None for c in children) or (restart and not stopping):
             for i, child in enumerate(children):
-                code = child.poll()
-                if code is not None and restart and not stopping:
-                    log.warning("supervisor: worker pid %d exited with %d; restarting it", child.pid, code)
-                    time.sleep(RESTART_PAUSE_SECONDS)
-                    children[i] = _start(command)
+                if restart and not stopping and child.poll() is not None:
+                    children[i] = _replace(child, command, lambda: stopping)
             time.sleep(POLL_SECONDS)
         deadline = time.monotonic() + grace_period + 10
         for child in children:
@@ -62,4 +77,5 @@ def supervise(command: Sequence[str], processes: int, *, restart: bool, grace_pe
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     codes = [c.returncode for c in children]
-    return 0 if all(code == 0 for code in codes) else next(code for code in codes if code != 0)
+    failed = [code for code in codes if code not in (0, RECYCLE_EXIT)]  # a recycled child drained first
+    return failed[0] if failed else 0

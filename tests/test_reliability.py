@@ -30,7 +30,7 @@ from nobs_amqp.signing import Signer
 from .apps import tasks
 from .proxy import Proxy
 from .support import eventually, take_messages
-from .test_faults import output, pids, worker_process
+from .test_faults import exit_code, output, pids, worker_process
 
 PROJECT = "nobs-rel"
 TASK = "tests.apps.tasks:record"
@@ -465,3 +465,54 @@ def test_a_short_signing_key_is_refused() -> None:
 @pytest.fixture(autouse=True)
 def _no_signing_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NOBS_AMQP_SIGNING_KEY", raising=False)
+
+
+# -- 3b. workers that tasks made unhealthy replace themselves ---------------------------------
+
+
+@pytest.mark.timeout(60)
+async def test_a_worker_past_its_memory_limit_finishes_and_exits_to_be_replaced(
+    amqp_url: str, name: str, tmp_path: Path
+) -> None:
+    project, worker = make(amqp_url, name)
+    async with project:
+        for i in range(6):
+            await worker.queue(tasks.leak, tasks.FileJob(folder=str(tmp_path), key=f"leak{i}"))
+    log = tmp_path / "worker.log"
+    with worker_process(amqp_url, name, log, "--max-memory", "200", "--concurrency", "1", concurrency=1) as proc:
+        await eventually(lambda: proc.poll() is not None, timeout=40, interval=0.05)
+    text = output(log)
+    assert proc.returncode == 75, text
+    assert "over the limit of 200 MiB" in text
+    done = sum(len(pids(tmp_path, f"leak{i}", "done")) for i in range(6))
+    assert 1 <= done < 6, text  # it stopped early; what it ran was acked, the rest waits in the queue
+    async with project:
+        assert await project.transport.message_count(name) == 6 - done
+
+
+@pytest.mark.timeout(60)
+async def test_a_child_whose_threads_are_stuck_is_replaced_and_the_queue_keeps_flowing(
+    amqp_url: str, name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NOBS_TEST_TIME_LIMIT", "0.5")
+    monkeypatch.setenv("NOBS_TEST_MAX_ATTEMPTS", "1")
+    project, worker = make(amqp_url, name)
+    hung = key()
+    async with project:
+        for _ in range(2):
+            await worker.queue(tasks.hang_sync, tasks.Hang(key=hung, seconds=30))
+    log = tmp_path / "worker.log"
+    options = ("--processes", "2", "--concurrency", "1", "--grace-period", "1")
+    with worker_process(amqp_url, name, log, *options, concurrency=1) as proc:
+        await eventually(lambda: output(log).count("replaced itself") >= 2, timeout=30)
+        async with project:
+            await worker.queue(tasks.slow_file, tasks.FileJob(folder=str(tmp_path), key="after"))
+            try:
+                await eventually(lambda: pids(tmp_path, "after", "done"), timeout=20)
+            except AssertionError:
+                raise AssertionError(output(log)) from None
+            dead = await take_messages(project, f"{name}.dlq", 2)
+        proc.send_signal(signal.SIGTERM)
+        await exit_code(proc, log, 20)
+    assert proc.returncode == 0, output(log)
+    assert [d.headers[wire.REASON] for d in dead] == ["time_limit", "time_limit"]

@@ -156,3 +156,12 @@ class Unvalidatable:
 
 async def weird(job: Unvalidatable) -> None:
     _record("weird")
+
+
+_LEAKED: list[bytes] = []
+
+
+def leak(job: FileJob) -> None:
+    """Keeps 64 MiB more alive each time it runs, as a task with a cache that never shrinks."""
+    _LEAKED.append(os.urandom(1) * (64 * 2**20))
+    _touch(job, "done")
