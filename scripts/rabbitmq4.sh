@@ -189,10 +189,25 @@ node_pids() {
     return 0
 }
 
+# Nodes of `run`s that were killed before their trap could stop them (run-<pid>-...).
+reap_stale() {
+    local dir id pid
+    for dir in "$ROOT$NODES"/run-*/; do
+        [[ -d $dir ]] || continue
+        id=$(basename "$dir")
+        pid=${id#run-}; pid=${pid%%-*}
+        # Alive and not a zombie: that run still owns its node.
+        [[ -r /proc/$pid/status ]] && ! grep -qs '^State:.*Z' "/proc/$pid/status" && continue
+        say "stopping node $id, left behind by a run that is gone"
+        (stop "$id") || true
+    done
+}
+
 start() {
     local id=${1:-default}
     [[ $id =~ ^[A-Za-z0-9_-]+$ ]] || die "node id must be letters, digits, - and _"
     build
+    reap_stale
     local dir
     dir=$(state "$id")
     if load "$id" 2>/dev/null && [[ -n $(node_pids "$id") ]]; then

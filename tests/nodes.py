@@ -36,6 +36,7 @@ import pytest
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
 RABBITMQ_USER = "rabbitmq"
 MARKER = "NOBS_AMQP_NODE_ID"
+OWNER = "NOBS_AMQP_NODE_OWNER"  # the pid of the test process that started the node
 NOFILE = 65536
 
 
@@ -77,10 +78,9 @@ def node_or_skip() -> None:
     pytest.skip(reason)
 
 
-def _pids_with_marker(node_id: str) -> list[int]:
-    """The processes started for this node (they inherit the marker in their environment)."""
-    needle = f"{MARKER}={node_id}".encode()
-    found = []
+def _environments() -> dict[int, dict[str, str]]:
+    """The marker and owner variables of every process that has them."""
+    found: dict[int, dict[str, str]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -88,9 +88,27 @@ def _pids_with_marker(node_id: str) -> list[int]:
             environ = (entry / "environ").read_bytes()
         except OSError:
             continue
-        if needle in environ.split(b"\0"):
-            found.append(int(entry.name))
+        pairs = dict(v.decode(errors="replace").split("=", 1) for v in environ.split(b"\0") if b"=" in v)
+        if MARKER in pairs:
+            found[int(entry.name)] = {MARKER: pairs[MARKER], OWNER: pairs.get(OWNER, "")}
     return found
+
+
+def _pids_with_marker(node_id: str) -> list[int]:
+    """The processes started for this node (they inherit the marker in their environment)."""
+    return [pid for pid, env in _environments().items() if env[MARKER] == node_id]
+
+
+def reap_orphans() -> list[int]:
+    """SIGKILL the processes of nodes whose test process is gone (killed before it could clean up)."""
+    killed = []
+    for pid, env in _environments().items():
+        owner = env[OWNER]
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+    return killed
 
 
 def _comm(pid: int) -> str:
@@ -156,6 +174,7 @@ class Node:
         if self.running:
             return
         node_or_skip()
+        reap_orphans()
         env = self._env()
         self._log = (self.dir / "console.log").open("ab")
         user: dict[str, Any] = {}
@@ -300,6 +319,7 @@ class Node:
             "LANG": "C.UTF-8",
             "LC_ALL": "C.UTF-8",
             MARKER: self.id,
+            OWNER: str(os.getpid()),
             "RABBITMQ_NODENAME": self.name,
             "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
             "RABBITMQ_NODE_PORT": str(self.port),
