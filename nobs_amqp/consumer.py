@@ -298,15 +298,12 @@ class Consumer:
         except RecursionError as exc:
             return DeadLetter("decode_error", exc)
         log.debug("task %s id %s attempt %d: start", message.task, printable(message.message_id), message.attempt)
-        current = asyncio.current_task()
-        assert current is not None
-        self.runner.labels[current] = f"task {message.task} id {printable(message.message_id)}"
+        label = f"task {message.task} id {printable(message.message_id)}"
         try:
-            await self.runner.call(spec.fn, payload, is_async=spec.is_async, limit=self.worker.time_limit)
+            await self.runner.call(spec.fn, payload, is_async=spec.is_async, limit=self.worker.time_limit, label=label)
         except Exception as exc:  # noqa: BLE001 - any task failure is settled by the policy
             return decide(self.worker.policy, exc, message.attempt, message.enqueued_at, spec.fn)
         finally:
-            self.runner.labels.pop(current, None)
             self._check_health()
         return Ack()
 

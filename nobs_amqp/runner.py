@@ -29,6 +29,8 @@ from .retry import TimeLimitExceeded
 log = logging.getLogger("nobs_amqp")
 
 WATCHDOG_INTERVAL = 0.25
+#: How long a cancelled async task may take to end before it counts as stuck.
+CANCEL_GRACE_SECONDS = 1.0
 BLOCKED_SECONDS = 2.0
 
 
@@ -43,32 +45,51 @@ class TaskRunner:
         self._name = name
         self._numbers = itertools.count(1)
         self._stuck: set[threading.Thread] = set()
+        self._stuck_tasks: set[asyncio.Future[None]] = set()
         #: What each running asyncio task is doing, for the watchdog: task -> "reference id X".
         self.labels: dict[asyncio.Task[Any], str] = {}
 
     @property
     def stuck(self) -> int:
+        """Threads and async tasks still running past their time limit."""
         self._stuck = {t for t in self._stuck if t.is_alive()}
-        return len(self._stuck)
+        self._stuck_tasks = {t for t in self._stuck_tasks if not t.done()}
+        return len(self._stuck) + len(self._stuck_tasks)
 
-    async def call(self, fn: Callable[[Any], Any], payload: object, *, is_async: bool, limit: float | None) -> None:
+    async def call(
+        self, fn: Callable[[Any], Any], payload: object, *, is_async: bool, limit: float | None, label: str
+    ) -> None:
+        """Run `fn(payload)`; raise what it raised (TaskAborted for a BaseException), or
+        TimeLimitExceeded once it ran `limit` seconds."""
+        work: asyncio.Future[None]
+        thread: threading.Thread | None = None
         if is_async:
-            await _within(_contained(fn, payload), limit)
-            return
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        thread = threading.Thread(
-            target=_in_thread,
-            args=(fn, payload, loop, done),
-            name=f"nobs-{self._name}-{next(self._numbers)}",
-            daemon=True,
-        )
-        thread.start()
+            work = asyncio.ensure_future(_contained(fn, payload))
+            self.labels[work] = label
+            work.add_done_callback(self.labels.pop)
+        else:
+            loop = asyncio.get_running_loop()
+            work = loop.create_future()
+            thread = threading.Thread(
+                target=_in_thread,
+                args=(fn, payload, loop, work),
+                name=f"nobs-{self._name}-{next(self._numbers)}",
+                daemon=True,
+            )
+            thread.start()
         try:
-            await _within(asyncio.shield(done), limit)
-        except TimeLimitExceeded:
-            # Whatever the thread ends with later is the past; nobody waits for it.
-            done.add_done_callback(lambda f: f.cancelled() or f.exception())
+            finished, _ = await asyncio.wait({work}, timeout=limit)
+        except asyncio.CancelledError:  # the worker's own shutdown: the task goes with it
+            work.cancel()
+            raise
+        if finished:
+            if work.cancelled():
+                raise TaskAborted("the task cancelled itself (it raised CancelledError)")
+            return work.result()
+        work.cancel()
+        # Whatever it ends with later is the past: nobody waits for it.
+        work.add_done_callback(lambda f: f.cancelled() or f.exception())
+        if thread is not None:
             self._stuck.add(thread)
             log.error(
                 "worker %s: thread %s still runs its task past the time limit; it cannot be stopped, "
@@ -77,7 +98,10 @@ class TaskRunner:
                 thread.name,
                 self.stuck,
             )
-            raise
+        elif not (await asyncio.wait({work}, timeout=CANCEL_GRACE_SECONDS))[0]:
+            self._stuck_tasks.add(work)
+            log.error("worker %s: %s ignores cancellation past its time limit; it keeps running", self._name, label)
+        raise TimeLimitExceeded(f"task ran longer than its time limit of {limit} s")
 
 
 async def _contained(fn: Callable[[Any], Coroutine[Any, Any, Any]], payload: object) -> None:
@@ -109,13 +133,6 @@ def _resolve(done: asyncio.Future[None], error: BaseException | None) -> None:
         done.set_result(None)
     else:
         done.set_exception(error)
-
-
-async def _within(call: Coroutine[Any, Any, None] | asyncio.Future[None], limit: float | None) -> None:
-    try:
-        await asyncio.wait_for(call, limit)
-    except TimeoutError as exc:
-        raise TimeLimitExceeded(f"task ran longer than its time limit of {limit} s") from exc
 
 
 class LoopWatchdog:

@@ -203,6 +203,19 @@ async def test_hung_sync_tasks_do_not_starve_healthy_ones(url: str, name: str) -
     assert [d.headers[wire.REASON] for d in dead] == ["time_limit"] * 4
 
 
+@pytest.mark.timeout(30)
+async def test_an_async_task_that_ignores_cancellation_does_not_hold_its_slot(url: str, name: str) -> None:
+    project, worker = make(url, name, concurrency=1, time_limit=0.3, stop=tenacity.stop_after_attempt(1))
+    stubborn, healthy = key(), key()
+    async with project, consuming(project, worker) as [consumer]:
+        await worker.queue(tasks.stubborn, tasks.Job(key=stubborn, sleep=8))
+        await worker.queue(tasks.record, tasks.Job(key=healthy))
+        await eventually(lambda: tasks.calls(healthy), timeout=5)
+        [dead] = await take_messages(project, f"{name}.dlq")
+        assert consumer.runner.stuck == 1
+    assert dead.headers[wire.REASON] == "time_limit"
+
+
 @pytest.mark.timeout(60)
 async def test_a_task_blocking_the_loop_is_named_and_sigterm_still_stops_the_worker(
     amqp_url: str, name: str, tmp_path: Path

@@ -165,3 +165,14 @@ def leak(job: FileJob) -> None:
     """Keeps 64 MiB more alive each time it runs, as a task with a cache that never shrinks."""
     _LEAKED.append(os.urandom(1) * (64 * 2**20))
     _touch(job, "done")
+
+
+async def stubborn(job: Job) -> None:
+    """Swallows cancellation and goes on (for at most `sleep` seconds, so the test process can end)."""
+    _record(job.key)
+    deadline = time.monotonic() + job.sleep
+    while time.monotonic() < deadline:
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            continue
