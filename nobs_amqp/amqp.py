@@ -19,6 +19,7 @@ import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
 from pamqp.commands import Basic
 
+from . import decoding
 from .errors import BrokerConnectionError, NobsAmqpError, PublishError, TopologyMismatchError, UnroutableError
 from .management import Management
 from .message import CONTENT_TYPE, Message, now
@@ -88,6 +89,7 @@ class AmqpTransport:
         return tuple(int(n) for n in re.findall(r"\d+", text)[:3]) or (0,)
 
     async def open(self) -> None:
+        decoding.install()  # a message whose properties pamqp cannot decode must not kill the connection
         failures: list[str] = []
         last: BaseException | None = None
         for url in self._urls:

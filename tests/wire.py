@@ -97,6 +97,34 @@ def block(flags: int, *values: bytes) -> bytes:
     return struct.pack(">H", flags) + b"".join(values)
 
 
+FLAGS = {
+    "content_type": CONTENT_TYPE,
+    "content_encoding": CONTENT_ENCODING,
+    "headers": HEADERS,
+    "delivery_mode": DELIVERY_MODE,
+    "priority": PRIORITY,
+    "correlation_id": CORRELATION_ID,
+    "reply_to": REPLY_TO,
+    "expiration": EXPIRATION,
+    "message_id": MESSAGE_ID,
+    "timestamp": TIMESTAMP,
+    "type": TYPE,
+    "user_id": USER_ID,
+    "app_id": APP_ID,
+    "cluster_id": CLUSTER_ID,
+}
+
+
+def raw_properties(**values: bytes) -> bytes:
+    """A whole property block from encoded values by AMQP property name, put in wire order:
+    `raw_properties(type=shortstr(b"a\\xff"), timestamp=timestamp(2**63 - 1))`."""
+    unknown = set(values) - set(FLAGS)
+    if unknown:
+        raise TypeError(f"no such property: {sorted(unknown)}")
+    flags = sum(flag for name, flag in FLAGS.items() if name in values)
+    return struct.pack(">H", flags) + b"".join(values[name] for name in FLAGS if name in values)
+
+
 def properties(**kwargs: object) -> commands.Basic.Properties:
     return commands.Basic.Properties(**kwargs)  # type: ignore[arg-type]
 

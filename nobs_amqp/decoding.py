@@ -1,0 +1,200 @@
+"""Total decoding of message properties, below aio-pika.
+
+pamqp decodes a content header in the connection's reader: one property it cannot
+decode (a `timestamp` beyond Python's datetime, a non-UTF-8 `type` or header key,
+headers nested deeper than the recursion limit) raises there and takes the whole
+connection down, on every delivery of that message. `install()` makes the decoding
+total: pamqp's own decoding first, unchanged; only when it fails, property by property,
+each undecodable value skipped by its wire width and left out, and the message marked
+with the `x-nobs-undecodable` header, which says what failed and why (the consumer
+dead-letters such a message).
+"""
+
+from __future__ import annotations
+
+import datetime
+
+from pamqp import base, common, decode
+from pamqp.commands import Basic
+from pamqp.header import ContentHeader
+
+from .message import UNDECODABLE
+
+MAX_NOTE = 1000
+MAX_QUOTE = 60
+
+_PAMQP_UNMARSHAL = base.BasicProperties.unmarshal
+_PAMQP_HEADER_UNMARSHAL = ContentHeader.__dict__["unmarshal"]  # the original, even after install()
+_FIXED = {"bit": 0, "octet": 1, "short": 2, "long": 4, "longlong": 8, "timestamp": 8}
+_LENGTH_PREFIX = {"shortstr": 1, "longstr": 4, "table": 4}
+# Field value widths by type tag (RabbitMQ's errata); None: a 4-byte length follows.
+_TAGGED: dict[bytes, int | None] = {
+    b"t": 1, b"b": 1, b"B": 1, b"s": 2, b"u": 2, b"I": 4, b"i": 4, b"l": 8, b"L": 8,
+    b"f": 4, b"d": 8, b"D": 5, b"T": 8, b"V": 0, b"\x00": 0,
+    b"S": None, b"A": None, b"F": None, b"x": None,
+}  # fmt: skip
+_NAMES = {"message_type": "type"}  # the AMQP name where pamqp's differs
+_LOOKS_LIKE = (("milliseconds", 10**3), ("microseconds", 10**6), ("nanoseconds", 10**9))
+
+
+def install() -> None:
+    """Make every `Basic.Properties` decode totally in this process (idempotent)."""
+    Basic.Properties.unmarshal = _unmarshal  # type: ignore[method-assign,assignment]
+    ContentHeader.unmarshal = _unmarshal_content_header  # type: ignore[method-assign]
+
+
+def unmarshal(flags: int, data: bytes) -> Basic.Properties:
+    """The properties of a content header (`flags`, then the property block `data`); never raises."""
+    properties = Basic.Properties()
+    _unmarshal(properties, flags, data)
+    return properties
+
+
+def _unmarshal(self: Basic.Properties, flags: int, data: bytes) -> None:
+    try:
+        _PAMQP_UNMARSHAL(self, flags, data)
+        problems: list[str] = []
+    except Exception:  # noqa: BLE001 - any failure: decode again, one property at a time
+        problems = _decode_each(self, flags, data)
+    problems += _refused_by_aio_pika(self)
+    if problems:
+        note = "undecodable properties: " + "; ".join(problems)
+        self.headers = {**(self.headers or {}), UNDECODABLE: _cap(note, MAX_NOTE)}
+
+
+def _unmarshal_content_header(self: ContentHeader, data: bytes) -> None:
+    try:
+        _PAMQP_HEADER_UNMARSHAL(self, data)
+    except ValueError:
+        if self.class_id is None:
+            raise  # not even a body size: the frame stream itself is broken
+        # The flag words are cut short; the body size before them is good.
+        self.properties = Basic.Properties(headers={UNDECODABLE: "undecodable properties: the flags are truncated"})
+
+
+def _decode_each(properties: Basic.Properties, flags: int, data: bytes) -> list[str]:
+    """Decode what can be decoded; say why for the rest."""
+    fresh = Basic.Properties()
+    for name in properties.__slots__:
+        setattr(properties, name, getattr(fresh, name))
+    problems: list[str] = []
+    offset = 0
+    for name in properties.__slots__:
+        if not flags & properties.flags[name]:
+            continue
+        kind: str = getattr(type(properties), "_" + name)
+        label = _NAMES.get(name, name)
+        width = _width(kind, data, offset)
+        if width is None:
+            problems.append(f"{label} and what follows: truncated, not decoded")
+            break
+        raw = data[offset : offset + width]
+        offset += width
+        try:
+            setattr(properties, name, decode.by_type(raw, kind)[1])
+        except Exception as exc:  # noqa: BLE001 - RecursionError, OverflowError, ValueError, ...
+            if kind == "table":
+                properties.headers, lost = _partial_table(raw)
+                problems += lost
+            else:
+                problems.append(f"{label}: {_why(kind, raw, exc)}")
+    return problems
+
+
+def _width(kind: str, data: bytes, offset: int) -> int | None:
+    """How many bytes the value of `kind` at `offset` takes; None when `data` ends first."""
+    if kind in _FIXED:
+        width = _FIXED[kind]
+    else:
+        prefix = _LENGTH_PREFIX[kind]
+        if offset + prefix > len(data):
+            return None
+        width = prefix + int.from_bytes(data[offset : offset + prefix], "big")
+    return width if offset + width <= len(data) else None
+
+
+def _value_width(data: bytes, offset: int, end: int) -> int | None:
+    """How many bytes the tagged field value at `offset` takes, tag included; None if unknown."""
+    if offset >= end or (size := _TAGGED.get(data[offset : offset + 1], -1)) == -1:
+        return None
+    if size is None:
+        if offset + 5 > end:
+            return None
+        size = 4 + int.from_bytes(data[offset + 1 : offset + 5], "big")
+    return 1 + size if offset + 1 + size <= end else None
+
+
+def _partial_table(raw: bytes) -> tuple[common.FieldTable, list[str]]:
+    """The top-level entries of a field table that decode, and why the others did not."""
+    table: common.FieldTable = {}
+    problems: list[str] = []
+    offset, end = 4, len(raw)
+    while offset < end:
+        key = raw[offset + 1 : offset + 1 + raw[offset]]
+        offset += 1 + raw[offset]
+        width = _value_width(raw, offset, end)
+        if width is None:
+            problems.append(f"headers from {_quote(key)} on: cannot be read, left out")
+            break
+        value = raw[offset : offset + width]
+        offset += width
+        try:
+            table[key.decode()] = decode.embedded_value(value)[1]
+        except Exception as exc:  # noqa: BLE001 - this entry only: the next one starts at `offset`
+            why = "key is not UTF-8, left out" if isinstance(exc, UnicodeError) else _why("", value, exc)
+            problems.append(f"header {_quote(key)}: {why}")
+    return table, problems
+
+
+def _why(kind: str, raw: bytes, exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deep to decode, left out"
+    if kind == "timestamp":
+        return _timestamp_why(int.from_bytes(raw, "big"))
+    if isinstance(exc, UnicodeError):
+        return f"{_quote(raw[_LENGTH_PREFIX.get(kind, 0) :])} is not UTF-8, left out"
+    return f"{_safe(str(exc) or type(exc).__name__)}, left out"
+
+
+def _timestamp_why(value: int) -> str:
+    why = f"{value} is out of range, left out (AMQP timestamps are seconds since 1970"
+    for unit, per_second in _LOOKS_LIKE:
+        if 1971 <= _year(value // per_second) <= 2200:
+            return f"{why}; this looks like {unit})"
+    return why + ")"
+
+
+def _year(seconds: int) -> int:
+    try:
+        return datetime.datetime.fromtimestamp(seconds, datetime.UTC).year
+    except (OverflowError, ValueError, OSError):
+        return 0
+
+
+def _refused_by_aio_pika(properties: Basic.Properties) -> list[str]:
+    """Values pamqp decodes but aio-pika's IncomingMessage raises on: left out too."""
+    problems = []
+    if properties.delivery_mode not in (None, 0, 1, 2):
+        problems.append(f"delivery_mode: {properties.delivery_mode} is not 1 or 2, left out")
+        properties.delivery_mode = None
+    if properties.expiration is not None:
+        try:
+            float(properties.expiration)
+        except ValueError:
+            problems.append(f"expiration: {_quote(properties.expiration.encode())} is not a number, left out")
+            properties.expiration = None
+    return problems
+
+
+def _quote(raw: bytes) -> str:
+    """`raw` as safe, readable text in quotes: invalid UTF-8 and control characters escaped, capped."""
+    return f"'{_safe(raw.decode('utf-8', 'backslashreplace'))}'"
+
+
+def _safe(text: str) -> str:
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    return _cap(text, MAX_QUOTE)
+
+
+def _cap(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
