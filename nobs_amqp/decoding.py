@@ -90,14 +90,14 @@ def _decode_each(properties: Basic.Properties, flags: int, data: bytes) -> list[
             break
         raw = data[offset : offset + width]
         offset += width
+        if kind == "table":  # the headers: entry by entry, so one bad entry costs only itself
+            properties.headers, lost = _partial_table(raw)
+            problems += lost
+            continue
         try:
             setattr(properties, name, decode.by_type(raw, kind)[1])
-        except Exception as exc:  # noqa: BLE001 - RecursionError, OverflowError, ValueError, ...
-            if kind == "table":
-                properties.headers, lost = _partial_table(raw)
-                problems += lost
-            else:
-                problems.append(f"{label}: {_why(kind, raw, exc)}")
+        except Exception as exc:  # noqa: BLE001 - OverflowError, ValueError, ...
+            problems.append(f"{label}: {_why(kind, raw, exc)}")
     return problems
 
 
