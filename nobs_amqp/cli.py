@@ -251,12 +251,21 @@ def dlq_show(app: str | None, worker: str, message_id: str) -> None:
 @click.option("--limit", type=click.IntRange(min=1), help="At most this many [all].")
 @click.pass_obj
 def dlq_replay(app: str | None, worker: str, limit: int | None) -> None:
-    """Move WORKER's dead letters back to its queue, attempt count reset, in confirmed batches."""
+    """Move WORKER's dead letters back to its queue, attempt count reset, in confirmed batches.
+
+    Replays what is in the DLQ when the command starts, each message once; what fails again
+    or arrives meanwhile stays there."""
     waiting = _dlq_run(app, worker, dead.count)
     total = min(waiting, limit) if limit is not None else waiting
     with click.progressbar(length=total, label=f"replaying {worker}.dlq", show_pos=True, file=sys.stderr) as bar:
-        moved = _dlq_run(app, worker, lambda p, w: dead.replay(p, w, limit, bar.update))
+        moved = _dlq_run(app, worker, lambda p, w: dead.replay(p, w, total, bar.update)) if total else 0
     click.echo(f"replayed {moved} message(s) to {worker}")
+    if moved < total:
+        click.echo(
+            f"{total - moved} of the {total} dead letter(s) there at the start were not replayed: "
+            f"another consumer of {worker}.dlq holds them; run the command again once it is done",
+            err=True,
+        )
 
 
 @dlq.command("purge")

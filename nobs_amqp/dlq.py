@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from .message import Message, replay_copy
@@ -12,6 +13,8 @@ from .transport import Delivery
 from .worker import Worker
 
 REPLAY_BATCH = 100
+# The most dead letters one replay round reads to learn their ids (RabbitMQ's prefetch stops at 65535).
+SNAPSHOT_MAX = 10_000
 WAIT_SECONDS = 2.0
 
 
@@ -68,26 +71,54 @@ async def peek(project: Project, worker: Worker, limit: int = 100) -> list[Messa
 async def replay(
     project: Project, worker: Worker, limit: int | None = None, progress: Callable[[int], None] | None = None
 ) -> int:
-    """Move up to `limit` dead letters (default all) back to `worker`'s queue with the attempt
-    count reset; each is acked in the DLQ only after its copy was confirmed. Returns how many."""
+    """Move the dead letters that are in `worker`'s DLQ now (at most `limit`) back to its queue
+    with the attempt count reset, each once; each is acked in the DLQ only after its copy was
+    confirmed. Returns how many.
+
+    What arrives meanwhile stays in the DLQ: new failures, and copies that a running worker
+    failed again. The replay knows the dead letters there at its start by message id (a
+    snapshot, counted per id: two dead letters with one id are both replayed) and takes only
+    those, in passes, until the snapshot is used up or a pass finds none of it."""
+    await project.declare(worker, delayed=False)
+    budget = await project.transport.message_count(dead_letter_queue(worker.name))
+    budget = min(budget, limit) if limit is not None else budget
     moved = 0
-    remaining = limit if limit is not None else float("inf")
-    while remaining > 0:
-        batch = int(min(REPLAY_BATCH, remaining))
+    while moved < budget:
+        snapshot = Counter(m.message_id for m in await peek(project, worker, min(SNAPSHOT_MAX, budget - moved)))
+        found = await _replay_snapshot(project, worker, snapshot, progress)
+        if not found:
+            break  # someone else took them
+        moved += found
+    return moved
 
-        async def send_back(deliveries: list[Delivery]) -> int:
-            await asyncio.gather(*(project.send(worker, replay_copy(d.message), 0) for d in deliveries))
-            for d in deliveries:
-                await d.ack()
-            return len(deliveries)
 
-        taken = await _take(project, worker, batch, send_back)
-        if not taken:
-            break
-        moved += len(taken)
-        remaining -= len(taken)
+async def _replay_snapshot(
+    project: Project, worker: Worker, wanted: Counter[str], progress: Callable[[int], None] | None
+) -> int:
+    """Replay the dead letters whose ids are in `wanted` (as often as counted there), leaving
+    every other one in the DLQ. Returns how many were replayed."""
+    chosen: list[Delivery] = []
+
+    async def send_back(deliveries: list[Delivery]) -> int:
+        chosen.clear()
+        for d in deliveries:
+            if wanted[d.message.message_id] > 0:
+                wanted[d.message.message_id] -= 1
+                chosen.append(d)
+        await asyncio.gather(*(project.send(worker, replay_copy(d.message), 0) for d in chosen))
+        for d in chosen:
+            await d.ack()
+        return len(chosen)  # the others go back to the DLQ, in order
+
+    moved = 0
+    while wanted.total() > 0:
+        chosen.clear()
+        await _take(project, worker, REPLAY_BATCH, send_back)
+        if not chosen:
+            break  # a pass found none of them: someone else took them, or others are ahead of them
+        moved += len(chosen)
         if progress is not None:
-            progress(len(taken))
+            progress(len(chosen))
     return moved
 
 
