@@ -30,6 +30,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 
@@ -149,7 +150,7 @@ class Node:
 
     def tls_url(self, host: str = "localhost", **query: str) -> str:
         assert self.tls_port is not None, "this node was made without tls="
-        params = "&".join(f"{k}={v}" for k, v in query.items())
+        params = urlencode(query, safe="/")
         return f"amqps://guest:guest@{host}:{self.tls_port}/" + (f"?{params}" if params else "")
 
     # -- lifecycle ------------------------------------------------------------------------
