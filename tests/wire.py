@@ -205,6 +205,8 @@ class RawPublisher:
         mandatory: bool = False,
     ) -> asyncio.Future[None]:
         """Write one message; the future resolves on its confirm (at once without confirms).
+        Await every future it returns: when the broker closes the channel over one message,
+        all confirms still pending fail with that refusal (the broker dropped them too).
 
         `properties` as bytes is the property block after the flag word when `flags` is
         given, else the whole block, flag word(s) included, sent exactly as it is.
