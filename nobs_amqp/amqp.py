@@ -20,7 +20,15 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, Abstrac
 from pamqp.commands import Basic
 
 from . import decoding
-from .errors import BrokerConnectionError, NobsAmqpError, PublishError, TopologyMismatchError, UnroutableError
+from .errors import (
+    BrokerConnectionError,
+    BrokerUnavailableError,
+    NobsAmqpError,
+    NotFoundError,
+    PublishError,
+    TopologyMismatchError,
+    UnroutableError,
+)
 from .management import Management
 from .message import CONTENT_TYPE, Message, now
 from .topology import ExchangeSpec, QueueSpec, ServerVersion, Topology, difference
@@ -216,9 +224,13 @@ class AmqpTransport:
                 raise UnroutableError(destination) from exc
             except aiormq.exceptions.DeliveryError as exc:
                 raise PublishError(destination, "the broker refused it (basic.nack)") from exc
+            except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                raise NotFoundError(destination, _describe(exc)) from exc
+            except aiormq.exceptions.ChannelAccessRefused as exc:
+                raise PublishError(destination, f"the broker refused access (403): {_describe(exc)}") from exc
             except _CONNECTION_ERRORS as exc:
                 if loop.time() + pause >= deadline:
-                    raise PublishError(
+                    raise BrokerUnavailableError(
                         destination, f"the broker stayed unreachable for {self._publish_timeout:.0f} s"
                     ) from exc
                 log.debug("publish to %s failed (%s); retrying", destination, _describe(exc))
@@ -377,12 +389,13 @@ class _AmqpSubscription:
 
 
 class _AmqpDelivery:
-    __slots__ = ("_acker", "_tag", "message", "queue")
+    __slots__ = ("_acker", "_tag", "message", "queue", "redelivered")
 
     def __init__(self, incoming: AbstractIncomingMessage, queue: str, acker: _Acker) -> None:
         self._acker = acker
         self._tag = incoming.delivery_tag or 0
         self.queue = queue
+        self.redelivered = bool(incoming.redelivered)
         self.message = Message(
             body=incoming.body,
             task=incoming.type or "",
