@@ -342,7 +342,7 @@ class _Acker:
                     await self.channel.basic_ack(tag, multiple=flag)
                 else:
                     await self.channel.basic_nack(tag, requeue=flag)
-        except _CONNECTION_ERRORS as exc:
+        except Exception as exc:  # noqa: BLE001 - any way the channel died: the broker redelivers
             log.warning("%d ack(s) not sent (%s); the broker will redeliver those messages", len(self._frames) + 1, exc)
             self._frames.clear()
 
