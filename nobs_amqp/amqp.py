@@ -12,7 +12,6 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
-from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiormq
@@ -33,6 +32,8 @@ from .management import Management
 from .message import CONTENT_TYPE, Message, now
 from .topology import ExchangeSpec, QueueSpec, ServerVersion, Topology, difference
 from .transport import Handler
+from .urls import redact as redact  # re-exported: examples and status use them from here
+from .urls import vhost_of as vhost_of
 
 log = logging.getLogger("nobs_amqp")
 
@@ -47,20 +48,6 @@ _CONNECTION_ERRORS = (
     asyncio.TimeoutError,
 )
 _INEQUIVALENT = re.compile(r"inequivalent arg '([^']+)' for (queue|exchange) '([^']+)' in vhost '([^']*)': (.*)")
-
-
-def redact(url: str) -> str:
-    """`url` with its password replaced, for logs and errors."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    return parts._replace(netloc=f"{parts.username}:***@{netloc}").geturl()
-
-
-def vhost_of(url: str) -> str:
-    path = urlsplit(url).path
-    return unquote(path[1:]) if len(path) > 1 else "/"
 
 
 class AmqpTransport:

@@ -9,35 +9,48 @@ import os
 import urllib.error
 import urllib.request
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote
 
 from .errors import BrokerConnectionError
+from .urls import http_base, parse
 
 MANAGEMENT_ENV = "NOBS_AMQP_MANAGEMENT_URL"
 
 
 def management_url_for(amqp_url: str) -> str:
-    """NOBS_AMQP_MANAGEMENT_URL, else http(s)://<amqp host>:15672 (15671 for amqps)."""
-    if os.environ.get(MANAGEMENT_ENV):
-        return os.environ[MANAGEMENT_ENV].rstrip("/")
-    parts = urlsplit(amqp_url)
+    """NOBS_AMQP_MANAGEMENT_URL without its credentials, else http(s)://<amqp host>:15672 (15671 for amqps)."""
+    return _management(amqp_url)[0]
+
+
+def _management(amqp_url: str) -> tuple[str, str | None, str | None]:
+    """The management API's base URL (safe to show), and the user name and password NOBS_AMQP_MANAGEMENT_URL carries."""
+    configured = os.environ.get(MANAGEMENT_ENV, "").strip()
+    if configured:
+        base, user, password = http_base(configured, MANAGEMENT_ENV)
+        return base.rstrip("/"), user, password
+    parts = parse(amqp_url)
     scheme, port = ("https", 15671) if parts.scheme == "amqps" else ("http", 15672)
-    host = parts.hostname or "localhost"
+    host = parts.host or "localhost"
     host = f"[{host}]" if ":" in host else host
-    return f"{scheme}://{host}:{port}"
+    return f"{scheme}://{host}:{port}", None, None
 
 
 class Management:
-    """Calls the management API with the AMQP URL's credentials. Constructing it does no I/O."""
+    """Calls the management API with the credentials of NOBS_AMQP_MANAGEMENT_URL, else those of the
+    AMQP URL. No credential is ever part of `base` or of an error. Constructing it does no I/O."""
 
     def __init__(self, amqp_url: str, *, timeout: float = 10.0) -> None:
-        parts = urlsplit(amqp_url)
-        self.base = management_url_for(amqp_url)
-        user = unquote(parts.username or "guest")
-        password = unquote(parts.password or "guest")
-        self._auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-        self.user = user
+        self.base, user, password = _management(amqp_url)
+        if user is None:
+            broker = parse(amqp_url)
+            user, password = broker.user, broker.password
+        self.user = user or "guest"
+        password = password if password is not None else "guest"
+        self._auth = "Basic " + base64.b64encode(f"{self.user}:{password}".encode()).decode()
         self._timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"Management({self.base!r}, user={self.user!r})"
 
     async def request(self, method: str, path: str, body: object = None) -> Any:
         return await asyncio.to_thread(self._request, method, path, body)

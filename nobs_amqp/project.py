@@ -20,6 +20,7 @@ from .signing import Signer, SigningKeys
 from .tasks import Allowlist, TaskFunction, TaskSpec, TaskTable, UnknownTaskError, task_spec
 from .topology import Topology, check_name, dead_letter_exchange, worker_topology
 from .transport import Transport
+from .urls import broker_urls as checked_urls
 
 if TYPE_CHECKING:
     from .consumer import Consumer
@@ -32,19 +33,11 @@ URL_ENV = "NOBS_AMQP_URL"
 
 
 def broker_urls(url: str | Sequence[str] | None) -> tuple[str, ...]:
-    """The broker URL(s): the argument, else NOBS_AMQP_URL (comma-separated), else localhost."""
-    if url is None:
-        url = os.environ.get(URL_ENV) or DEFAULT_URL
-    urls = tuple(u.strip() for u in (url.split(",") if isinstance(url, str) else url) if u.strip())
-    if not urls:
-        raise ConfigurationError("no broker URL given: set NOBS_AMQP_URL or Project(url=...)")
-    for u in urls:
-        if not u.startswith(("amqp://", "amqps://", MEMORY_SCHEME)):
-            scheme = u.split("://", 1)[0] if "://" in u else u[:10]
-            raise ConfigurationError(
-                f"broker URL scheme {scheme!r} is not supported: use amqp://, amqps:// or memory://"
-            )
-    return urls
+    """The broker URL(s): the argument, else NOBS_AMQP_URL (comma-separated), else localhost;
+    each checked (ConfigurationError, never showing a credential, for a malformed one)."""
+    if url is not None:
+        return checked_urls(url, "Project(url=...)")
+    return checked_urls(os.environ.get(URL_ENV) or DEFAULT_URL, URL_ENV)
 
 
 def _caller_package(depth: int = 2) -> str | None:

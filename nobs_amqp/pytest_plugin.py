@@ -16,21 +16,20 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
-from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
 
-from .errors import NobsAmqpError
+from .errors import ConfigurationError, NobsAmqpError
 from .management import Management
 from .memory import MemoryBroker
 from .project import DEFAULT_URL, URL_ENV
+from .urls import broker_urls, parse, with_vhost
 
 
 def _answers(url: str) -> bool:
-    parts = urlsplit(url)
-    default_port = 5671 if parts.scheme == "amqps" else 5672
+    parts = parse(url)
     try:
-        with socket.create_connection((parts.hostname or "localhost", parts.port or default_port), timeout=2):
+        with socket.create_connection((parts.host, parts.port), timeout=2):
             return True
     except OSError:
         return False
@@ -63,11 +62,15 @@ def remove_stale_vhosts(management: Management, now: float | None = None) -> lis
 @pytest.fixture(scope="session")
 def nobs_amqp_vhost() -> Iterator[str]:
     """The URL of a vhost made for this test session on the broker at NOBS_AMQP_URL."""
-    base = os.environ.get(URL_ENV) or DEFAULT_URL
-    where = urlsplit(base).netloc.rsplit("@", 1)[-1]
-    if base.startswith("memory://") or not _answers(base):
-        _unavailable(f"no RabbitMQ answers at {where} (set NOBS_AMQP_URL)")
-    management = Management(base)
+    try:
+        base = broker_urls(os.environ.get(URL_ENV) or DEFAULT_URL, URL_ENV)[0]
+        if base.startswith("memory://"):
+            _unavailable("NOBS_AMQP_URL is memory://: nobs_amqp_vhost needs a RabbitMQ")
+        management = Management(base)
+    except ConfigurationError as exc:
+        pytest.fail(f"cannot make a test vhost: {exc}", pytrace=False)
+    if not _answers(base):
+        _unavailable(f"no RabbitMQ answers at {parse(base).address} (set NOBS_AMQP_URL)")
     vhost = f"{VHOST_PREFIX}{int(time.time())}-{uuid.uuid4().hex[:8]}"
     try:
         remove_stale_vhosts(management)
@@ -75,7 +78,7 @@ def nobs_amqp_vhost() -> Iterator[str]:
     except NobsAmqpError as exc:
         _unavailable(f"cannot create a test vhost through the management API: {exc}")
     try:
-        yield urlunsplit(urlsplit(base)._replace(path="/" + quote(vhost, safe="")))
+        yield with_vhost(base, vhost)
     finally:
         management.delete_vhost(vhost)
 
