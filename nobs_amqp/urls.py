@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import quote, unquote
 
 from .errors import ConfigurationError
@@ -60,15 +60,14 @@ class BrokerURL:
     @property
     def redacted(self) -> str:
         """The URL with the password as `***`, for logs and errors."""
-        if self.scheme == "memory":
-            return self.url
-        userinfo = "" if self.user is None else quote(self.user, safe="")
-        if self.password is not None:
-            userinfo += ":***"
-        return _build(self, userinfo)
+        return self.url if self.scheme == "memory" else _build(self, hide=True)
 
 
-def _build(parts: BrokerURL, userinfo: str) -> str:
+def _build(parts: BrokerURL, *, hide: bool) -> str:
+    """The URL of `parts`, credentials percent-encoded (the password as `***` if `hide`)."""
+    userinfo = "" if parts.user is None else quote(parts.user, safe="")
+    if parts.password is not None:
+        userinfo += ":" + ("***" if hide else quote(parts.password, safe=""))
     path = "/" + quote(parts.vhost, safe="") if parts.vhost != "/" else "/"
     return f"{parts.scheme}://{userinfo + '@' if userinfo else ''}{parts.address.split('://', 1)[1]}{path}" + (
         f"?{parts.query}" if parts.query else ""
@@ -125,10 +124,7 @@ def parse(
     shown = which if "@" in tail else f"{which} ({scheme}://{f'[{host}]' if ':' in host else host})"
     vhost, query = _path_query(tail, shown)
     parts = BrokerURL(scheme, host, port, vhost, query, user, password)
-    userinfo = "" if user is None else quote(user, safe="")
-    if password is not None:
-        userinfo += ":" + quote(password, safe="")
-    return BrokerURL(scheme, host, port, vhost, query, user, password, _build(parts, userinfo))
+    return replace(parts, url=_build(parts, hide=False))
 
 
 def _credentials(userinfo: str, which: str) -> tuple[str, str | None]:
@@ -245,11 +241,7 @@ def vhost_of(url: str) -> str:
 
 def with_vhost(url: str, vhost: str) -> str:
     """`url` pointing at `vhost` instead."""
-    parts = parse(url, memory=False)
-    userinfo = "" if parts.user is None else quote(parts.user, safe="")
-    if parts.password is not None:
-        userinfo += ":" + quote(parts.password, safe="")
-    return _build(BrokerURL(parts.scheme, parts.host, parts.port, vhost, parts.query), userinfo)
+    return _build(replace(parse(url, memory=False), vhost=vhost), hide=False)
 
 
 def http_base(url: str, which: str) -> tuple[str, str | None, str | None]:

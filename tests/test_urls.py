@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yarl
 
 from nobs_amqp import ConfigurationError, NobsAmqpError, Project, Worker
 from nobs_amqp.management import MANAGEMENT_ENV, Management, management_url_for
@@ -115,6 +116,8 @@ def test_hostile_urls_that_parse(value: str, expected: list[tuple[object, ...]])
         assert (parsed.user, parsed.password, parsed.host, parsed.port, parsed.vhost, parsed.query) == parts
         assert vhost_of(url) == parts[4]
         assert parse(parsed.url) == parsed  # the canonical form reads back the same
+        connects = yarl.URL(url)  # as aio-pika reads it
+        assert (connects.user, connects.password, connects.host, connects.port) == parts[:4]
         for shown in (repr(parsed), str(parsed), redact(url), redact(value)):
             assert_no_secret(shown)
         if parsed.password is not None:
