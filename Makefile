@@ -23,14 +23,15 @@ test: venv broker lint
 	if [ "$${NOBS_AMQP_SKIP_RABBITMQ4:-0}" = 1 ]; then \
 		echo "test: NOBS_AMQP_SKIP_RABBITMQ4=1, so the suite did not run against RabbitMQ 4.x"; \
 	else \
-		$(MAKE) --no-print-directory test-4 || status=$$?; \
+		$(TEST_4) || status=$$?; \
 	fi; \
 	exit $$status
 
 ## make test-4: the suite against a RabbitMQ 4.x node started from a Debian trixie root
 ## (scripts/rabbitmq4.sh: built once with debootstrap, outside the repo; needs root on Debian).
+TEST_4 = bash scripts/rabbitmq4.sh run -- $(VENV)/bin/pytest
 test-4: venv
-	bash scripts/rabbitmq4.sh run -- $(VENV)/bin/pytest
+	$(TEST_4)
 
 ## make demo: a worker consumes priority_queue; one task fails, retries, lands in the DLQ.
 ## Without a RabbitMQ that can be reached or started, it runs on the in-memory broker and says so.
