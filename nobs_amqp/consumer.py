@@ -210,7 +210,9 @@ class Consumer:
                 return
             message = delivery.message
             identity = message.identity
-            if identity is not None and await self._seen(identity):
+            # Only the broker's word (a redelivery) makes a copy a duplicate: a publisher that
+            # reuses message ids gets each of its messages run.
+            if identity is not None and delivery.redelivered and await self._seen(identity):
                 log.info(
                     "task %s id %s attempt %d: already settled here; acking the redelivered copy",
                     printable(message.task),
