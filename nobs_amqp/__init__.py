@@ -2,8 +2,10 @@
 
 from .errors import (
     BrokerConnectionError,
+    BrokerUnavailableError,
     ConfigurationError,
     NobsAmqpError,
+    NotFoundError,
     NotInProjectError,
     PayloadTypeError,
     ProjectNotOpenError,
@@ -21,8 +23,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BrokerConnectionError",
+    "BrokerUnavailableError",
     "ConfigurationError",
     "NobsAmqpError",
+    "NotFoundError",
     "NotInProjectError",
     "PayloadTypeError",
     "Project",

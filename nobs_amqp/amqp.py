@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import socket
+import ssl
 from collections import deque
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -412,6 +413,11 @@ def _login_failure(exc: BaseException) -> str:
     text = _describe(exc)
     if "Connection.Close" in text:
         return "the broker closed the connection at login: the vhost does not exist or the user may not use it"
+    if isinstance(exc, ssl.SSLError) or "CERTIFICATE_VERIFY_FAILED" in text:
+        return (
+            f"{text}; the broker's TLS certificate was not accepted: give its CA with ?cafile=/path/ca.pem "
+            f"in the amqps:// URL and connect by a host name the certificate names"
+        )
     return text
 
 

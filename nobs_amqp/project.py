@@ -62,7 +62,8 @@ class Project:
     A worker imports the modules of `packages` when it starts (only `modules`, when
     given), never because of a message. `signing_key` (or NOBS_AMQP_SIGNING_KEY): sign
     every message, and run only messages signed with it (a list rotates keys: the first
-    signs, all verify).
+    signs, all verify). `publish_timeout`: how long `queue()` waits for an unreachable
+    broker before it raises `BrokerUnavailableError`.
     """
 
     def __init__(
@@ -76,6 +77,7 @@ class Project:
         modules: Iterable[str] | None = None,
         signing_key: SigningKeys | None = None,
         channel_pool_size: int = 4,
+        publish_timeout: float = 30.0,
     ) -> None:
         self.name = check_name("project", name)
         self.workers: dict[str, Worker] = {}
@@ -94,6 +96,9 @@ class Project:
         self._signing_key = signing_key
         self.signer = Signer.configured(signing_key) if signing_key is not None else None
         self._channel_pool_size = channel_pool_size
+        if publish_timeout <= 0:
+            raise ConfigurationError(f"publish_timeout must be more than 0 seconds (got {publish_timeout})")
+        self._publish_timeout = publish_timeout
         self._transport: Transport | None = None
         self._declared: set[str] = set()
         # (worker, delayed) pairs whose whole route is declared: send()'s hot path checks only this.
@@ -144,7 +149,12 @@ class Project:
         if urls[0].startswith(MEMORY_SCHEME):
             transport = MemoryTransport(urls[0])
         else:
-            transport = AmqpTransport(urls, name=f"nobs-amqp {self.name}", pool_size=self._channel_pool_size)
+            transport = AmqpTransport(
+                urls,
+                name=f"nobs-amqp {self.name}",
+                pool_size=self._channel_pool_size,
+                publish_timeout=self._publish_timeout,
+            )
         await transport.open()
         if self._signing_key is None:
             self.signer = Signer.configured(None)  # NOBS_AMQP_SIGNING_KEY as it is when the project opens

@@ -118,5 +118,6 @@ async def test_a_certificate_from_another_ca_is_refused_clearly(
     message = str(caught.value)
     assert "CERTIFICATE_VERIFY_FAILED" in message or "certificate verify failed" in message, message
     assert f"{host}:{tls_node.tls_port}" in message, message
+    assert "give its CA with ?cafile=" in message, message
     assert SECRET not in message, message
     assert SECRET not in repr(caught.value.__cause__), "the chained error shows the password"
