@@ -176,3 +176,45 @@ async def stubborn(job: Job) -> None:
             await asyncio.sleep(0.05)
         except asyncio.CancelledError:
             continue
+
+
+# -- for bench/soak.py: runs counted across worker processes, in files ----------------------
+
+
+class SoakJob(BaseModel):
+    """`mode`: ok, fail_once (then succeeds), hang (past any time limit), exit (SystemExit),
+    crash_once (SIGKILLs its worker on the first try only), crash (SIGKILLs it every time)."""
+
+    folder: str
+    key: str
+    mode: str = "ok"
+    sleep: float = 0.0
+
+
+def _soak_line(job: SoakJob, what: str) -> None:
+    # One short O_APPEND write per line: lines of concurrent tasks and processes never mix.
+    with open(Path(job.folder) / f"runs.{os.getpid()}", "a") as out:
+        out.write(f"{job.key} {what} {time.time():.3f}\n")
+
+
+def _first_time(job: SoakJob, what: str) -> bool:
+    """True the first time any process asks for this key and `what` (a marker file decides)."""
+    try:
+        (Path(job.folder) / f"{job.key}.{what}").touch(exist_ok=False)
+    except FileExistsError:
+        return False
+    return True
+
+
+async def soak(job: SoakJob) -> None:
+    if job.sleep:
+        await asyncio.sleep(job.sleep)
+    if job.mode == "fail_once" and _first_time(job, "failed"):
+        raise ConnectionError(f"first try of {job.key} fails")
+    if job.mode == "hang":
+        await asyncio.sleep(3600)
+    if job.mode == "exit":
+        raise SystemExit(3)
+    if job.mode == "crash" or (job.mode == "crash_once" and _first_time(job, "crashed")):
+        os.kill(os.getpid(), signal.SIGKILL)
+    _soak_line(job, "ok")
