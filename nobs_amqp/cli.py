@@ -66,6 +66,8 @@ def load_project(reference: str) -> Project:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise click.UsageError(f"cannot import {module_name!r} for --app {reference}: {exc}") from exc
+    except NobsAmqpError as exc:  # e.g. Project(url=...) with a malformed URL: no traceback, no source line
+        raise click.UsageError(f"{module_name} cannot be loaded for --app {reference}: {exc}") from None
     project = getattr(module, attr, None)
     if not isinstance(project, Project):
         found = type(project).__name__ if project is not None else "nothing"
@@ -283,9 +285,9 @@ def dlq_purge(app: str | None, worker: str) -> None:
 def status(app: str | None) -> None:
     """Per worker: messages ready, in flight, consumers, dead letters; and retries waiting."""
     project = load_project(app_reference(app))
-    if project.urls[0].startswith("memory://"):
-        raise click.UsageError("status reads RabbitMQ's management API; memory:// lives inside one process")
     try:
+        if project.urls[0].startswith("memory://"):
+            raise click.UsageError("status reads RabbitMQ's management API; memory:// lives inside one process")
         report = asyncio.run(project_status(project))
     except NobsAmqpError as exc:
         raise click.ClickException(str(exc)) from None

@@ -245,11 +245,6 @@ async def test_cli_with_a_malformed_url_says_what_is_wrong_without_secrets(value
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="`status` reads project.urls outside its `except NobsAmqpError`: a malformed URL prints a "
-    "traceback (without secrets) instead of `Error: ...`; to be fixed in cli.py's status command",
-)
 async def test_cli_with_a_malformed_url_prints_no_traceback() -> None:
     env = {"NOBS_AMQP_URL": CLI_URLS[0], "NOBS_TEST_WORKER": "urls"}
     for command in (["consume", "urls", "--burst"], ["dlq", "list", "urls"], ["status"]):
@@ -294,3 +289,13 @@ async def test_pytest_plugin_with_a_malformed_url(tmp_path: Path) -> None:
     assert process.returncode != 0, text
     assert "NOBS_AMQP_URL has a port out of range" in text, text
     assert_no_secret(text)
+
+
+@pytest.mark.timeout(30)
+async def test_an_app_with_a_malformed_url_in_its_source_gets_a_clean_error() -> None:
+    """A traceback would print the app's source line, password and all."""
+    code, output = await run_cli("--app", "tests.badapps.bad_url:project", "status", env={})
+    assert code == 2, output
+    assert "Traceback" not in output, output
+    assert "Quokka4711" not in output, output
+    assert "tests.badapps.bad_url cannot be loaded" in output, output
