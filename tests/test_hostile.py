@@ -939,8 +939,8 @@ def report(line: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
 def check(result: Account, consumer: Consumer, tally: Tally, messages: list[Hostile]) -> None:
     lost = result.lost
     assert not lost, f"{len(lost)} accepted messages with a unique id neither ran nor reached the DLQ: seq {lost[:10]}"
-    # The rest share their id (and attempt and enqueue time) with another message: the worker
-    # took each for a redelivery of one it had settled, and acked it unrun (see the report).
+    # The rest share their id (and attempt and enqueue time) with another message: only a
+    # worker that took one for a redelivery of a message it settled acks it unrun.
     assert len(result.missing) <= consumer.duplicates, (
         f"{len(result.missing)} accepted messages neither ran nor reached the DLQ, "
         f"and only {consumer.duplicates} were acked as duplicates of a settled id: e.g. seq {result.missing[:10]}"
