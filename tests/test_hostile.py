@@ -57,7 +57,7 @@ from nobs_amqp.memory import MemoryBroker
 from . import wire
 from .apps import tasks
 from .nodes import Node, node_or_skip
-from .support import eventually
+from .support import eventually, run_cli
 from .wire import RawPublisher, RefusedError, longstr, shortstr, table, timestamp
 
 PROJECT = "nobs-hostile"
@@ -1052,3 +1052,32 @@ async def test_a_forged_x_death_on_an_expiring_message_is_dead_lettered_and_cost
             other, other_worker = make(node.url, "after")
             async with other:
                 await other.declare(other_worker, delayed=False)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(
+    strict=True,
+    reason="PRODUCT BUG (found by the fuzzing): `dlq list` shows the x-nobs-reason a publisher forged on a "
+    "message the broker dead-lettered itself (it carries x-death) instead of the broker's reason",
+)
+async def test_dlq_list_gives_the_brokers_reason_for_a_message_the_broker_dead_lettered(
+    amqp_url: str, name: str
+) -> None:
+    """A message that expires in W (its publisher set a 1 ms expiration) is moved to W.dlq by the
+    broker as it was published, x-nobs-* headers and all; the worker's own dead letters never
+    carry `x-death`, so with `x-death` present the reason to show is the broker's: expired."""
+    project, worker = make(amqp_url, name)
+    async with project:
+        await project.declare(worker, delayed=False)
+        async with Publisher(amqp_url) as publisher:
+            forged = {wire_message.REASON: "rejected", wire_message.ERROR_MESSAGE: "all is well"}
+            block = Basic.Properties(
+                expiration="1", delivery_mode=2, message_id="forged-reason", message_type=RUNNABLE[0], headers=forged
+            )
+            await publisher.publish("", name, bytes(block.marshal()), b'{"key": "forged-reason"}')
+        await eventually(lambda: project.transport.message_count(f"{name}.dlq"), timeout=15)
+    env = {"NOBS_AMQP_URL": amqp_url, "NOBS_TEST_WORKER": name}
+    code, listed = await run_cli("--app", "tests.apps.cli_app:project", "dlq", "list", name, env=env)
+    assert code == 0, listed
+    [line] = [line for line in listed.splitlines() if line.startswith("forged-reason ")]
+    assert "expired" in line and "rejected" not in line, line
