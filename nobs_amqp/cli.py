@@ -7,6 +7,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import tomllib
@@ -20,7 +21,7 @@ from . import dlq as dead
 from . import message as wire
 from .consumer import Consumer
 from .errors import NobsAmqpError
-from .message import Message
+from .message import Message, printable
 from .project import Project
 from .status import project_status, topology_diff
 from .supervisor import RECYCLE_EXIT, supervise
@@ -204,11 +205,21 @@ def _dlq_run(app: str | None, worker: str, action: Callable[[Project, Worker], A
 
 
 def _summary(message: Message) -> str:
+    """One line per dead letter. A message the broker dead-lettered itself (it carries `x-death`;
+    the worker's own dead letters never do) gets the broker's reason: its `x-nobs-*` values are
+    whatever its publisher wrote."""
     headers = message.headers
-    when = headers.get(wire.FAILED_AT, "?")
-    reason = headers.get(wire.REASON) or _death_reason(headers) or "?"
-    error = headers.get(wire.ERROR_MESSAGE, "")
-    return f"{message.message_id}  {when}  {reason:<16}  attempt {message.attempt}  {message.task}  {error}"
+    broker_reason = _death_reason(headers)
+    when, reason, error = (
+        ("?", f"{broker_reason} (by the broker)", "")
+        if broker_reason is not None
+        else (headers.get(wire.FAILED_AT, "?"), headers.get(wire.REASON) or "?", headers.get(wire.ERROR_MESSAGE, ""))
+    )
+    line = f"{message.message_id}  {when}  {reason:<16}  attempt {message.attempt}  {message.task}  {error}"
+    return printable(line, 2000)
+
+
+_TERMINAL_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but tab and newline
 
 
 def _death_reason(headers: Mapping[str, object]) -> str | None:
@@ -242,10 +253,11 @@ def dlq_show(app: str | None, worker: str, message_id: str) -> None:
     if not found:
         raise click.ClickException(f"no dead letter {message_id} in {worker}.dlq (see `nobs-amqp dlq list {worker}`)")
     message = found[0]
-    click.echo(f"message id: {message.message_id}\ntask: {message.task}\napp: {message.app_id}")
-    for key, value in sorted(message.headers.items()):
-        click.echo(f"{key}: {value}")
-    click.echo(f"body: {message.body.decode(errors='replace')}")
+    lines = [f"message id: {message.message_id}", f"task: {message.task}", f"app: {message.app_id}"]
+    lines += [f"{key}: {value}" for key, value in sorted(message.headers.items())]
+    lines.append(f"body: {message.body.decode(errors='replace')}")
+    for line in lines:  # what a publisher wrote must not drive the operator's terminal
+        click.echo(_TERMINAL_CONTROLS.sub(lambda m: m.group().encode("unicode_escape").decode(), line))
 
 
 @dlq.command("replay")

@@ -1055,11 +1055,6 @@ async def test_a_forged_x_death_on_an_expiring_message_is_dead_lettered_and_cost
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="PRODUCT BUG (found by the fuzzing): `dlq list` shows the x-nobs-reason a publisher forged on a "
-    "message the broker dead-lettered itself (it carries x-death) instead of the broker's reason",
-)
 async def test_dlq_list_gives_the_brokers_reason_for_a_message_the_broker_dead_lettered(
     amqp_url: str, name: str
 ) -> None:
