@@ -29,7 +29,7 @@ from nobs_amqp.signing import Signer
 
 from .apps import tasks
 from .proxy import Proxy
-from .support import eventually, take_messages
+from .support import eventually, run_cli, take_messages
 from .test_faults import exit_code, output, pids, worker_process
 
 PROJECT = "nobs-rel"
@@ -529,3 +529,21 @@ async def test_a_child_whose_threads_are_stuck_is_replaced_and_the_queue_keeps_f
         await exit_code(proc, log, 20)
     assert proc.returncode == 0, output(log)
     assert [d.headers[wire.REASON] for d in dead] == ["time_limit", "time_limit"]
+
+
+@pytest.mark.timeout(40)
+async def test_dlq_list_and_show_do_not_pass_control_characters_to_the_terminal(amqp_url: str, name: str) -> None:
+    project, worker = make(amqp_url, name)
+    evil = "\x1b]0;pwned\x07\x1b[2J"
+    async with project:
+        await project.declare(worker, delayed=False)
+        message = wire.Message(
+            b'{"key": "\x1b[31m"}', TASK + evil, "evil", "x", wire.now(), {wire.ERROR_MESSAGE: evil, wire.REASON: evil}
+        )
+        await project.transport.publish("", f"{name}.dlq", message)
+    env = {"NOBS_AMQP_URL": amqp_url, "NOBS_TEST_WORKER": name}
+    for command in (["dlq", "list", name], ["dlq", "show", name, "evil"]):
+        code, text = await run_cli("--app", "tests.apps.cli_app:project", *command, env=env)
+        assert code == 0, text
+        assert "\x1b" not in text and "\x07" not in text, repr(text)
+        assert "\\x1b" in text, text
