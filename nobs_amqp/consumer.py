@@ -385,22 +385,19 @@ class Consumer:
         """Publish; if the broker says something is missing (404, returned) or refused it, declare the
         topology again and try once more. The error that remains, or None. An unreachable broker
         raises: the connection is gone, and the broker gives the message back itself."""
-        try:
-            await publish()
-            return None
-        except BrokerUnavailableError:
-            raise
-        except NobsAmqpError as exc:
-            first = exc
-        log.warning("worker %s: %s; declaring the topology again", self.worker.name, printable(first))
-        self.project.forget_declared(self.worker)
-        try:
-            await publish()
-            return None
-        except BrokerUnavailableError:
-            raise
-        except NobsAmqpError as exc:
-            return exc
+        error: NobsAmqpError | None = None
+        for attempt in range(2):
+            if attempt:
+                log.warning("worker %s: %s; declaring the topology again", self.worker.name, printable(error))
+                self.project.forget_declared(self.worker)
+            try:
+                await publish()
+                return None
+            except BrokerUnavailableError:
+                raise
+            except NobsAmqpError as exc:
+                error = exc
+        return error
 
     async def _last_resort(self, delivery: Delivery, error: BaseException) -> None:
         """Settle a delivery whose handling failed in the worker itself: dead-letter it with the

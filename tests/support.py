@@ -105,6 +105,19 @@ async def publish_raw_message(project: Any, queue: str, body: bytes, task: str, 
     await project.transport.publish("", queue, Message(body, task, message_id, "someone", now()))
 
 
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and every exception it was raised from or during, each once."""
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or any(current is s for s in seen):
+            continue
+        seen.append(current)
+        todo += [current.__cause__, current.__context__]
+    return seen
+
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

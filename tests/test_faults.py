@@ -28,7 +28,7 @@ from nobs_amqp.consumer import Consumer
 
 from .apps import tasks
 from .proxy import Proxy
-from .support import Broker, eventually
+from .support import Broker, eventually, exception_chain
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = "nobs-test"
@@ -302,18 +302,6 @@ async def test_worker_and_producer_survive_cut_connections(amqp_url: str, name: 
 SECRET = "s3cretpass"
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        current = todo.pop()
-        if current is None or any(current is s for s in seen):
-            continue
-        seen.append(current)
-        todo += [current.__cause__, current.__context__]
-    return seen
-
-
 def _with_password(url: str, password: str) -> str:
     parts = urlsplit(url)
     host = parts.netloc.rsplit("@", 1)[-1]
@@ -329,7 +317,7 @@ async def test_credentials_never_appear_in_errors_or_logs(
         with pytest.raises(BrokerConnectionError) as raised:
             await project.open()
         assert not project.is_open
-        for exc in _chain(raised.value):
+        for exc in exception_chain(raised.value):
             assert SECRET not in str(exc), f"{type(exc).__name__}: {exc}"
             assert SECRET not in repr(exc), repr(exc)
         assert SECRET not in "".join(traceback.format_exception(raised.value))

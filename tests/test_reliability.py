@@ -29,7 +29,7 @@ from nobs_amqp.signing import Signer
 
 from .apps import tasks
 from .proxy import Proxy
-from .support import eventually, run_cli, take_messages
+from .support import Broker, eventually, run_cli, take_messages
 from .test_faults import exit_code, output, pids, worker_process
 
 PROJECT = "nobs-rel"
@@ -312,17 +312,8 @@ async def test_a_lost_ack_does_not_run_the_task_again(vhost_url: str, name: str,
             consumer.stop()
             await run
         assert len(tasks.calls(k)) == fail_times + 1
-        assert await _count(vhost_url, f"{name}.dlq") == 0
-
-
-async def _count(url: str, queue: str) -> int:
-    connection = await aio_pika.connect(url)
-    try:
-        channel = await connection.channel()
-        declared = await channel.declare_queue(queue, passive=True)
-        return int(declared.declaration_result.message_count or 0)
-    finally:
-        await connection.close()
+        async with Broker(vhost_url) as broker:
+            assert await broker.count(f"{name}.dlq") == 0
 
 
 # -- 6. a retry copy that cannot be placed does not loop the task -----------------------------

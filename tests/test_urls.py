@@ -26,7 +26,7 @@ from nobs_amqp import ConfigurationError, NobsAmqpError, Project, Worker
 from nobs_amqp.management import MANAGEMENT_ENV, Management, management_url_for
 from nobs_amqp.urls import broker_urls, parse, redact, split, vhost_of
 
-from .support import ROOT, run_cli
+from .support import ROOT, exception_chain, run_cli
 
 # Distinctive secrets: a test fails if any piece of one (4+ characters) shows up.
 SECRETS = ("Quokka4711", "ZebraQ", "Wombat", "Kiwi9000")
@@ -47,14 +47,7 @@ def assert_no_secret(text: str) -> None:
 
 def exception_text(exc: BaseException) -> str:
     """Everything an exception shows: str and repr of it and of its whole chain, and its traceback."""
-    seen: list[BaseException] = []
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        current = todo.pop()
-        if current is None or any(current is s for s in seen):
-            continue
-        seen.append(current)
-        todo += [current.__cause__, current.__context__]
+    seen = exception_chain(exc)
     return "\n".join([*(f"{e}\n{e!r}" for e in seen), "".join(traceback.format_exception(exc))])
 
 
