@@ -224,7 +224,7 @@ class Consumer:
                 return
             done = asyncio.Event()
             if identity is not None:
-                self._inflight[identity] = done
+                self._inflight.setdefault(identity, done)
             try:
                 await self._handle(delivery)
             except asyncio.CancelledError:
@@ -238,8 +238,8 @@ class Consumer:
                 )
                 await self._last_resort(delivery, exc)
             finally:
-                if identity is not None:
-                    self._inflight.pop(identity, None)
+                if identity is not None and self._inflight.get(identity) is done:
+                    del self._inflight[identity]
                 done.set()
             self.processed += 1
 
