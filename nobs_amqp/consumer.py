@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from . import message as wire
 from .errors import BrokerUnavailableError, NobsAmqpError, TaskDefinitionError, TopologyMismatchError
 from .message import printable
-from .retry import Ack, DeadLetter, DeliveryLimitExceeded, Outcome, RetryLater, decide
+from .retry import Ack, DeadLetter, DeliveryLimitExceeded, Outcome, Reject, Retry, RetryLater, decide
 from .runner import LoopWatchdog, TaskRunner
 from .tasks import TaskTable, UnknownTaskError
 from .transport import Delivery, Subscription
@@ -71,6 +71,7 @@ class Consumer:
         grace_period: float = 25.0,
         max_memory_mb: float | None = None,
         max_stuck_threads: int | None = None,
+        fail_fast: bool = False,
     ) -> None:
         self.project = project
         self.worker = worker
@@ -80,6 +81,9 @@ class Consumer:
         self.grace_period = grace_period
         self.max_memory_mb = max_memory_mb
         self.max_stuck_threads = max_stuck_threads
+        #: Stop at the first exception a task raises (not Retry or Reject) and raise it from run()
+        #: once running tasks are done; its message is settled as usual. For tests (drain).
+        self.fail_fast = fail_fast
         #: Why this consumer stopped itself to be replaced by a fresh process (None: it did not).
         self.recycle_reason: str | None = None
         self.processed = 0
@@ -292,7 +296,7 @@ class Consumer:
             spec = self._tasks.get(message.task)
             payload = spec.decode(message.body)
         except (UnknownTaskError, TaskDefinitionError) as exc:
-            return DeadLetter("unknown_task", exc)
+            return DeadLetter("unknown_task", self._unknown(message, exc))
         except orjson.JSONDecodeError as exc:
             return DeadLetter("decode_error", exc)
         except ValidationError as exc:
@@ -304,10 +308,26 @@ class Consumer:
         try:
             await self.runner.call(spec.fn, payload, is_async=spec.is_async, limit=self.worker.time_limit, label=label)
         except Exception as exc:  # noqa: BLE001 - any task failure is settled by the policy
+            if self.fail_fast and self._failure is None and not isinstance(exc, Retry | Reject):
+                self._failure = exc
+                self.stop()
             return decide(self.worker.policy, exc, message.attempt, message.enqueued_at, spec.fn)
         finally:
             self._check_health()
         return Ack()
+
+    def _unknown(self, message: wire.Message, error: Exception) -> Exception:
+        """Why a task is unknown here; a message another project sent says so: two projects that
+        share a vhost and a worker name consume each other's messages."""
+        sender = message.app_id
+        if not sender or sender == self.project.name:
+            return error
+        foreign = ForeignTaskError(
+            f"a message from project {printable(sender, 100)!r} reached worker {self.worker.name!r} of project "
+            f"{self.project.name!r}: each project needs its own vhost or its own worker names ({error})"
+        )
+        foreign.__cause__ = error
+        return foreign
 
     def _check_health(self) -> None:
         """Stop (to be replaced by a fresh process) when tasks leaked memory or left threads stuck."""
@@ -422,6 +442,10 @@ def resident_mb() -> float:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError, IndexError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class ForeignTaskError(UnknownTaskError):
+    """Another project's message reached this worker: the two share a vhost and a worker name."""
 
 
 class RetryNotPlacedError(Exception):
