@@ -8,6 +8,7 @@ with a real `tenacity.RetryCallState` describing the attempt that just failed.
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 import tenacity
 
 from .delay import MAX_DELAY_SECONDS, delay_seconds
+from .errors import ConfigurationError
 from .message import now
 
 StopStrategy = Callable[[tenacity.RetryCallState], bool]
@@ -28,7 +30,7 @@ class Retry(Exception):  # noqa: N818 - a signal a task raises, named as users s
     """Raised by a task: run it again after `delay` (seconds or timedelta; None: the policy's wait)."""
 
     def __init__(self, delay: float | timedelta | None = None) -> None:
-        self.delay = seconds(delay) if delay is not None else None
+        self.delay = seconds(delay, "Retry(delay=...)") if delay is not None else None
         super().__init__(f"retry requested (delay {self.delay} s)" if self.delay is not None else "retry requested")
 
 
@@ -48,10 +50,24 @@ class DeliveryLimitExceeded(Exception):  # noqa: N818
     """A message came back more often than its queue's delivery limit: its worker kept dying."""
 
 
-def seconds(value: float | timedelta) -> float:
-    result = value.total_seconds() if isinstance(value, timedelta) else float(value)
-    if result < 0:
-        raise ValueError(f"a delay cannot be negative (got {result} s)")
+def seconds(value: float | timedelta, what: str = "delay", *, positive: bool = False) -> float:
+    """`value` (a number of seconds or a timedelta) in seconds. ConfigurationError naming the allowed
+    range for anything else: a string, a bool, nan, infinity, a negative value (zero too when
+    `positive`), or more than the delay ladder holds (MAX_DELAY_SECONDS, about 8.5 years)."""
+    span = "more than 0 and at most" if positive else "0 to"
+    allowed = f"{what} must be {span} {MAX_DELAY_SECONDS} seconds (about 8.5 years), as a number or a timedelta"
+    shown = repr(value)[:60]
+    if isinstance(value, timedelta):
+        result = value.total_seconds()
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            result = float(value)
+        except OverflowError:
+            raise ConfigurationError(f"{allowed} (got {shown})") from None
+    else:
+        raise ConfigurationError(f"{allowed} (got {type(value).__name__} {shown})")
+    if not (result > 0 if positive else result >= 0) or not result <= MAX_DELAY_SECONDS:  # nan fails both
+        raise ConfigurationError(f"{allowed} (got {shown})")
     return result
 
 

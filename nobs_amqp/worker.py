@@ -67,7 +67,9 @@ class Worker:
             raise ConfigurationError(f"worker {name!r}: delivery_limit must be at least 1 or None")
         self.concurrency = concurrency
         self.prefetch = prefetch
-        self.time_limit = seconds(time_limit) if time_limit is not None else None
+        self.time_limit = (
+            seconds(time_limit, f"worker {name!r}: time_limit", positive=True) if time_limit is not None else None
+        )
         self.queue_options = QueueOptions(queue_type, delivery_limit, max_priority)
         self._project: Project | None = None
 
