@@ -34,10 +34,11 @@ test-4: venv
 	$(TEST_4)
 
 ## make demo: a worker consumes priority_queue; one task fails, retries, lands in the DLQ.
+## It runs in a vhost of its own, deleted at the end (make demo KEEP=1 keeps it for the management UI).
 ## Without a RabbitMQ that can be reached or started, it runs on the in-memory broker and says so.
 demo: venv
 	@if bash scripts/ensure-broker.sh; then \
-		$(VENV)/bin/python -m examples.send_email.demo; \
+		$(VENV)/bin/python -m examples.send_email.demo $(if $(KEEP),--keep); \
 	else \
 		echo "demo: no RabbitMQ could be reached or started; running on the in-memory broker instead"; \
 		NOBS_AMQP_URL=memory:// $(VENV)/bin/python -m examples.send_email.demo; \

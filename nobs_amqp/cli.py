@@ -21,12 +21,13 @@ from . import dlq as dead
 from . import message as wire
 from .consumer import Consumer
 from .errors import NobsAmqpError
+from .memory import MEMORY_SCHEME
 from .message import Message, printable
 from .project import Project
-from .status import project_status, topology_diff
+from .status import delete, deletion, project_status, topology_diff, topology_json, topology_table
 from .supervisor import RECYCLE_EXIT, supervise
 from .tasks import UnknownTaskError
-from .topology import definitions
+from .topology import Topology, definitions
 from .worker import Worker
 
 APP_ENV = "NOBS_AMQP_APP"
@@ -38,7 +39,11 @@ log = logging.getLogger("nobs_amqp")
 
 
 def app_reference(option: str | None) -> str:
-    """`module:attr` of the project: --app, else NOBS_AMQP_APP, else [tool.nobs-amqp] in pyproject.toml."""
+    """`module:attr` of the project: --app, else NOBS_AMQP_APP, else [tool.nobs-amqp] in pyproject.toml.
+
+    An app named in a pyproject.toml is imported from the folder of that file (put first on
+    sys.path, and on PYTHONPATH for the worker processes `--processes` starts), so the
+    commands work from any subdirectory of the project."""
     if option:
         return option
     if os.environ.get(APP_ENV):
@@ -49,6 +54,7 @@ def app_reference(option: str | None) -> str:
             with pyproject.open("rb") as f:
                 app = tomllib.load(f).get("tool", {}).get("nobs-amqp", {}).get("app")
             if isinstance(app, str):
+                _import_first_from(folder)
                 return app
             break
     raise click.UsageError(
@@ -57,12 +63,25 @@ def app_reference(option: str | None) -> str:
     )
 
 
+_ROOTS: list[str] = []  # folders of the pyproject.toml files that named the app, first on sys.path
+
+
+def _import_first_from(folder: Path) -> None:
+    root = str(folder)
+    if root in sys.path:
+        sys.path.remove(root)
+    sys.path.insert(0, root)
+    _ROOTS.append(root)
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    os.environ["PYTHONPATH"] = os.pathsep.join([root, *(p for p in paths if p and p != root)])
+
+
 def load_project(reference: str) -> Project:
     module_name, _, attr = reference.partition(":")
     if not module_name or not attr:
         raise click.UsageError(f"app {reference!r} must look like module:attr (e.g. myapp.worker:project)")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    if os.getcwd() not in sys.path:  # after the folder of the pyproject.toml that named the app
+        sys.path.insert(sum(1 for p in sys.path[: len(_ROOTS)] if p in _ROOTS), os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -76,7 +95,38 @@ def load_project(reference: str) -> Project:
     return project
 
 
-@click.group()
+#: Options of the whole command that may also come after a subcommand (there, they win).
+_ANYWHERE = ("--app", "--log-level")
+
+
+class _Main(click.Group):
+    """Accepts `--app` and `--log-level` after the subcommand too (`nobs-amqp status --app x:p`):
+    they are moved in front of it before click parses the line."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        start = 0
+        while start < len(args) and args[start] not in self.commands:
+            start += 2 if args[start] in _ANYWHERE else 1
+        front, moved, rest = args[:start], [], []
+        tail = args[start:]
+        i = 0
+        while i < len(tail):
+            arg = tail[i]
+            if arg == "--":
+                rest += tail[i:]
+                break
+            if arg in _ANYWHERE:
+                if i + 1 == len(tail):
+                    raise click.UsageError(f"option '{arg}' requires an argument", ctx)
+                moved += tail[i : i + 2]
+                i += 2
+                continue
+            (moved if arg.startswith(tuple(f"{o}=" for o in _ANYWHERE)) else rest).append(arg)
+            i += 1
+        return super().parse_args(ctx, [*front, *moved, *rest])
+
+
+@click.group(cls=_Main, epilog="--app and --log-level may also come after the command.")
 @click.option("--app", "app", metavar="MODULE:ATTR", help="The Project to use (or NOBS_AMQP_APP).")
 @click.option(
     "--log-level",
@@ -193,6 +243,21 @@ def _run(project: Project, action: Callable[[Project], Awaitable[T]]) -> T:
         raise click.ClickException(str(exc)) from None
 
 
+def _refuse_memory(project: Project, what: str) -> None:
+    """A usage error for `what` (e.g. "status") when the project's broker is memory://: it lives
+    inside one process, so a command run on its own would read or change an empty broker that
+    is gone when the command exits."""
+    try:
+        url = project.urls[0]
+    except NobsAmqpError as exc:  # a malformed NOBS_AMQP_URL: no traceback
+        raise click.ClickException(str(exc)) from None
+    if url.startswith(MEMORY_SCHEME):
+        raise click.UsageError(
+            f"{what} needs RabbitMQ: NOBS_AMQP_URL is memory://, a broker that lives inside one "
+            f"process and is gone when this command exits; set NOBS_AMQP_URL to an amqp:// URL"
+        )
+
+
 @main.group()
 def dlq() -> None:
     """Read, replay and purge a worker's dead-letter queue (WORKER.dlq)."""
@@ -297,12 +362,8 @@ def dlq_purge(app: str | None, worker: str) -> None:
 def status(app: str | None) -> None:
     """Per worker: messages ready, in flight, consumers, dead letters; and retries waiting."""
     project = load_project(app_reference(app))
-    try:
-        if project.urls[0].startswith("memory://"):
-            raise click.UsageError("status reads RabbitMQ's management API; memory:// lives inside one process")
-        report = asyncio.run(project_status(project))
-    except NobsAmqpError as exc:
-        raise click.ClickException(str(exc)) from None
+    _refuse_memory(project, "status")
+    report = _run(project, project_status)  # opening the project checks the AMQP side answers
     click.echo(f"{'worker':<32} {'ready':>8} {'in flight':>9} {'consumers':>9} {'dead':>8}")
     for w in report.workers:
         note = "" if w.exists else "  (not declared yet)"
@@ -319,6 +380,7 @@ def status(app: str | None) -> None:
 def enqueue(app: str | None, worker: str, task: str, payload: str, delay: float) -> None:
     """Queue TASK (module:function, one the project allows) with PAYLOAD (JSON) on WORKER."""
     project = load_project(app_reference(app))
+    _refuse_memory(project, "enqueue")
     target = _worker(project, worker)
     try:
         spec = project.tasks().get(task)
@@ -338,25 +400,29 @@ def topology() -> None:
     """The queues, exchanges and bindings the project declares."""
 
 
-def _with_project(app: str | None, action: Callable[[Project], Awaitable[T]]) -> T:
-    return _run(load_project(app_reference(app)), action)
+def _with_project(app: str | None, action: Callable[[Project], Awaitable[T]], *, refuse_memory: str = "") -> T:
+    """Run `action` with the project open; `refuse_memory` names a command that makes no sense on memory://."""
+    project = load_project(app_reference(app))
+    if refuse_memory:
+        _refuse_memory(project, refuse_memory)
+    return _run(project, action)
 
 
 @topology.command("show")
+@click.option("--json", "as_json", is_flag=True, help="The same as JSON.")
 @click.pass_obj
-def topology_show(app: str | None) -> None:
-    """List every object with its arguments."""
+def topology_show(app: str | None, as_json: bool) -> None:
+    """List every exchange, queue (arguments as key=value) and binding (source -> destination [key])."""
 
-    async def show(project: Project) -> None:
-        wanted = project.topology()
-        for e in wanted.exchanges:
-            click.echo(f"exchange {e.name} ({e.type}) {dict(e.arguments) or ''}")
-        for q in wanted.queues:
-            click.echo(f"queue    {q.name} {dict(q.arguments)}")
-        for b in wanted.bindings:
-            click.echo(f"binding  {b.source} -> {b.destination} [{b.routing_key}]")
+    async def show(project: Project) -> Topology:
+        return project.topology()
 
-    _with_project(app, show)
+    wanted = _with_project(app, show)
+    if as_json:
+        click.echo(json.dumps(topology_json(wanted), indent=2))
+        return
+    for line in topology_table(wanted):
+        click.echo(line)
 
 
 @topology.command("apply")
@@ -369,16 +435,24 @@ def topology_apply(app: str | None) -> None:
             await project.declare(worker, delayed=True)
         return len(project.workers)
 
-    click.echo(f"declared the topology of {_with_project(app, apply)} worker(s) and the delay ladder")
+    count = _with_project(app, apply, refuse_memory="topology apply")
+    click.echo(f"declared the topology of {count} worker(s) and the delay ladder")
 
 
 @topology.command("diff")
 @click.pass_obj
 def topology_diff_command(app: str | None) -> None:
-    """What the broker lacks or has with other arguments (exit 1 if anything)."""
-    lines = _with_project(app, topology_diff)
+    """What the broker lacks (queues, exchanges, bindings) or has with other arguments (exit 1 if anything)."""
+    lines = _with_project(app, topology_diff, refuse_memory="topology diff")
     for line in lines:
         click.echo(line)
+    if any(line.startswith("missing ") for line in lines):
+        click.echo("declare what is missing with `nobs-amqp topology apply` (a worker also does when it starts)")
+    if any(not line.startswith("missing ") for line in lines):
+        click.echo(
+            "an object with other arguments is never changed for you: `nobs-amqp topology apply` "
+            "names it and says how to migrate it"
+        )
     if lines:
         sys.exit(1)
     click.echo("the broker has everything, with the same arguments")
@@ -392,7 +466,37 @@ def topology_export(app: str | None) -> None:
     async def export(project: Project) -> dict[str, list[dict[str, object]]]:
         return definitions(project.topology(), project.transport.vhost)
 
-    click.echo(json.dumps(_with_project(app, export), indent=2))
+    click.echo(json.dumps(_with_project(app, export, refuse_memory="topology export"), indent=2))
+
+
+@topology.command("delete")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def topology_delete(app: str | None, yes: bool) -> None:
+    """Delete the project's queues (their messages too) and exchanges: every worker's and the delay ladder."""
+    found = _with_project(app, deletion, refuse_memory="topology delete")
+    if not found.queues and not found.exchanges:
+        click.echo(f"nothing to delete: no queue or exchange of the project in vhost {found.vhost!r}")
+        return
+    if not yes:
+        click.echo(f"in vhost {found.vhost!r} this deletes, with every message they hold:")
+        for queue in found.queues:
+            busy = f", {queue.consumers} consumer(s)" if queue.consumers else ""
+            click.echo(f"  queue    {queue.name} ({queue.messages} message(s){busy})")
+        for exchange in found.exchanges:
+            click.echo(f"  exchange {exchange}")
+        if found.consumers:
+            click.echo(f"{found.consumers} consumer(s) are attached: stop the workers first, or they declare it again")
+        click.confirm(
+            f"delete {len(found.queues)} queue(s) holding {found.messages} message(s) "
+            f"and {len(found.exchanges)} exchange(s)?",
+            abort=True,
+        )
+    _with_project(app, lambda project: delete(project, found))
+    click.echo(
+        f"deleted {len(found.queues)} queue(s) ({found.messages} message(s)) "
+        f"and {len(found.exchanges)} exchange(s) from vhost {found.vhost!r}"
+    )
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -1,4 +1,4 @@
-"""A small client of the RabbitMQ management HTTP API (vhosts, queues), stdlib only."""
+"""A small client of the RabbitMQ management HTTP API (vhosts, queues, exchanges, bindings), stdlib only."""
 
 from __future__ import annotations
 
@@ -64,8 +64,8 @@ class Management:
             with urllib.request.urlopen(request, timeout=self._timeout) as response:
                 text = response.read()
         except urllib.error.HTTPError as exc:
-            if exc.code == 404 and method == "GET":
-                return None
+            if exc.code == 404 and method in ("GET", "DELETE"):
+                return None  # nothing there (to delete)
             raise BrokerConnectionError(
                 f"the management API at {self.base}", f"{method} {path} answered {exc.code} {exc.reason}"
             ) from None
@@ -101,3 +101,19 @@ class Management:
 
     async def queue(self, vhost: str, name: str) -> dict[str, Any] | None:
         return await self.get("queue", vhost, name)
+
+    async def vhost(self, vhost: str) -> dict[str, Any] | None:
+        """The vhost's description, None if it does not exist."""
+        result = await self.request("GET", f"/api/vhosts/{quote(vhost, safe='')}")
+        return result if isinstance(result, dict) else None
+
+    async def routing_keys(self, vhost: str, source: str, destination: str, *, to_exchange: bool) -> set[str]:
+        """The routing keys that bind `destination` (a queue, or an exchange) to the exchange `source`."""
+        kind = "e" if to_exchange else "q"
+        path = "/".join(quote(part, safe="") for part in (vhost, "e", source, kind, destination))
+        result = await self.request("GET", f"/api/bindings/{path}")
+        return {str(b.get("routing_key")) for b in result if isinstance(b, dict)} if isinstance(result, list) else set()
+
+    async def delete(self, kind: str, vhost: str, name: str) -> None:
+        """Delete a queue or exchange (`kind` "queue" or "exchange"), whatever it holds; one already gone is fine."""
+        await self.request("DELETE", f"/api/{kind}s/{quote(vhost, safe='')}/{quote(name, safe='')}")

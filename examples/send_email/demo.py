@@ -2,38 +2,68 @@
 
 One address bounces: its task fails, is retried through the delay ladder with
 growing waits, and ends in priority_queue.dlq, where the management UI shows why.
-With NOBS_AMQP_URL=memory:// (what `make demo` falls back to when no RabbitMQ can
-be reached or started) the same runs on the in-memory broker, worker included.
+
+On RabbitMQ the demo runs in a vhost of its own, made through the management API
+and deleted at the end (`--keep`, or `make demo KEEP=1`, keeps it to look at in the
+management UI). With NOBS_AMQP_URL=memory:// (what `make demo` falls back to when no
+RabbitMQ can be reached or started) the same runs on the in-memory broker, worker included.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Mapping
 from urllib.parse import quote
 
 from nobs_amqp import message as wire
 from nobs_amqp.amqp import redact, vhost_of
+from nobs_amqp.errors import NobsAmqpError
 from nobs_amqp.management import Management
 from nobs_amqp.memory import MEMORY_SCHEME, MemoryBroker
+from nobs_amqp.urls import with_vhost
 
 from .app import SendEmail, priority_queue, project, send_email
 
 DEADLINE_SECONDS = 90
+VHOST_PREFIX = "nobs-amqp-demo-"
 
 
-async def main() -> int:
+async def main(keep: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     url = project.urls[0]
     if url.startswith(MEMORY_SCHEME):
         print("demo: running on the in-memory broker (memory://): no RabbitMQ, nothing is kept", flush=True)
         async with project, project.consuming(priority_queue):
             return await _run(url)
+    management = Management(url)
+    vhost = f"{VHOST_PREFIX}{int(time.time())}-{uuid.uuid4().hex[:6]}"
+    try:
+        await asyncio.to_thread(management.create_vhost, vhost)
+    except NobsAmqpError as exc:
+        print(f"demo: cannot make a vhost of its own through the management API: {exc}", flush=True)
+        return 1
+    url = with_vhost(url, vhost)
+    os.environ["NOBS_AMQP_URL"] = url  # for the project here and the worker process
+    try:
+        code = await _with_worker(url)
+    finally:
+        if not keep:
+            await asyncio.to_thread(management.delete_vhost, vhost)
+    if keep:
+        print(f"demo: kept vhost {vhost!r}; delete it with `rabbitmqctl delete_vhost {vhost}`", flush=True)
+    else:
+        print(f"demo: deleted its vhost {vhost!r} and everything in it", flush=True)
+    return code
+
+
+async def _with_worker(url: str) -> int:
     print(f"demo: broker {redact(url)}; starting a worker: nobs-amqp consume priority_queue", flush=True)
     worker = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "nobs_amqp", "--app", "examples.send_email.app:project"),
@@ -71,7 +101,8 @@ async def _run(url: str) -> int:
     print(f"  body: {body}")
     if not url.startswith(MEMORY_SCHEME):
         ui = f"{Management(url).base}/#/queues/{quote(vhost_of(url), safe='')}/priority_queue.dlq"
-        print(f"\nSee it in the management UI (guest/guest): {ui} -> 'Get messages'.\n", flush=True)
+        print(f"\nSee it in the management UI (guest/guest): {ui} -> 'Get messages'", flush=True)
+        print("(the demo deletes its vhost when it ends unless run with --keep, or `make demo KEEP=1`)\n", flush=True)
     return 0
 
 
@@ -93,4 +124,6 @@ async def _find_dead_letter(url: str, message_id: str) -> tuple[Mapping[str, obj
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--keep", action="store_true", help="keep the demo's vhost to look at it afterwards")
+    sys.exit(asyncio.run(main(keep=parser.parse_args().keep)))
