@@ -6,7 +6,9 @@
 - `nobs_amqp_url`: that vhost, also set as NOBS_AMQP_URL so your Project uses it.
 - `nobs_amqp_memory`: NOBS_AMQP_URL set to a fresh `memory://` broker, which it yields.
 
-Then `await nobs_amqp.testing.drain(project)` runs what your code queued.
+Then `await nobs_amqp.testing.drain(project)` runs what your code queued. A project built with
+an explicit `Project(url=...)` ignores NOBS_AMQP_URL: point it at the fixture's broker with
+`with nobs_amqp.testing.use_broker(project): ...` (an autouse fixture does it for every test).
 """
 
 from __future__ import annotations

@@ -3,18 +3,24 @@ broker, drain that fails fast, bad delays, and testing a FastAPI endpoint that q
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import traceback
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import aio_pika
+import httpx
 import pytest
 import tenacity
 
+from examples.fastapi_service.app import app
+from examples.fastapi_service.tasks import OUTBOX_ENV
+from examples.fastapi_service.tasks import project as email_project
 from nobs_amqp import ConfigurationError, Project, Retry, Worker
 from nobs_amqp import message as wire
 from nobs_amqp.delay import LEVELS, MAX_DELAY_SECONDS, delivery_exchange, level_name, unroutable_name
@@ -23,6 +29,8 @@ from nobs_amqp.testing import drain, use_broker
 
 from .apps import tasks, unloaded
 from .support import take_messages
+
+pytest_plugins = ["pytester"]
 
 
 def key() -> str:
@@ -236,3 +244,94 @@ async def test_use_broker_refuses_an_open_project_a_missing_url_and_a_bad_one(
     MemoryBroker.forget(memory)
     assert opened.urls == (memory,)
     assert project.urls == (PRODUCTION,)
+
+
+# -- a FastAPI endpoint that queues, tested on memory:// -------------------------------------
+
+
+@pytest.mark.timeout(30)
+async def test_a_fastapi_endpoint_that_queues_runs_its_task_with_drain(
+    nobs_amqp_memory: MemoryBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outbox = tmp_path / "outbox.jsonl"
+    monkeypatch.setenv(OUTBOX_ENV, str(outbox))
+    # httpx.ASGITransport does not run the lifespan: lifespan_context opens the project.
+    with use_broker(email_project):
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
+        ):
+            answer = await client.post("/emails", json={"to": "ola@nordmann.no", "subject": "hei"})
+            assert answer.status_code == 202
+            assert not outbox.exists(), "queued, not run: no worker yet"
+            assert await drain(email_project, raise_errors=True) == 1
+    [line] = outbox.read_text().splitlines()
+    assert json.loads(line)["to"] == "ola@nordmann.no"
+    assert nobs_amqp_memory.queues["emails"] is not None, "the fixture's broker, nowhere else"
+
+
+# -- the README's setup, as a user's own project runs it --------------------------------------
+
+USER_TASKS = """
+from pydantic import BaseModel
+from nobs_amqp.models import Project, Worker
+
+BROKER_URL = "amqp://app:secret@127.0.0.1:1/prod"  # the user's settings: a broker tests must not reach
+priority_queue = Worker("priority_queue")
+project = Project(name="userapp", workers=[priority_queue], url=BROKER_URL)
+SENT = []
+
+class SendEmail(BaseModel):
+    email: str
+
+async def send_email(request: SendEmail) -> None:
+    if request.email == "bad":
+        raise ValueError("no such mailbox")
+    SENT.append(request.email)
+"""
+
+USER_CONFTEST = """
+import pytest
+from nobs_amqp.testing import use_broker
+from userapp.tasks import project
+
+@pytest.fixture(autouse=True)
+def test_broker(nobs_amqp_memory):
+    with use_broker(project):
+        yield
+"""
+
+USER_TEST = """
+import pytest
+from nobs_amqp.testing import drain
+from userapp.tasks import SENT, SendEmail, priority_queue, project, send_email
+
+async def test_sends():
+    async with project:
+        await priority_queue.queue(send_email, SendEmail(email="ola@nordmann.no"), delay=60)
+        await drain(project)
+    assert SENT == ["ola@nordmann.no"]
+
+async def test_a_failing_task_fails_the_test():
+    async with project:
+        await priority_queue.queue(send_email, SendEmail(email="bad"))
+        with pytest.raises(ValueError, match="no such mailbox"):
+            await drain(project, raise_errors=True)
+"""
+
+USER_PYPROJECT = """
+[tool.pytest.ini_options]
+asyncio_mode = "auto"
+asyncio_default_fixture_loop_scope = "function"
+filterwarnings = ["error"]
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_user_project_with_its_own_url_runs_its_tests_on_the_test_broker(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        **{"userapp/__init__": "", "userapp/tasks": USER_TASKS, "conftest": USER_CONFTEST, "test_userapp": USER_TEST}
+    )
+    pytester.makepyprojecttoml(USER_PYPROJECT)
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
