@@ -1,124 +1,234 @@
-"""Reading, replaying and purging a worker's dead-letter queue, on any broker."""
+"""Reading, replaying and purging a worker's dead-letter queue, on any broker.
+
+A read takes dead letters from the head of `W.dlq` and gives back those it does not settle.
+While it runs it holds every message it was handed, so the broker never hands one out twice
+and nobody else gets it meanwhile; it takes them in windows that grow with what it has read
+(memory and time go with how far it reads, not with the size of the queue), and gives them
+all back, in order, when it ends.
+
+Giving a message back has two effects on a quorum queue (RabbitMQ 3.10 and 4.0 alike): it goes
+to the back of the queue, and its `x-delivery-count` rises by one. A read of the whole queue
+(`peek`) leaves the order as it was; a read that stops early (`find`, `replay`) moves what it
+read behind the rest. So the order in the queue says little, and `peek` and `replay` order dead
+letters by when they were dead-lettered (`dead_at`), oldest first.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
+import math
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import TypeVar
 
+from . import message as wire
 from .message import Message, replay_copy
 from .project import Project
 from .topology import dead_letter_queue
-from .transport import Delivery
+from .transport import Delivery, Subscription
 from .worker import Worker
 
+#: Copies of dead letters a replay has in flight at once (the window its read starts with).
 REPLAY_BATCH = 100
-# The most dead letters one replay round reads to learn their ids (RabbitMQ's prefetch stops at 65535).
-SNAPSHOT_MAX = 10_000
+#: The first window of a read; each next one is as large as all before it, up to MAX_WINDOW.
+FIRST_WINDOW = 250
+MAX_WINDOW = 8_000
+#: A read ends when nothing arrived for this long while it had room: fewer were ready than counted.
+IDLE_SECONDS = 1.0
 WAIT_SECONDS = 2.0
 
+#: What tells one dead letter from another for a replay: message id and when it was dead-lettered.
+Key = tuple[str, datetime | None]
 
-async def _take(
-    project: Project, worker: Worker, limit: int, settle: Callable[[list[Delivery]], Awaitable[int]]
-) -> list[Message]:
-    """Receive up to `limit` dead letters (as many as are there), hand them to `settle`
-    (which returns how many it acked), then give back whatever it left unsettled."""
-    queue = dead_letter_queue(worker.name)
-    await project.declare(worker, delayed=False)
-    before = await project.transport.message_count(queue)
-    wanted = min(limit, before)
-    received: list[Delivery] = []
-    arrived = asyncio.Event()
 
-    async def handler(delivery: Delivery) -> None:
-        received.append(delivery)
-        if len(received) >= wanted:
-            arrived.set()
+def dead_at(message: Message) -> datetime | None:
+    """When `message` was dead-lettered: the broker's time (the first `x-death` entry's) for a
+    message the broker dead-lettered itself, whose `x-nobs-*` values are whatever its publisher
+    wrote; else the worker's `x-nobs-failed-at`. None when it carries neither."""
+    deaths = message.headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        moment = deaths[0].get("time")
+        if isinstance(moment, datetime):
+            return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+        return wire.parse_time(moment)
+    return wire.parse_time(message.headers.get(wire.FAILED_AT))
 
-    if wanted == 0:
-        return []
-    subscription = await project.transport.consume(queue, wanted, handler)
-    try:
-        await asyncio.wait_for(arrived.wait(), WAIT_SECONDS)
-    except TimeoutError:
-        pass  # fewer than counted: someone else took some
-    finally:
-        await subscription.cancel()
-    acked = 0
-    try:
-        acked = await settle(received)
-    finally:
-        await subscription.close()  # what was not acked goes back, in order
-    # The broker puts returned messages back asynchronously: wait until it shows them, so a
-    # count or a replay right after this sees the queue as it was.
-    deadline = asyncio.get_running_loop().time() + WAIT_SECONDS
-    while (  # noqa: ASYNC110 - polling the broker: it sends no event when a return lands
-        await project.transport.message_count(queue) < before - acked and asyncio.get_running_loop().time() < deadline
-    ):
-        await asyncio.sleep(0.01)
-    return [d.message for d in received]
+
+def _age(message: Message) -> float:
+    """Sorts oldest first; a dead letter that does not say when it died comes last."""
+    moment = dead_at(message)
+    return moment.timestamp() if moment is not None else math.inf
+
+
+def _key(message: Message) -> Key:
+    return (message.message_id, dead_at(message))
+
+
+class _Read:
+    """One read of a DLQ from its head: each message goes to `visit`, which returns True if it
+    settled (acked) it; a visit stops the read early with `done.set()`."""
+
+    def __init__(self, project: Project, worker: Worker, visit: Callable[[Delivery], Awaitable[bool]]) -> None:
+        self._project = project
+        self._worker = worker
+        self._queue = dead_letter_queue(worker.name)
+        self._visit = visit
+        self.done = asyncio.Event()
+        self.received = 0
+        self.settled = 0
+        self.held = 0  # visited and left unsettled
+        self._total = 0
+        self._busy = 0
+        self._changed = asyncio.Event()
+        self._error: Exception | None = None
+
+    async def _handle(self, delivery: Delivery) -> None:
+        if self.done.is_set():
+            return  # came after the end: it goes back with the rest
+        self.received += 1
+        if self.received >= self._total:
+            self.done.set()
+        self._busy += 1
+        try:
+            if await self._visit(delivery):
+                self.settled += 1
+            else:
+                self.held += 1
+        except Exception as exc:  # noqa: BLE001 - raised from run(), once every message is back
+            self._error = self._error or exc
+            self.done.set()
+        finally:
+            self._busy -= 1
+            self._changed.set()
+
+    async def run(self, *, window: int = FIRST_WINDOW) -> None:
+        """Read until a visit stops it, or every message ready at the start went to a visit."""
+        transport = self._project.transport
+        await self._project.declare(self._worker, delayed=False)
+        before = self._total = await transport.message_count(self._queue)
+        subscriptions: list[Subscription] = []
+        capacity = 0
+        try:
+            while self.received < self._total and not self.done.is_set():
+                self._changed.clear()
+                if self.held >= capacity:  # every window is full of what stays: open a larger one
+                    size = min(MAX_WINDOW, max(window, capacity), self._total - self.received)
+                    subscriptions.append(await transport.consume(self._queue, size, self._handle))
+                    capacity += size
+                    continue
+                try:
+                    await asyncio.wait_for(self._changed.wait(), IDLE_SECONDS)
+                except TimeoutError:
+                    if not self._busy:
+                        break  # nothing came: fewer are ready than counted (another consumer took some)
+        finally:
+            self.done.set()
+            await self._close(subscriptions)
+        if self._error is not None:
+            raise self._error
+        # The broker puts returned messages back asynchronously: wait until it shows them, so a
+        # count or a read right after this sees the queue as it was.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT_SECONDS
+        while await transport.message_count(self._queue) < before - self.settled and loop.time() < deadline:  # noqa: ASYNC110 - the broker sends no event when a return lands
+            await asyncio.sleep(0.01)
+
+    async def _close(self, subscriptions: list[Subscription]) -> None:
+        """Stop every window first (a message given back must not reach a window still open),
+        let running visits finish, then give back what is unsettled, oldest window first."""
+        for subscription in subscriptions:
+            await subscription.cancel()
+        while self._busy:
+            self._changed.clear()
+            await self._changed.wait()
+        for subscription in subscriptions:
+            await subscription.close()
+
+
+_T = TypeVar("_T")
+
+
+async def _oldest(project: Project, worker: Worker, limit: float, pick: Callable[[Message], _T]) -> list[_T]:
+    """`pick` of each of the `limit` oldest dead letters of `worker` (by `dead_at`), oldest
+    first. Reads the whole DLQ, keeping no more than `limit` of them in memory."""
+    kept: list[tuple[float, int, _T]] = []  # the newest kept on top: (-age, -arrival, picked)
+    arrivals = itertools.count()
+
+    async def keep(delivery: Delivery) -> bool:
+        entry = (-_age(delivery.message), -next(arrivals), pick(delivery.message))
+        if len(kept) < limit:
+            heapq.heappush(kept, entry)
+        elif entry[:2] > kept[0][:2]:
+            heapq.heapreplace(kept, entry)
+        return False
+
+    await _Read(project, worker, keep).run()
+    return [picked for *_, picked in sorted(kept, key=lambda entry: entry[:2], reverse=True)]
 
 
 async def peek(project: Project, worker: Worker, limit: int = 100) -> list[Message]:
-    """Up to `limit` dead letters of `worker`, left in the queue."""
+    """The `limit` oldest dead letters of `worker` (by `dead_at`), oldest first, left in the
+    queue. Reads the whole DLQ to find them."""
+    return await _oldest(project, worker, limit, lambda message: message)
 
-    async def leave(deliveries: list[Delivery]) -> int:
-        return 0  # unsettled, they go back when the subscription closes
 
-    return await _take(project, worker, limit, leave)
+async def find(project: Project, worker: Worker, message_id: str) -> Message | None:
+    """The first dead letter of `worker` with id `message_id` in queue order, or None. Reads
+    from the head and stops there: its time goes with the message's position in the DLQ."""
+    found: list[Message] = []
+    read: _Read
+
+    async def look(delivery: Delivery) -> bool:
+        if delivery.message.message_id == message_id and not found:
+            found.append(delivery.message)
+            read.done.set()
+        return False
+
+    read = _Read(project, worker, look)
+    await read.run()
+    return found[0] if found else None
 
 
 async def replay(
     project: Project, worker: Worker, limit: int | None = None, progress: Callable[[int], None] | None = None
 ) -> int:
-    """Move the dead letters that are in `worker`'s DLQ now (at most `limit`) back to its queue
-    with the attempt count reset, each once; each is acked in the DLQ only after its copy was
-    confirmed. Returns how many.
+    """Move the dead letters that are in `worker`'s DLQ now (the `limit` oldest of them, by
+    `dead_at`) back to its queue with the attempt count reset, each once; each is acked in the
+    DLQ only after its copy was confirmed. Returns how many.
 
     What arrives meanwhile stays in the DLQ: new failures, and copies that a running worker
-    failed again. The replay knows the dead letters there at its start by message id (a
-    snapshot, counted per id: two dead letters with one id are both replayed) and takes only
-    those, in passes, until the snapshot is used up or a pass finds none of it."""
-    await project.declare(worker, delayed=False)
-    budget = await project.transport.message_count(dead_letter_queue(worker.name))
-    budget = min(budget, limit) if limit is not None else budget
+    failed again. The replay knows the dead letters there at its start by message id and
+    dead-letter time (a snapshot, counted: two alike are both replayed) and takes only those,
+    in one read from the head that ends once it has them all."""
+    wanted = Counter(await _oldest(project, worker, math.inf if limit is None else limit, _key))
     moved = 0
-    while moved < budget:
-        snapshot = Counter(m.message_id for m in await peek(project, worker, min(SNAPSHOT_MAX, budget - moved)))
-        found = await _replay_snapshot(project, worker, snapshot, progress)
-        if not found:
-            break  # someone else took them
-        moved += found
-    return moved
+    read: _Read
 
-
-async def _replay_snapshot(
-    project: Project, worker: Worker, wanted: Counter[str], progress: Callable[[int], None] | None
-) -> int:
-    """Replay the dead letters whose ids are in `wanted` (as often as counted there), leaving
-    every other one in the DLQ. Returns how many were replayed."""
-    chosen: list[Delivery] = []
-
-    async def send_back(deliveries: list[Delivery]) -> int:
-        chosen.clear()
-        for d in deliveries:
-            if wanted[d.message.message_id] > 0:
-                wanted[d.message.message_id] -= 1
-                chosen.append(d)
-        await asyncio.gather(*(project.send(worker, replay_copy(d.message), 0) for d in chosen))
-        for d in chosen:
-            await d.ack()
-        return len(chosen)  # the others go back to the DLQ, in order
-
-    moved = 0
-    while wanted.total() > 0:
-        chosen.clear()
-        await _take(project, worker, REPLAY_BATCH, send_back)
-        if not chosen:
-            break  # a pass found none of them: someone else took them, or others are ahead of them
-        moved += len(chosen)
+    async def send_back(delivery: Delivery) -> bool:
+        nonlocal moved
+        key = _key(delivery.message)
+        if wanted[key] <= 0:
+            return False  # not in the snapshot: it stays
+        wanted[key] -= 1
+        if wanted.total() == 0:
+            read.done.set()
+        try:
+            await project.send(worker, replay_copy(delivery.message), 0)
+        except BaseException:
+            wanted[key] += 1
+            raise
+        await delivery.ack()
+        moved += 1
         if progress is not None:
-            progress(len(chosen))
+            progress(1)
+        return True
+
+    if wanted.total():
+        read = _Read(project, worker, send_back)
+        await read.run(window=REPLAY_BATCH)
     return moved
 
 
