@@ -90,8 +90,8 @@ class UnroutableError(PublishError):
     def __init__(self, destination: str) -> None:
         super().__init__(
             destination,
-            "no queue received it (returned as unroutable); run `nobs-amqp consume` "
-            "for the worker once, or declare the topology, then retry",
+            "no queue received it (returned as unroutable): a queue or binding is missing; "
+            "`nobs-amqp topology diff` shows which, `nobs-amqp topology apply` declares it",
         )
 
 
