@@ -10,9 +10,11 @@ import re
 import socket
 import ssl
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import aio_pika
 import aiormq
@@ -40,7 +42,10 @@ log = logging.getLogger("nobs_amqp")
 
 PERSISTENT = 2
 ACK_LINGER_SECONDS = 0.005
-RECONNECT_SECONDS = 1.0
+#: Reconnection backoff: the first attempt at once, then after as long as the outage has lasted
+#: so far (0.5 s, 1 s, 2 s, 4 s: doubling), at most RECONNECT_MAX_SECONDS apart.
+RECONNECT_MIN_SECONDS = 0.5
+RECONNECT_MAX_SECONDS = 5.0
 _CONNECTION_ERRORS = (
     ConnectionError,
     aiormq.exceptions.AMQPConnectionError,
@@ -48,7 +53,52 @@ _CONNECTION_ERRORS = (
     aiormq.exceptions.ChannelClosed,
     asyncio.TimeoutError,
 )
+#: Channel errors that are the broker's answer, not a lost connection: never retried.
+_REFUSALS = (
+    aiormq.exceptions.ChannelAccessRefused,
+    aiormq.exceptions.ChannelNotFoundEntity,
+    aiormq.exceptions.ChannelLockedResource,
+    aiormq.exceptions.ChannelPreconditionFailed,
+)
+#: When the queue() (or retry, or dead letter) in progress gives up: declaring and publishing share it.
+_DEADLINE: ContextVar[float | None] = ContextVar("nobs_amqp_deadline", default=None)
+_T = TypeVar("_T")
 _INEQUIVALENT = re.compile(r"inequivalent arg '([^']+)' for (queue|exchange) '([^']+)' in vhost '([^']*)': (.*)")
+
+
+@contextmanager
+def one_deadline(seconds: float) -> Iterator[None]:
+    """Everything the transport does inside waits for an unreachable broker until one deadline,
+    `seconds` from now (unless an enclosing block set an earlier one)."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    outer = _DEADLINE.get()
+    token = _DEADLINE.set(deadline if outer is None else min(outer, deadline))
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+class _BackoffConnection(aio_pika.RobustConnection):
+    """aio-pika's robust connection, reconnecting with a backoff instead of a fixed interval.
+
+    aio-pika sleeps `reconnect_interval` after each attempt: here it is how long the outage has
+    lasted so far (so 0.5 s, 1 s, 2 s, 4 s, then every RECONNECT_MAX_SECONDS); the transport
+    sets `lost_at` when the connection drops and clears it once it is back.
+    """
+
+    lost_at: float | None = None
+
+    @property
+    def reconnect_interval(self) -> float:
+        if self.lost_at is None:
+            return RECONNECT_MIN_SECONDS
+        outage = self.loop.time() - self.lost_at
+        return min(RECONNECT_MAX_SECONDS, max(RECONNECT_MIN_SECONDS, outage))
+
+    @reconnect_interval.setter
+    def reconnect_interval(self, value: float) -> None:
+        """aio-pika sets its fixed interval here (from the URL's reconnect_interval): the backoff replaces it."""
 
 
 class AmqpTransport:
@@ -71,6 +121,8 @@ class AmqpTransport:
         self._side: aiormq.abc.AbstractChannel | None = None
         self._next = itertools.cycle(range(pool_size))
         self._url = self._urls[0]
+        self._server_version: ServerVersion = (0,)
+        self._refusal = ""  # the broker's last answer to a reconnection, said once per outage
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -80,9 +132,14 @@ class AmqpTransport:
 
     @property
     def server_version(self) -> ServerVersion:
-        properties = self._underlay_connection().server_properties
-        text = str(properties.get("version", "0"))
-        return tuple(int(n) for n in re.findall(r"\d+", text)[:3]) or (0,)
+        """The broker's version, as of the last time the connection was up."""
+        return self._server_version
+
+    def _read_server_version(self) -> None:
+        connection = self._require().transport
+        if connection is not None:
+            text = str(connection.connection.server_properties.get("version", "0"))
+            self._server_version = tuple(int(n) for n in re.findall(r"\d+", text)[:3]) or (0,)
 
     async def open(self) -> None:
         decoding.install()  # a message whose properties pamqp cannot decode must not kill the connection
@@ -92,8 +149,8 @@ class AmqpTransport:
             try:
                 self._connection = await aio_pika.connect_robust(
                     url,
-                    reconnect_interval=RECONNECT_SECONDS,
                     client_properties={"connection_name": f"{self._name} {socket.gethostname()} pid {os.getpid()}"},
+                    connection_class=_BackoffConnection,
                 )
                 self._url = url
                 break
@@ -110,19 +167,38 @@ class AmqpTransport:
             await self._connection.channel(publisher_confirms=True, on_return_raises=True)
             for _ in range(self._pool_size)
         ]
+        self._read_server_version()
         log.debug("connected to %s (RabbitMQ %s)", redact(self._url), self.server_version)
 
     def _on_lost(self, connection: object, exc: BaseException | None = None) -> None:
-        if self._connection is not None and exc is not None:
-            log.warning(
-                "lost the connection to %s (%s); reconnecting every %.0f s",
-                redact(self._url),
-                _describe(exc),
-                RECONNECT_SECONDS,
-            )
+        """Said once per outage: aio-pika calls this again for every failed reconnection attempt."""
+        if self._connection is None or exc is None:
+            return
+        if not isinstance(connection, _BackoffConnection) or connection.lost_at is not None:
+            reason = _describe(exc)
+            if isinstance(exc, aiormq.exceptions.AMQPChannelError) and reason != self._refusal:
+                self._refusal = reason  # e.g. a queue deleted during the outage: worth saying, once
+                log.warning("the broker refused to restore a channel (%s); retrying until it accepts", reason)
+            else:
+                log.debug("reconnection attempt failed: %s", reason)
+            return
+        connection.lost_at = connection.loop.time()
+        log.warning(
+            "lost the connection to %s (%s); reconnecting until it is back (backoff up to %.0f s)",
+            redact(self._url),
+            _describe(exc),
+            RECONNECT_MAX_SECONDS,
+        )
 
     def _on_reconnect(self, connection: object) -> None:
-        log.warning("reconnected to %s", redact(self._url))
+        self._read_server_version()
+        self._refusal = ""
+        if isinstance(connection, _BackoffConnection) and connection.lost_at is not None:
+            outage = connection.loop.time() - connection.lost_at
+            connection.lost_at = None
+            log.warning("reconnected to %s after %.1f s", redact(self._url), outage)
+        else:
+            log.warning("reconnected to %s", redact(self._url))
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None
@@ -139,13 +215,49 @@ class AmqpTransport:
     def _underlay_connection(self) -> aiormq.abc.AbstractConnection:
         return self._require().transport.connection  # type: ignore[union-attr]
 
+    async def _connected(self) -> aiormq.abc.AbstractConnection:
+        """The live underlying connection, once there is one (after a reconnect: the new one)."""
+        connection = self._require()
+        await connection.ready()
+        transport = connection.transport
+        if transport is None or transport.connection.is_closed:
+            raise ConnectionError("the connection to the broker is being reestablished")
+        return transport.connection
+
+    async def _until_reachable(self, destination: str, attempt: Callable[[], Awaitable[_T]]) -> _T:
+        """`attempt()`, again and again while the broker is unreachable, until the deadline of the
+        queue() in progress (else `publish_timeout` from now); then BrokerUnavailableError."""
+        loop = asyncio.get_running_loop()
+        deadline = _DEADLINE.get() or loop.time() + self._publish_timeout
+        pause = 0.05
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await attempt()
+            except _REFUSALS:
+                raise
+            except _CONNECTION_ERRORS as exc:
+                if loop.time() + pause >= deadline:
+                    raise BrokerUnavailableError(
+                        destination,
+                        f"the broker stayed unreachable for {self._publish_timeout:.0f} s (publish_timeout); "
+                        f"check that RabbitMQ is up and reachable, then queue it again",
+                    ) from exc
+                log.debug("%s: the broker is unreachable (%s); retrying", destination, _describe(exc))
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 1.0)
+
     # -- declare -----------------------------------------------------------------------------
 
     async def declare(self, topology: Topology) -> None:
-        channel = await self._require().channel(publisher_confirms=False)
+        """Declare every object; while the broker is unreachable, retry (all of it) until the deadline."""
+        first = (topology.queues or topology.exchanges or (None,))[0]
+        await self._until_reachable(first.name if first is not None else "?", lambda: self._declare(topology))
+
+    async def _declare(self, topology: Topology) -> None:
+        raw = await (await self._connected()).channel(publisher_confirms=False)
         current: ExchangeSpec | QueueSpec | None = None
         try:
-            raw = await channel.get_underlay_channel()
             for current in topology.exchanges:
                 await raw.exchange_declare(
                     current.name, exchange_type=current.type, durable=True, arguments=_table(current.arguments)
@@ -160,8 +272,8 @@ class AmqpTransport:
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
             raise await self._mismatch(current, exc) from exc
         finally:
-            if not channel.is_closed:
-                await channel.close()
+            if not raw.is_closed:
+                await raw.close()
 
     async def _mismatch(
         self, declared: ExchangeSpec | QueueSpec | None, exc: aiormq.exceptions.ChannelPreconditionFailed
@@ -198,36 +310,27 @@ class AmqpTransport:
             priority=message.priority,
         )
         destination = exchange or routing_key
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._publish_timeout
-        pause = 0.05
-        while True:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    raw = await channel.get_underlay_channel()
-                    confirmation = await raw.basic_publish(
-                        message.body, exchange=exchange, routing_key=routing_key, properties=properties, mandatory=True
-                    )
-            except aiormq.exceptions.PublishError as exc:
-                raise UnroutableError(destination) from exc
-            except aiormq.exceptions.DeliveryError as exc:
-                raise PublishError(destination, "the broker refused it (basic.nack)") from exc
-            except aiormq.exceptions.ChannelNotFoundEntity as exc:
-                raise NotFoundError(destination, _describe(exc)) from exc
-            except aiormq.exceptions.ChannelAccessRefused as exc:
-                raise PublishError(destination, f"the broker refused access (403): {_describe(exc)}") from exc
-            except _CONNECTION_ERRORS as exc:
-                if loop.time() + pause >= deadline:
-                    raise BrokerUnavailableError(
-                        destination, f"the broker stayed unreachable for {self._publish_timeout:.0f} s"
-                    ) from exc
-                log.debug("publish to %s failed (%s); retrying", destination, _describe(exc))
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 1.0)
-                continue
-            if not isinstance(confirmation, Basic.Ack):
-                raise PublishError(destination, f"unexpected confirmation {confirmation!r}")
-            return
+
+        async def attempt() -> object:
+            raw = await channel.get_underlay_channel()
+            return await raw.basic_publish(
+                message.body, exchange=exchange, routing_key=routing_key, properties=properties, mandatory=True
+            )
+
+        try:
+            confirmation = await self._until_reachable(destination, attempt)
+        except aiormq.exceptions.PublishError as exc:
+            raise UnroutableError(destination) from exc
+        except aiormq.exceptions.DeliveryError as exc:
+            raise PublishError(destination, "the broker refused it (basic.nack)") from exc
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise NotFoundError(destination, _describe(exc)) from exc
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            raise PublishError(destination, f"the broker refused access (403): {_describe(exc)}") from exc
+        except _REFUSALS as exc:
+            raise PublishError(destination, f"the broker closed the channel: {_describe(exc)}") from exc
+        if not isinstance(confirmation, Basic.Ack):
+            raise PublishError(destination, f"unexpected confirmation {confirmation!r}")
 
     # -- consume -----------------------------------------------------------------------------
 
@@ -258,8 +361,8 @@ class AmqpTransport:
         """One channel for passive declares and purges (burst and drain poll them), reopened
         after an error such as a missing queue closed it."""
         if self._side is None or self._side.is_closed:
-            await self._require().ready()  # after a reconnect: the new connection
-            self._side = await self._underlay_connection().channel(publisher_confirms=False)
+            connection = await self._connected()  # after a reconnect: the new connection
+            self._side = await connection.channel(publisher_confirms=False)
         return self._side
 
 

@@ -141,10 +141,13 @@ def main(ctx: click.Context, app: str | None, log_level: str) -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
     )
-    logging.getLogger("aio_pika").setLevel(max(logging.WARNING, logging.getLogger().level))
-    logging.getLogger("aiormq").setLevel(max(logging.WARNING, logging.getLogger().level))
-    # aio-pika logs an error per channel when a connection drops; nobs_amqp says it once.
-    logging.getLogger("aio_pika.tools").setLevel(logging.CRITICAL)
+    if log_level != "debug":  # with --log-level debug, everything aio-pika and aiormq say
+        logging.getLogger("aio_pika").setLevel(max(logging.WARNING, logging.getLogger().level))
+        logging.getLogger("aiormq").setLevel(max(logging.WARNING, logging.getLogger().level))
+        # A lost connection: nobs_amqp says it once, and once when it is back. aio-pika and aiormq
+        # would log every reconnection attempt, per channel, with errors and tracebacks.
+        for library in ("aio_pika.robust_connection", "aio_pika.tools", "aiormq.connection"):
+            logging.getLogger(library).setLevel(logging.CRITICAL)
     ctx.obj = app
 
 
@@ -543,22 +546,54 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
+#: A signal this soon after the previous one is the same one delivered twice (a `--processes` child
+#: gets each Ctrl-C from the terminal and again from its supervisor), not a second Ctrl-C.
+REPEATED_SIGNAL_SECONDS = 0.5
+
+
 async def _consume(project: Project, consumer: Consumer) -> None:
+    """Run `consumer`. The first SIGTERM/SIGINT drains (running tasks get the grace period), a
+    second one stops at once (running tasks are cancelled, their messages go back to the queue),
+    a third one exits without a word to the broker (which then returns the unsettled messages)."""
     loop = asyncio.get_running_loop()
+    signals = 0
+    last = 0.0
 
     def on_signal(signum: int, frame: object) -> None:
+        nonlocal signals, last
         # A plain signal handler (not the loop's): it runs even while a task blocks the loop.
+        name = signal.Signals(signum).name
         watchdog = consumer.watchdog
         if watchdog is not None and watchdog.blocked_for() >= BLOCKED_EXIT_SECONDS:
             log.error(
                 "%s while the event loop is blocked by %s: it cannot drain, exiting now; "
                 "the broker returns every unsettled message to the queue",
-                signal.Signals(signum).name,
+                name,
                 watchdog.culprit or "a task",
             )
             logging.shutdown()
             os._exit(0)
-        loop.call_soon_threadsafe(consumer.stop)
+        now = loop.time()
+        if signals and now - last < REPEATED_SIGNAL_SECONDS:
+            return
+        signals, last = signals + 1, now
+        if signals == 1:
+            loop.call_soon_threadsafe(stopping, name)
+        elif signals == 2:
+            loop.call_soon_threadsafe(consumer.force_stop)
+        else:
+            log.error("%s a third time: exiting now; the broker returns every unsettled message to the queue", name)
+            logging.shutdown()
+            os._exit(0)
+
+    def stopping(name: str) -> None:
+        log.info(
+            "%s: stopping; running tasks get up to %.0f s to finish (a second SIGINT or SIGTERM, "
+            "e.g. Ctrl-C again, stops at once and returns their messages to the queue)",
+            name,
+            consumer.grace_period,
+        )
+        consumer.stop()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)

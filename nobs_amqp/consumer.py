@@ -44,6 +44,8 @@ DELIVERY_COUNTS = ("x-delivery-count", "x-acquired-count")
 REMEMBERED = 10_000
 #: After a settle failed for a reason other than a lost connection: wait before the message goes back.
 REQUEUE_PAUSE_SECONDS = 5.0
+#: At shutdown, how long a delay ladder declaration still in progress may take before it is cancelled.
+LADDER_SHUTDOWN_SECONDS = 2.0
 
 Identity = tuple[str, int, str]
 _Publish = Callable[[], Awaitable[None]]
@@ -92,6 +94,7 @@ class Consumer:
         self._slots = asyncio.Semaphore(self.concurrency)
         self._running: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
+        self._forced = asyncio.Event()
         #: Set once the queue is declared and messages flow.
         self.ready = asyncio.Event()
         self.runner = TaskRunner(worker.name)
@@ -108,6 +111,17 @@ class Consumer:
         if not self._stopping.is_set():
             log.info("worker %s: stopping, %d task(s) running", self.worker.name, len(self._running))
             self._stopping.set()
+
+    def force_stop(self) -> None:
+        """Stop now: cancel the running tasks instead of waiting for them; their messages go back to the queue."""
+        self.stop()
+        if not self._forced.is_set():
+            log.warning(
+                "worker %s: stopping now; %d running task(s) cancelled, their messages go back to the queue",
+                self.worker.name,
+                len(self._running),
+            )
+            self._forced.set()
 
     async def run(self) -> None:
         self._tasks = self.project.tasks()
@@ -137,8 +151,10 @@ class Consumer:
         finally:
             await self._drain()
             self.watchdog.stop()
-            with contextlib.suppress(Exception):  # reported by _ladder_declared
-                await ladder
+            if not ladder.done() and not self._forced.is_set():
+                await asyncio.wait({ladder}, timeout=LADDER_SHUTDOWN_SECONDS)
+            ladder.cancel()  # still waiting for an unreachable broker: retries are over, nothing needs it
+            await asyncio.wait({ladder})  # its error, if any, was reported by _ladder_declared
         if self._failure is not None:
             raise self._failure
 
@@ -183,22 +199,33 @@ class Consumer:
         assert subscription is not None
         await subscription.cancel()
         if not await self._wait_running(self.grace_period):
-            log.warning(
-                "worker %s: %d task(s) still running after %.0f s; their messages go back to the queue",
-                self.worker.name,
-                len(self._running),
-                self.grace_period,
-            )
+            if not self._forced.is_set():
+                log.warning(
+                    "worker %s: %d task(s) still running after %.0f s; their messages go back to the queue",
+                    self.worker.name,
+                    len(self._running),
+                    self.grace_period,
+                )
             for task in list(self._running):
                 task.cancel()
             await asyncio.gather(*self._running, return_exceptions=True)
         await subscription.close()
 
     async def _wait_running(self, limit: float | None) -> bool:
+        """Wait until no task runs (True), or `limit` seconds passed or force_stop() came (False)."""
         if not self._running:
             return True
-        _, pending = await asyncio.wait(set(self._running), timeout=limit)
-        return not pending
+        forced = asyncio.ensure_future(self._forced.wait())
+        deadline = None if limit is None else asyncio.get_running_loop().time() + limit
+        try:
+            while self._running and not forced.done():
+                left = None if deadline is None else deadline - asyncio.get_running_loop().time()
+                if left is not None and left <= 0:
+                    break
+                await asyncio.wait({*self._running, forced}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            forced.cancel()
+        return not self._running
 
     async def _on_delivery(self, delivery: Delivery) -> None:
         task = asyncio.create_task(self._process(delivery))

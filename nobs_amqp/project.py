@@ -12,7 +12,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import delay as ladder
-from .amqp import AmqpTransport
+from .amqp import AmqpTransport, one_deadline
 from .errors import ConfigurationError, ProjectNotOpenError, TaskNotAllowedError
 from .memory import MEMORY_SCHEME, MemoryTransport
 from .message import Message
@@ -238,22 +238,26 @@ class Project:
         return self._table
 
     async def send(self, worker: Worker, message: Message, delay: float) -> None:
-        """Publish `message` to `worker`'s queue, through the delay ladder when `delay` > 0."""
+        """Publish `message` to `worker`'s queue, through the delay ladder when `delay` > 0.
+
+        An unreachable broker is waited for (declaring included) up to `publish_timeout` in all."""
         seconds = ladder.delay_seconds(delay)
         route = (worker.name, seconds > 0)
-        if route not in self._routes_ready:
-            await self.declare(worker, delayed=seconds > 0)
-            self._routes_ready.add(route)
-        if seconds:
-            exchange, key = ladder.route(self.name, seconds, worker.name)
-            await self._publish(exchange, key, message)
-        else:
-            await self._publish("", worker.name, message)
+        with one_deadline(self._publish_timeout):
+            if route not in self._routes_ready:
+                await self.declare(worker, delayed=seconds > 0)
+                self._routes_ready.add(route)
+            if seconds:
+                exchange, key = ladder.route(self.name, seconds, worker.name)
+                await self._publish(exchange, key, message)
+            else:
+                await self._publish("", worker.name, message)
 
     async def dead_letter(self, worker: Worker, message: Message) -> None:
         """Publish `message` (a dead-letter copy) to `worker`'s dead-letter exchange."""
-        await self.declare(worker, delayed=False)
-        await self._publish(dead_letter_exchange(worker.name), "", message)
+        with one_deadline(self._publish_timeout):
+            await self.declare(worker, delayed=False)
+            await self._publish(dead_letter_exchange(worker.name), "", message)
 
     async def _publish(self, exchange: str, key: str, message: Message) -> None:
         if self.signer is not None:
