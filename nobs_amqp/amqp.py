@@ -43,9 +43,10 @@ log = logging.getLogger("nobs_amqp")
 PERSISTENT = 2
 ACK_LINGER_SECONDS = 0.005
 #: Reconnection backoff: the first attempt at once, then after as long as the outage has lasted
-#: so far (0.5 s, 1 s, 2 s, 4 s: doubling), at most RECONNECT_MAX_SECONDS apart.
+#: so far (0.5 s, 1 s, 2 s: doubling), at most RECONNECT_MAX_SECONDS apart (the most a worker waits
+#: after the broker is back).
 RECONNECT_MIN_SECONDS = 0.5
-RECONNECT_MAX_SECONDS = 5.0
+RECONNECT_MAX_SECONDS = 3.0
 _CONNECTION_ERRORS = (
     ConnectionError,
     aiormq.exceptions.AMQPConnectionError,
@@ -83,7 +84,7 @@ class _BackoffConnection(aio_pika.RobustConnection):
     """aio-pika's robust connection, reconnecting with a backoff instead of a fixed interval.
 
     aio-pika sleeps `reconnect_interval` after each attempt: here it is how long the outage has
-    lasted so far (so 0.5 s, 1 s, 2 s, 4 s, then every RECONNECT_MAX_SECONDS); the transport
+    lasted so far (so 0.5 s, 1 s, 2 s, then every RECONNECT_MAX_SECONDS); the transport
     sets `lost_at` when the connection drops and clears it once it is back.
     """
 

@@ -268,6 +268,7 @@ def dlq() -> None:
 
 def _dlq_run(app: str | None, worker: str, action: Callable[[Project, Worker], Awaitable[T]]) -> T:
     project = load_project(app_reference(app))
+    _refuse_memory(project, "dlq")
     target = _worker(project, worker)
     return _run(project, lambda p: action(p, target))
 

@@ -161,6 +161,8 @@ async def test_status_fails_when_the_management_api_lacks_the_vhost(amqp_url: st
         ["topology", "apply"],
         ["topology", "export"],
         ["topology", "delete", "--yes"],
+        ["dlq", "list", "w"],
+        ["dlq", "replay", "w"],
     ],
 )
 async def test_commands_that_need_rabbitmq_refuse_memory(command: list[str]) -> None:
