@@ -10,7 +10,14 @@
 #   scripts/rabbitmq4.sh env [ID]         NOBS_AMQP_URL=... and NOBS_AMQP_MANAGEMENT_URL=... of node ID
 #   scripts/rabbitmq4.sh run -- CMD...    start a node of its own, run CMD with NOBS_AMQP_URL and
 #                                         NOBS_AMQP_MANAGEMENT_URL pointing at it, stop it (always);
-#                                         exits with CMD's status
+#                                         exits with CMD's status; CMD also gets
+#                                         NOBS_AMQP_NODE_GENERATION=4 and NOBS_AMQP_RABBITMQ4_ROOT, so
+#                                         the tests' throwaway nodes (tests/nodes.py) run 4.x too
+#   scripts/rabbitmq4.sh exec-node ID     run node ID in the foreground from the dir the caller made,
+#                                         ROOT/var/lib/nobs-nodes/ID: node.env (NODENAME, AMQP_PORT,
+#                                         DIST_PORT, EPMD_PORT), rabbitmq.conf, enabled_plugins;
+#                                         mounts as needed; the data there survives a restart
+#   scripts/rabbitmq4.sh ctl ID ARGS...   rabbitmqctl -n <node ID> ARGS in the root (its cookie, epmd)
 #
 # Every node has its own name, ports (free ones, picked at start), epmd, data and logs,
 # so several can run at once; none of them touches a broker that runs on the host.
@@ -160,6 +167,7 @@ in_root() {   # in_root ID CMD...: CMD in the root as rabbitmq, with the node's 
     chroot --userspec="$(rabbitmq_ids)" "$ROOT" /usr/bin/env -i \
         PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/var/lib/rabbitmq LANG=C.UTF-8 \
         NOBS_AMQP_NODE_ID="$id" \
+        NOBS_AMQP_NODE_OWNER="${NOBS_AMQP_NODE_OWNER:-}" \
         ERL_EPMD_PORT="$EPMD_PORT" \
         RABBITMQ_NODENAME="$NODENAME" \
         RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
@@ -269,6 +277,34 @@ exec_server() {   # the node's foreground process (run detached by start)
     in_root "$1" /usr/lib/rabbitmq/bin/rabbitmq-server
 }
 
+exec_node() {   # exec-node ID: node ID in the foreground, from the dir its caller made
+    local id=${1:-} dir
+    [[ $id =~ ^[A-Za-z0-9_-]+$ ]] || die "usage: $0 exec-node ID (letters, digits, - and _)"
+    need_root
+    [[ -f $READY ]] || die "no RabbitMQ 4 root at $ROOT; make it with: $0 build"
+    dir=$(state "$id")
+    load "$id" || die "no $dir/node.env; write NODENAME, AMQP_PORT, DIST_PORT and EPMD_PORT there first"
+    # Carry the marker from the start, so that `stop` (of any node) sees this one busy and keeps
+    # the mounts, and node_pids finds every process of it.
+    [[ ${NOBS_AMQP_NODE_ID:-} == "$id" ]] || NOBS_AMQP_NODE_ID=$id exec bash "$SELF" exec-node "$id"
+    exec 9>"$LOCK"
+    timeout 120 flock 9 || die "$LOCK is held too long"
+    mount_into "$ROOT"
+    chown -R "$(rabbitmq_ids)" "$dir"
+    chown "$(rabbitmq_ids)" "$ROOT$NODES"
+    exec 9>&-
+    ulimit -n "$NOFILE" 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+    in_root "$id" /usr/lib/rabbitmq/bin/rabbitmq-server
+}
+
+ctl() {   # ctl ID ARGS...: rabbitmqctl of the root against node ID
+    local id=${1:-}
+    shift || true
+    need_root
+    load "$id" 2>/dev/null || die "no node $id"
+    in_root "$id" /usr/lib/rabbitmq/bin/rabbitmqctl -n "$NODENAME" "$@"
+}
+
 stop() {
     local id=${1:-default} pids i
     if ! load "$id" 2>/dev/null; then
@@ -321,6 +357,8 @@ run() {
     NOBS_AMQP_URL="amqp://guest:guest@127.0.0.1:$AMQP_PORT/" \
         NOBS_AMQP_MANAGEMENT_URL="http://127.0.0.1:$MGMT_PORT" \
         NOBS_AMQP_RABBITMQ_VERSION="$(cat "$READY")" \
+        NOBS_AMQP_NODE_GENERATION=4 \
+        NOBS_AMQP_RABBITMQ4_ROOT="$ROOT" \
         "$@" || status=$?
     return "$status"
 }
@@ -333,7 +371,9 @@ case $cmd in
     stop) stop "$@" ;;
     env) print_env "$@" ;;
     run) run "$@" ;;
+    exec-node) exec_node "$@" ;;
+    ctl) ctl "$@" ;;
     _exec-server) exec_server "$@" ;;
     _in-root) in_root "$@" ;;
-    *) die "usage: $0 build | start [ID] | stop [ID] | env [ID] | run -- COMMAND..." ;;
+    *) die "usage: $0 build | start [ID] | stop [ID] | env [ID] | run -- COMMAND... | exec-node ID | ctl ID ARGS..." ;;
 esac

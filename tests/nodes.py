@@ -11,6 +11,10 @@ epmd, so `rabbitmqctl -n <node.name>` reaches it. The shared broker is never tou
 
 Starting one needs root (the node runs as the `rabbitmq` user, whose cookie it shares)
 or to be the `rabbitmq` user; otherwise `node_or_skip()` skips the test (fails under CI).
+
+Under `scripts/rabbitmq4.sh run` (NOBS_AMQP_NODE_GENERATION=4) a `Node` runs RabbitMQ 4.x from
+the script's Debian root instead, through `rabbitmq4.sh exec-node` (mounts, limits, chroot) and
+`rabbitmq4.sh ctl` (the root's rabbitmqctl, cookie and epmd), with its dir inside that root.
 """
 
 from __future__ import annotations
@@ -39,6 +43,23 @@ RABBITMQ_USER = "rabbitmq"
 MARKER = "NOBS_AMQP_NODE_ID"
 OWNER = "NOBS_AMQP_NODE_OWNER"  # the pid of the test process that started the node
 NOFILE = 65536
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "rabbitmq4.sh"
+GENERATION = "NOBS_AMQP_NODE_GENERATION"  # "4" under scripts/rabbitmq4.sh run
+NODES_IN_ROOT = "var/lib/nobs-nodes"  # where rabbitmq4.sh keeps its nodes' dirs, inside the root
+
+
+def generation() -> int:
+    """The RabbitMQ generation of this run: 4 under `scripts/rabbitmq4.sh run`, else 3."""
+    return 4 if os.environ.get(GENERATION) == "4" else 3
+
+
+def rabbitmq4_root() -> Path:
+    """The Debian root that scripts/rabbitmq4.sh runs RabbitMQ 4.x from (it exports it in `run`)."""
+    root = os.environ.get("NOBS_AMQP_RABBITMQ4_ROOT")
+    if root:
+        return Path(root)
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "nobs-amqp" / os.environ.get("NOBS_AMQP_DEBIAN_SUITE", "trixie")
 
 
 @dataclass(frozen=True)
@@ -58,6 +79,12 @@ def free_port() -> int:
 
 def cannot_start_reason() -> str | None:
     """Why this machine cannot start a throwaway node, or None."""
+    if generation() == 4:
+        if os.geteuid() != 0:
+            return "starting a throwaway RabbitMQ 4 node needs root (chroot and mount do)"
+        if not (rabbitmq4_root() / ".nobs-ready").exists():
+            return f"no RabbitMQ 4 root at {rabbitmq4_root()} (make it with: scripts/rabbitmq4.sh build)"
+        return None
     if not (RABBITMQ_BIN / "rabbitmq-server").exists():
         return f"RabbitMQ is not installed ({RABBITMQ_BIN} is missing)"
     try:
@@ -109,6 +136,15 @@ def reap_orphans() -> list[int]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
+    if generation() == 4:
+        # Their dirs inside the root (rabbitmq4.sh's own `run-*` nodes have no OWNER_PID line).
+        for settings in (rabbitmq4_root() / NODES_IN_ROOT).glob("*/node.env"):
+            with contextlib.suppress(OSError):
+                values = dict(line.split("=", 1) for line in settings.read_text().split() if "=" in line)
+                started_by = values.get("OWNER_PID", "")
+                gone = started_by.isdigit() and not Path(f"/proc/{started_by}").exists()
+                if gone and not _pids_with_marker(settings.parent.name):
+                    shutil.rmtree(settings.parent, ignore_errors=True)
     return killed
 
 
@@ -124,7 +160,8 @@ class Node:
 
     def __init__(self, *, management: bool = False, tls: TlsFiles | None = None, start_timeout: float = 90.0) -> None:
         self.id = uuid.uuid4().hex[:10]
-        self.name = f"nobs-{self.id}@localhost"
+        self.generation = generation()
+        self.name = f"nobs{'4' if self.generation == 4 else ''}-{self.id}@localhost"
         self.management = management
         self.tls = tls
         self.start_timeout = start_timeout
@@ -132,7 +169,13 @@ class Node:
         self.dist_port = free_port()
         self.management_port = free_port() if management else None
         self.tls_port = free_port() if tls else None
-        self.dir = Path(tempfile.mkdtemp(prefix=f"nobs-node-{self.id}-"))
+        self.epmd_port = free_port() if self.generation == 4 else None  # a 4.x node has its own epmd
+        if self.generation == 4:
+            # Inside the root, where the chrooted server sees it (as /var/lib/nobs-nodes/ID).
+            self.dir = rabbitmq4_root() / NODES_IN_ROOT / self.id
+            self.dir.mkdir(parents=True)
+        else:
+            self.dir = Path(tempfile.mkdtemp(prefix=f"nobs-node-{self.id}-"))
         self._process: asyncio.subprocess.Process | None = None
         self._log: Any = None
         self._configure()
@@ -179,16 +222,17 @@ class Node:
         env = self._env()
         self._log = (self.dir / "console.log").open("ab")
         user: dict[str, Any] = {}
-        if os.geteuid() == 0:
-            user = {"user": RABBITMQ_USER, "group": RABBITMQ_USER, "extra_groups": []}
-        # Raise the soft open-files limit as far as the hard one allows; fine if it cannot.
-        script = f'ulimit -n {NOFILE} 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$@"'
+        if self.generation == 4:
+            # The script mounts /proc and /dev in the root, raises the limit and chroots.
+            command = ["bash", str(SCRIPT), "exec-node", self.id]
+        else:
+            if os.geteuid() == 0:
+                user = {"user": RABBITMQ_USER, "group": RABBITMQ_USER, "extra_groups": []}
+            # Raise the soft open-files limit as far as the hard one allows; fine if it cannot.
+            script = f'ulimit -n {NOFILE} 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$@"'
+            command = ["sh", "-c", script, "sh", str(RABBITMQ_BIN / "rabbitmq-server")]
         self._process = await asyncio.create_subprocess_exec(
-            "sh",
-            "-c",
-            script,
-            "sh",
-            str(RABBITMQ_BIN / "rabbitmq-server"),
+            *command,
             cwd=self.dir,
             env=env,
             stdin=asyncio.subprocess.DEVNULL,
@@ -241,7 +285,7 @@ class Node:
         """The pid of this node's beam.smp (from its pid file, checked against its marker)."""
         mine = set(_pids_with_marker(self.id))
         with contextlib.suppress(OSError, ValueError):
-            pid = int((self.dir / "rabbit.pid").read_text().strip())
+            pid = int((self.dir / ("pid" if self.generation == 4 else "rabbit.pid")).read_text().strip())
             if pid in mine:
                 return pid
         beams = [pid for pid in mine if _comm(pid).startswith("beam")]
@@ -251,12 +295,14 @@ class Node:
     async def ctl(self, *args: str, timeout: float = 60.0) -> str:
         """`rabbitmqctl -n <node> ARGS`; its output (fails the test if it exits non-zero)."""
         user: dict[str, Any] = {}
-        if os.geteuid() == 0:
-            user = {"user": RABBITMQ_USER, "group": RABBITMQ_USER, "extra_groups": []}
+        if self.generation == 4:
+            command = ["bash", str(SCRIPT), "ctl", self.id]  # the root's rabbitmqctl, cookie and epmd
+        else:
+            if os.geteuid() == 0:
+                user = {"user": RABBITMQ_USER, "group": RABBITMQ_USER, "extra_groups": []}
+            command = [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.name]
         process = await asyncio.create_subprocess_exec(
-            str(RABBITMQ_BIN / "rabbitmqctl"),
-            "-n",
-            self.name,
+            *command,
             *args,
             cwd=self.dir,
             env=self._env(),
@@ -284,6 +330,12 @@ class Node:
 
     # -- internals ------------------------------------------------------------------------
 
+    def _inside(self, path: Path) -> Path:
+        """`path` as the node sees it: from inside the root for a 4.x node."""
+        if self.generation == 4:
+            return Path("/") / path.relative_to(rabbitmq4_root())
+        return path
+
     def _configure(self) -> None:
         (self.dir / "mnesia").mkdir()
         (self.dir / "log").mkdir()
@@ -298,21 +350,44 @@ class Node:
                 shutil.copyfile(getattr(self.tls, field), tls_dir / f"{field}.pem")
             lines += [
                 f"listeners.ssl.1 = 127.0.0.1:{self.tls_port}",
-                f"ssl_options.cacertfile = {tls_dir / 'cacert.pem'}",
-                f"ssl_options.certfile = {tls_dir / 'cert.pem'}",
-                f"ssl_options.keyfile = {tls_dir / 'key.pem'}",
+                f"ssl_options.cacertfile = {self._inside(tls_dir / 'cacert.pem')}",
+                f"ssl_options.certfile = {self._inside(tls_dir / 'cert.pem')}",
+                f"ssl_options.keyfile = {self._inside(tls_dir / 'key.pem')}",
                 "ssl_options.verify = verify_peer",
                 "ssl_options.fail_if_no_peer_cert = false",
             ]
         (self.dir / "rabbitmq.conf").write_text("\n".join(lines) + "\n")
         plugins = "[rabbitmq_management]." if self.management else "[]."
         (self.dir / "enabled_plugins").write_text(plugins + "\n")
-        if os.geteuid() == 0:
+        if self.generation == 4:
+            # What `rabbitmq4.sh exec-node` and `ctl` read (the script chowns the dir itself).
+            settings = {
+                "NODENAME": self.name,
+                "AMQP_PORT": self.port,
+                "DIST_PORT": self.dist_port,
+                "EPMD_PORT": self.epmd_port,
+                "MGMT_PORT": self.management_port or "",
+                "OWNER_PID": os.getpid(),
+            }
+            (self.dir / "node.env").write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
+        elif os.geteuid() == 0:
             account = pwd.getpwnam(RABBITMQ_USER)
             for path in [self.dir, *self.dir.rglob("*")]:
                 os.chown(path, account.pw_uid, account.pw_gid)
 
     def _env(self) -> dict[str, str]:
+        if self.generation == 4:
+            # The script sets the node's own environment inside the root from node.env.
+            passed = ("NOBS_AMQP_RABBITMQ4_NOFILE",)
+            return {
+                "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+                "LANG": "C.UTF-8",
+                "LC_ALL": "C.UTF-8",
+                MARKER: self.id,
+                OWNER: str(os.getpid()),
+                "NOBS_AMQP_RABBITMQ4_ROOT": str(rabbitmq4_root()),
+                **{k: os.environ[k] for k in passed if k in os.environ},
+            }
         home = pwd.getpwnam(RABBITMQ_USER).pw_dir  # where the Erlang cookie is
         return {
             "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
@@ -352,7 +427,8 @@ class Node:
     async def _wait_exited(self, timeout: float) -> None:
         """Wait for the rabbitmq-server process and every process of this node to be gone."""
         deadline = time.monotonic() + timeout
-        while self.running or _pids_with_marker(self.id):
+        # A 4.x node's own epmd outlives it (as the host's does a 3.10 node); a restart reuses it.
+        while self.running or [pid for pid in _pids_with_marker(self.id) if _comm(pid) != "epmd"]:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"node {self.name} still runs after {timeout} s")
             await asyncio.sleep(0.05)
