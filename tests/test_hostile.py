@@ -56,7 +56,7 @@ from nobs_amqp.memory import MemoryBroker
 
 from . import wire
 from .apps import tasks
-from .nodes import Node, node_or_skip
+from .nodes import Node, generation, node_or_skip
 from .support import eventually, run_cli
 from .wire import RawPublisher, RefusedError, longstr, shortstr, table, timestamp
 
@@ -1034,7 +1034,9 @@ async def test_a_thousand_hostile_messages_on_the_memory_broker(
 
 @pytest.mark.timeout(60)
 @pytest.mark.xfail(
-    reason="RabbitMQ 3.10 bug: a forged x-death on an expiring message kills rabbit_fifo_dlx_sup", strict=False
+    generation() == 3,  # the Node is 4.x under scripts/rabbitmq4.sh run; 4.0.5 dead-letters it fine
+    reason="RabbitMQ 3.10 bug: a forged x-death on an expiring message kills rabbit_fifo_dlx_sup",
+    strict=False,
 )
 async def test_a_forged_x_death_on_an_expiring_message_is_dead_lettered_and_costs_nothing_else() -> None:
     """What without_broker_killer keeps out of the fuzzing, on a node of its own: a publisher sets
