@@ -121,14 +121,16 @@ def exception_chain(exc: BaseException) -> list[BaseException]:
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def run_cli(*args: str, env: dict[str, str], stdin: bytes = b"", timeout: float = 30) -> tuple[int, str]:
-    """Run `python -m nobs_amqp ARGS` from the repository root; its exit code and output."""
+async def run_cli(
+    *args: str, env: dict[str, str], stdin: bytes = b"", timeout: float = 30, cwd: Path = ROOT
+) -> tuple[int, str]:
+    """Run `python -m nobs_amqp ARGS` from `cwd` (the repository root); its exit code and output."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "nobs_amqp",
         *args,
-        cwd=ROOT,
+        cwd=cwd,
         env={**os.environ, **env},
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,

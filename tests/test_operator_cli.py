@@ -31,25 +31,7 @@ async def run_in(
     cwd: Path, *args: str, env: dict[str, str], stdin: bytes = b"", timeout: float = 30
 ) -> tuple[int, str]:
     """`python -m nobs_amqp ARGS` run from `cwd`; its exit code and output."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "nobs_amqp",
-        *args,
-        cwd=cwd,
-        env={**os.environ, **env},
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        output, _ = await asyncio.wait_for(process.communicate(stdin), timeout)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return process.returncode, output.decode()
+    return await run_cli(*args, env=env, stdin=stdin, timeout=timeout, cwd=cwd)
 
 
 def closed_port() -> int:
