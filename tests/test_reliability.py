@@ -538,3 +538,20 @@ async def test_dlq_list_and_show_do_not_pass_control_characters_to_the_terminal(
         assert code == 0, text
         assert "\x1b" not in text and "\x07" not in text, repr(text)
         assert "\\x1b" in text, text
+
+
+@pytest.mark.timeout(30)
+async def test_a_deleted_dead_letter_binding_is_declared_again_and_the_dead_letter_arrives(
+    amqp_url: str, name: str, broker: Any
+) -> None:
+    project, worker = make(amqp_url, name)
+    k = key()
+    async with project, consuming(project, worker):
+        channel = await broker.channel()
+        dlq = await channel.declare_queue(f"{name}.dlq", passive=True)
+        await dlq.unbind(f"{name}.dlx", "")
+        await channel.close()
+        await worker.queue(tasks.reject, tasks.Job(key=k))
+        [dead] = await take_messages(project, f"{name}.dlq")
+    assert dead.headers[wire.REASON] == "rejected"
+    assert len(tasks.calls(k)) == 1
