@@ -324,12 +324,10 @@ class Consumer:
             payload = spec.decode(message.body)
         except (UnknownTaskError, TaskDefinitionError) as exc:
             return DeadLetter("unknown_task", self._unknown(message, exc))
-        except orjson.JSONDecodeError as exc:
+        except (orjson.JSONDecodeError, RecursionError) as exc:
             return DeadLetter("decode_error", exc)
         except ValidationError as exc:
             return DeadLetter("validation_error", exc)
-        except RecursionError as exc:
-            return DeadLetter("decode_error", exc)
         log.debug("task %s id %s attempt %d: start", message.task, printable(message.message_id), message.attempt)
         label = f"task {message.task} id {printable(message.message_id)}"
         try:

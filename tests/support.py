@@ -144,3 +144,25 @@ async def run_cli(
             await process.wait()
     assert process.returncode is not None
     return process.returncode, output.decode()
+
+
+async def run_demo(url: str, timeout: float = 100) -> tuple[int, str]:
+    """Run `python -m examples.send_email.demo` against `url`, as `make demo` does; exit code and output."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "examples.send_email.demo",
+        cwd=ROOT,
+        env={**os.environ, "NOBS_AMQP_URL": url},
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), timeout)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, output.decode()

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
 from pathlib import Path
 
 import pytest
 
 from examples.send_email.app import SendEmail, priority_queue, project, send_email
 
-from .support import ROOT, run_cli
+from .support import run_cli, run_demo
 
 
 @pytest.mark.parametrize(
@@ -50,23 +47,8 @@ async def test_cli_errors_say_what_to_do(amqp_url: str, tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("broker", ["rabbitmq", "memory"])
 async def test_demo_shows_the_retry_and_the_dead_letter(amqp_url: str, broker: str) -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "examples.send_email.demo",
-        cwd=ROOT,
-        env={**os.environ, "NOBS_AMQP_URL": amqp_url if broker == "rabbitmq" else "memory://"},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        output_bytes, _ = await asyncio.wait_for(process.communicate(), 100)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    output = output_bytes.decode()
-    assert process.returncode == 0, output
+    code, output = await run_demo(amqp_url if broker == "rabbitmq" else "memory://")
+    assert code == 0, output
     assert "attempt 1 failed (MailboxUnavailableError" in output
     assert "x-nobs-reason: max_attempts" in output
     assert "sent email to later@nordmann.no" in output

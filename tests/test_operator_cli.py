@@ -3,13 +3,10 @@ memory://, finding the app from a subdirectory, options after the subcommand, th
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import http.server
 import json
-import os
 import socket
-import sys
 import textwrap
 import threading
 import uuid
@@ -22,7 +19,7 @@ import pytest
 from nobs_amqp.management import MANAGEMENT_ENV, Management
 from nobs_amqp.urls import vhost_of, with_vhost
 
-from .support import ROOT, Broker, eventually, run_cli
+from .support import Broker, eventually, run_cli, run_demo
 
 CLI_APP = ("--app", "tests.apps.cli_app:project")
 
@@ -297,24 +294,8 @@ async def test_demo_runs_in_a_vhost_of_its_own_and_deletes_it(amqp_url: str) -> 
         return {q["name"] for q in await management.request("GET", f"/api/queues/{quote(vhost, safe='')}")}
 
     before = await queues()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "examples.send_email.demo",
-        cwd=ROOT,
-        env={**os.environ, "NOBS_AMQP_URL": amqp_url},
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        output_bytes, _ = await asyncio.wait_for(process.communicate(), 100)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    output = output_bytes.decode()
-    assert process.returncode == 0, output
+    code, output = await run_demo(amqp_url)
+    assert code == 0, output
     assert "x-nobs-reason: max_attempts" in output
     assert "/#/queues/nobs-amqp-demo-" in output
     assert "demo: deleted its vhost 'nobs-amqp-demo-" in output
