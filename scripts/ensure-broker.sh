@@ -90,6 +90,12 @@ wait_for() {
     "$check"
 }
 
+# The local node answers its CLI (it may still be booting) / has finished booting.
+# shellcheck disable=SC2317  # called indirectly through wait_for
+node_answers() { timeout 30 rabbitmq-diagnostics -q ping >/dev/null 2>&1; }
+# shellcheck disable=SC2317
+node_booted() { timeout 30 rabbitmq-diagnostics -q check_running >/dev/null 2>&1; }
+
 # Best effort: needs root or the rabbitmq user; failure is ignored.
 enable_mgmt_plugin() {
     if [[ $is_local == 1 ]] && command -v rabbitmq-plugins >/dev/null 2>&1; then
@@ -150,14 +156,19 @@ if [[ $starts_here == 1 && $debian_root == 1 && ${NOBS_AMQP_NO_BROKER_INSTALL:-0
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q rabbitmq-server
     fi
     # Without systemd the package may or may not have started the node; never
-    # start a second node next to one that runs but listens elsewhere.
-    if ! amqp_up && timeout 60 rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
-        die "a local RabbitMQ node runs but AMQP at $target does not answer; check its listeners or NOBS_AMQP_URL"
+    # start a second node next to one that runs. A node that runs may still be
+    # booting (its AMQP listener comes last), so give it time before judging.
+    if ! amqp_up && node_answers; then
+        wait_for amqp_up 90 "the running RabbitMQ node to open AMQP at $target" \
+            || die "a local RabbitMQ node runs but AMQP at $target does not answer; check its listeners or NOBS_AMQP_URL"
     fi
     if ! amqp_up; then
         say "starting rabbitmq-server (detached)"
         rabbitmq-server -detached
-        timeout 120 rabbitmqctl await_startup >/dev/null || die "rabbitmq-server did not finish starting within 120s"
+        # `rabbitmqctl await_startup` fails at once while the new node has not yet
+        # registered with epmd, so poll until the node says it has booted.
+        wait_for node_booted 120 "rabbitmq-server to boot" \
+            || die "rabbitmq-server did not finish starting within 120s; its log is in /var/log/rabbitmq/"
     fi
     enable_mgmt_plugin
     wait_for amqp_up 90 "AMQP at $target" || die "rabbitmq-server runs but AMQP at $target does not answer"
