@@ -426,7 +426,7 @@ async def soak(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         try:
             producer, worker = make(node.url)
             async with producer:
-                await producer.declare(worker, delayed=True)
+                await producer.session.declare(worker, delayed=True)
                 for _ in range(args.workers):
                     workers.start()
                 stop = asyncio.Event()

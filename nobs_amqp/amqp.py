@@ -10,9 +10,7 @@ import re
 import socket
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar, cast
 
@@ -32,9 +30,9 @@ from .errors import (
     UnroutableError,
 )
 from .management import Management
-from .message import CONTENT_TYPE, Message, now
+from .message import CONTENT_TYPE, Message, wall_clock
 from .topology import ExchangeSpec, QueueSpec, ServerVersion, Topology, difference
-from .transport import Handler
+from .transport import Handler, deadline
 from .urls import redact as redact  # re-exported: examples and status use them from here
 from .urls import vhost_of as vhost_of
 
@@ -42,6 +40,8 @@ log = logging.getLogger("nobs_amqp")
 
 PERSISTENT = 2
 ACK_LINGER_SECONDS = 0.005
+#: How long closing a subscription waits for the broker to show the messages it gave back.
+RETURN_WAIT_SECONDS = 2.0
 #: Reconnection backoff: the first attempt at once, then after as long as the outage has lasted
 #: so far (0.5 s, 1 s, 2 s: doubling), at most RECONNECT_MAX_SECONDS apart (the most a worker waits
 #: after the broker is back).
@@ -61,23 +61,8 @@ _REFUSALS = (
     aiormq.exceptions.ChannelLockedResource,
     aiormq.exceptions.ChannelPreconditionFailed,
 )
-#: When the queue() (or retry, or dead letter) in progress gives up: declaring and publishing share it.
-_DEADLINE: ContextVar[float | None] = ContextVar("nobs_amqp_deadline", default=None)
 _T = TypeVar("_T")
 _INEQUIVALENT = re.compile(r"inequivalent arg '([^']+)' for (queue|exchange) '([^']+)' in vhost '([^']*)': (.*)")
-
-
-@contextmanager
-def one_deadline(seconds: float) -> Iterator[None]:
-    """Everything the transport does inside waits for an unreachable broker until one deadline,
-    `seconds` from now (unless an enclosing block set an earlier one)."""
-    deadline = asyncio.get_running_loop().time() + seconds
-    outer = _DEADLINE.get()
-    token = _DEADLINE.set(deadline if outer is None else min(outer, deadline))
-    try:
-        yield
-    finally:
-        _DEADLINE.reset(token)
 
 
 class _BackoffConnection(aio_pika.RobustConnection):
@@ -130,6 +115,14 @@ class AmqpTransport:
     @property
     def vhost(self) -> str:
         return vhost_of(self._url)
+
+    @property
+    def url(self) -> str:
+        """The URL of the node the connection reached (of a cluster's list, the one that answered)."""
+        return self._url
+
+    def now(self) -> datetime:
+        return wall_clock()
 
     @property
     def server_version(self) -> ServerVersion:
@@ -229,16 +222,16 @@ class AmqpTransport:
         """`attempt()`, again and again while the broker is unreachable, until the deadline of the
         queue() in progress (else `publish_timeout` from now); then BrokerUnavailableError."""
         loop = asyncio.get_running_loop()
-        deadline = _DEADLINE.get() or loop.time() + self._publish_timeout
+        until = deadline() or loop.time() + self._publish_timeout
         pause = 0.05
         while True:
             try:
-                async with asyncio.timeout_at(deadline):
+                async with asyncio.timeout_at(until):
                     return await attempt()
             except _REFUSALS:
                 raise
             except _CONNECTION_ERRORS as exc:
-                if loop.time() + pause >= deadline:
+                if loop.time() + pause >= until:
                     raise BrokerUnavailableError(
                         destination,
                         f"the broker stayed unreachable for {self._publish_timeout:.0f} s (publish_timeout); "
@@ -340,7 +333,7 @@ class AmqpTransport:
         await channel.set_qos(prefetch_count=prefetch)
         declared = await channel.declare_queue(queue, passive=True)
 
-        subscription = _AmqpSubscription(channel, declared, prefetch)
+        subscription = _AmqpSubscription(channel, declared, prefetch, lambda: self.message_count(queue))
 
         async def on_message(incoming: AbstractIncomingMessage) -> None:
             await handler(
@@ -393,6 +386,11 @@ class _Acker:
 
     def delivered(self, tag: int) -> None:
         self._outstanding.append(tag)
+
+    @property
+    def held(self) -> int:
+        """Delivered and not yet acked or nacked: what closing the channel gives back."""
+        return len(self._outstanding)
 
     def ack(self, tag: int) -> None:
         self._settled.add(tag)
@@ -448,10 +446,17 @@ class _Acker:
 
 
 class _AmqpSubscription:
-    def __init__(self, channel: AbstractRobustChannel, queue: aio_pika.abc.AbstractQueue, prefetch: int) -> None:
+    def __init__(
+        self,
+        channel: AbstractRobustChannel,
+        queue: aio_pika.abc.AbstractQueue,
+        prefetch: int,
+        count: Callable[[], Awaitable[int]],
+    ) -> None:
         self._prefetch = prefetch
         self._channel = channel
         self._queue = queue
+        self._count = count
         self.tag = ""
         self._acker: _Acker | None = None
 
@@ -474,10 +479,26 @@ class _AmqpSubscription:
             await self._acker.flush()
 
     async def close(self) -> None:
-        """Send pending acks, then close the channel: the broker returns every message still unsettled."""
+        """Send pending acks, then close the channel: the broker returns every message still
+        unsettled. It puts them back asynchronously: wait (up to RETURN_WAIT_SECONDS) until the
+        queue shows them, so a count or a read right after this sees the queue as it was."""
         await self.flush()
-        if not self._channel.is_closed:
-            await self._channel.close()
+        if self._channel.is_closed:
+            return
+        held = self._acker.held if self._acker is not None else 0
+        before = await self._count() if held else 0
+        await self._channel.close()
+        if held:
+            await self._returned(before + held)
+
+    async def _returned(self, expected: int) -> None:
+        loop = asyncio.get_running_loop()
+        until = loop.time() + RETURN_WAIT_SECONDS
+        try:
+            while await self._count() < expected and loop.time() < until:  # noqa: ASYNC110 - the broker sends no event when a return lands
+                await asyncio.sleep(0.01)
+        except _CONNECTION_ERRORS + _REFUSALS as exc:  # gone or deleted meanwhile: nothing to wait for
+            log.debug("cannot count %s after giving messages back: %s", self._queue.name, _describe(exc))
 
 
 class _AmqpDelivery:
@@ -493,7 +514,7 @@ class _AmqpDelivery:
             task=incoming.type or "",
             message_id=incoming.message_id or "",
             app_id=incoming.app_id or "",
-            timestamp=incoming.timestamp if isinstance(incoming.timestamp, datetime) else now(),
+            timestamp=incoming.timestamp if isinstance(incoming.timestamp, datetime) else wall_clock(),
             headers=_plain_headers(incoming.headers),
             priority=incoming.priority or None,
         )

@@ -20,14 +20,14 @@ import click
 from . import dlq as dead
 from . import message as wire
 from .consumer import Consumer
-from .errors import NobsAmqpError
-from .memory import MEMORY_SCHEME
+from .errors import NobsAmqpError, UnknownTaskError
 from .message import Message, printable
 from .project import Project
+from .session import Session
 from .status import delete, deletion, project_status, topology_diff, topology_json, topology_table
 from .supervisor import RECYCLE_EXIT, supervise
-from .tasks import UnknownTaskError
 from .topology import Topology, definitions
+from .urls import in_process
 from .worker import Worker
 
 APP_ENV = "NOBS_AMQP_APP"
@@ -206,19 +206,22 @@ def consume(
         command += ["consume", worker, *(f"{k}={v}" for k, v in options.items() if v is not None)]
         command += ["--burst"] if burst else []
         sys.exit(supervise(command, processes, restart=not burst, grace_period=grace_period))
-    consumer = Consumer(
-        project,
-        target,
-        prefetch=prefetch,
-        concurrency=concurrency,
-        burst=burst,
-        grace_period=grace_period,
-        max_memory_mb=max_memory,
-        max_stuck_threads=recycle_stuck_threads,
-    )
+
+    def build(session: Session) -> Consumer:
+        return Consumer(
+            session,
+            target,
+            prefetch=prefetch,
+            concurrency=concurrency,
+            burst=burst,
+            grace_period=grace_period,
+            max_memory_mb=max_memory,
+            max_stuck_threads=recycle_stuck_threads,
+        )
+
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(_consume(project, consumer))
+            consumer = runner.run(_consume(project, build))
     except NobsAmqpError as exc:
         raise click.ClickException(str(exc)) from None
     log.info("worker %s: stopped after %d task(s)", worker, consumer.processed)
@@ -254,7 +257,7 @@ def _refuse_memory(project: Project, what: str) -> None:
         url = project.urls[0]
     except NobsAmqpError as exc:  # a malformed NOBS_AMQP_URL: no traceback
         raise click.ClickException(str(exc)) from None
-    if url.startswith(MEMORY_SCHEME):
+    if in_process(url):
         raise click.UsageError(
             f"{what} needs RabbitMQ: NOBS_AMQP_URL is memory://, a broker that lives inside one "
             f"process and is gone when this command exits; set NOBS_AMQP_URL to an amqp:// URL"
@@ -266,11 +269,11 @@ def dlq() -> None:
     """Read, replay and purge a worker's dead-letter queue (WORKER.dlq)."""
 
 
-def _dlq_run(app: str | None, worker: str, action: Callable[[Project, Worker], Awaitable[T]]) -> T:
+def _dlq_run(app: str | None, worker: str, action: Callable[[Session, Worker], Awaitable[T]]) -> T:
     project = load_project(app_reference(app))
     _refuse_memory(project, "dlq")
     target = _worker(project, worker)
-    return _run(project, lambda p: action(p, target))
+    return _run(project, lambda p: action(p.session, target))
 
 
 #: Characters of a dead letter's error `dlq list` shows (its first line); `dlq show` gives it all.
@@ -471,7 +474,7 @@ def topology_apply(app: str | None) -> None:
 
     async def apply(project: Project) -> int:
         for worker in project.workers.values():
-            await project.declare(worker, delayed=True)
+            await project.session.declare(worker, delayed=True)
         return len(project.workers)
 
     count = _with_project(app, apply, refuse_memory="topology apply")
@@ -503,7 +506,7 @@ def topology_export(app: str | None) -> None:
     """Print RabbitMQ definitions JSON (import it in the management UI)."""
 
     async def export(project: Project) -> dict[str, list[dict[str, object]]]:
-        return definitions(project.topology(), project.transport.vhost)
+        return definitions(project.topology(), project.session.transport.vhost)
 
     click.echo(json.dumps(_with_project(app, export, refuse_memory="topology export"), indent=2))
 
@@ -552,18 +555,24 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 REPEATED_SIGNAL_SECONDS = 0.5
 
 
-async def _consume(project: Project, consumer: Consumer) -> None:
-    """Run `consumer`. The first SIGTERM/SIGINT drains (running tasks get the grace period), a
-    second one stops at once (running tasks are cancelled, their messages go back to the queue),
-    a third one exits without a word to the broker (which then returns the unsettled messages)."""
+async def _consume(project: Project, build: Callable[[Session], Consumer]) -> Consumer:
+    """Open `project` and run the consumer `build` makes. The first SIGTERM/SIGINT drains (running
+    tasks get the grace period), a second one stops at once (running tasks are cancelled, their
+    messages go back to the queue), a third one exits without a word to the broker (which then
+    returns the unsettled messages). A signal while it is still connecting exits at once."""
     loop = asyncio.get_running_loop()
     signals = 0
     last = 0.0
+    consumer: Consumer | None = None
 
     def on_signal(signum: int, frame: object) -> None:
         nonlocal signals, last
         # A plain signal handler (not the loop's): it runs even while a task blocks the loop.
         name = signal.Signals(signum).name
+        if consumer is None:  # still connecting: nothing was taken yet, so nothing to drain
+            log.info("%s before the worker started: exiting", name)
+            logging.shutdown()
+            os._exit(0)
         watchdog = consumer.watchdog
         if watchdog is not None and watchdog.blocked_for() >= BLOCKED_EXIT_SECONDS:
             log.error(
@@ -588,6 +597,7 @@ async def _consume(project: Project, consumer: Consumer) -> None:
             os._exit(0)
 
     def stopping(name: str) -> None:
+        assert consumer is not None  # signals before it exists exit at once
         log.info(
             "%s: stopping; running tasks get up to %.0f s to finish (a second SIGINT or SIGTERM, "
             "e.g. Ctrl-C again, stops at once and returns their messages to the queue)",
@@ -599,4 +609,6 @@ async def _consume(project: Project, consumer: Consumer) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
     async with project:
+        consumer = build(project.session)
         await consumer.run()
+    return consumer

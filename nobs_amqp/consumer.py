@@ -16,22 +16,42 @@ import os
 import resource
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 import orjson
 from pydantic import ValidationError
 
 from . import message as wire
-from .errors import BrokerUnavailableError, NobsAmqpError, TaskDefinitionError, TopologyMismatchError
+from .errors import (
+    BadSignatureError,
+    BrokerUnavailableError,
+    DeliveryLimitExceeded,
+    ForeignTaskError,
+    NobsAmqpError,
+    RetryNotPlacedError,
+    TaskDefinitionError,
+    TopologyMismatchError,
+    UndecodableMessageError,
+    UnknownTaskError,
+)
 from .message import printable
-from .retry import Ack, DeadLetter, DeliveryLimitExceeded, Outcome, Reject, Retry, RetryLater, decide
+from .outcome import (
+    DeadLetter,
+    Happened,
+    NotPlaced,
+    Outcome,
+    Raised,
+    Refused,
+    RetryLater,
+    Succeeded,
+    WorkerFailed,
+    decide,
+)
+from .retry import Reject, Retry
 from .runner import LoopWatchdog, TaskRunner
-from .tasks import TaskTable, UnknownTaskError
+from .session import Session
+from .tasks import TaskTable
 from .transport import Delivery, Subscription
-
-if TYPE_CHECKING:
-    from .project import Project
-    from .worker import Worker
+from .worker import Worker
 
 log = logging.getLogger("nobs_amqp")
 
@@ -51,20 +71,12 @@ Identity = tuple[str, int, str]
 _Publish = Callable[[], Awaitable[None]]
 
 
-class UndecodableMessageError(Exception):
-    """Some of a message's properties could not be decoded."""
-
-
-class BadSignatureError(Exception):
-    """A message is unsigned or its signature does not match the project's keys."""
-
-
 class Consumer:
     """Consumes one worker's queue until `stop()` (or, in burst mode, until it is empty)."""
 
     def __init__(
         self,
-        project: Project,
+        session: Session,
         worker: Worker,
         *,
         prefetch: int | None = None,
@@ -75,7 +87,7 @@ class Consumer:
         max_stuck_threads: int | None = None,
         fail_fast: bool = False,
     ) -> None:
-        self.project = project
+        self.session = session
         self.worker = worker
         self.concurrency = concurrency or worker.concurrency
         self.prefetch = prefetch or worker.prefetch or self.concurrency
@@ -124,11 +136,11 @@ class Consumer:
             self._forced.set()
 
     async def run(self) -> None:
-        self._tasks = self.project.tasks()
-        await self.project.declare(self.worker, delayed=False)
+        self._tasks = self.session.tasks()
+        await self.session.declare(self.worker, delayed=False)
         # The delay ladder (for retries) is declared while the first messages already run;
         # a ladder that exists with other arguments stops the worker at once.
-        ladder = asyncio.create_task(self.project.declare(self.worker, delayed=True))
+        ladder = asyncio.create_task(self.session.declare(self.worker, delayed=True))
         ladder.add_done_callback(self._ladder_declared)
         self.watchdog = LoopWatchdog(asyncio.get_running_loop(), self.runner.labels)
         self.watchdog.start()
@@ -141,7 +153,7 @@ class Consumer:
             self.prefetch,
             self.concurrency,
             ", burst" if self.burst else "",
-            ", signed messages only" if self.project.signer is not None else "",
+            ", signed messages only" if self.session.signer is not None else "",
         )
         try:
             if self.burst:
@@ -175,10 +187,10 @@ class Consumer:
             await self._subscription.flush()
 
     async def _subscribe(self) -> None:
-        self._subscription = await self.project.transport.consume(self.worker.name, self.prefetch, self._on_delivery)
+        self._subscription = await self.session.transport.consume(self.worker.name, self.prefetch, self._on_delivery)
 
     async def _until_empty(self) -> None:
-        transport = self.project.transport
+        transport = self.session.transport
         queue = self.worker.name
         while not self._stopping.is_set():
             if not self._running and await transport.message_count(queue) == 0:
@@ -291,7 +303,7 @@ class Consumer:
 
     async def _handle(self, delivery: Delivery) -> None:
         message = delivery.message
-        outcome = await self._execute(delivery)
+        outcome = self._decide(await self._execute(delivery))
         if isinstance(outcome, RetryLater):
             outcome = await self._retry(message, outcome)
         if isinstance(outcome, DeadLetter) and not await self._dead_letter(message, outcome):
@@ -300,34 +312,39 @@ class Consumer:
         self._remember(message.identity)
         await delivery.ack()
 
-    async def _execute(self, delivery: Delivery) -> Outcome:
+    def _decide(self, happened: Happened) -> Outcome:
+        return decide(happened, self.worker.policy, self.session.now())
+
+    async def _execute(self, delivery: Delivery) -> Happened:
+        """Run the delivery's task if it may run; what happened."""
         message = delivery.message
         undecodable = message.headers.get(wire.UNDECODABLE)
         if undecodable is not None:
-            return DeadLetter("decode_error", UndecodableMessageError(printable(undecodable, 1000)))
-        signer = self.project.signer
+            return Refused(UndecodableMessageError(printable(undecodable, 1000)))
+        signer = self.session.signer
         if signer is not None and (problem := signer.problem(message)) is not None:
-            return DeadLetter("bad_signature", BadSignatureError(problem))
+            return Refused(BadSignatureError(problem))
         limit = self.worker.queue_options.delivery_limit
         returned = self._returned(delivery)
         if limit is not None and returned >= limit:
-            return DeadLetter(
-                "delivery_limit",
+            return Refused(
                 DeliveryLimitExceeded(
                     f"handed to a worker {returned} times without being settled (the worker was killed, "
                     f"ran out of memory, crashed, or was stopped before it ran it); not running it again"
-                ),
+                )
             )
         assert self._tasks is not None
         try:
             spec = self._tasks.get(message.task)
             payload = spec.decode(message.body)
         except (UnknownTaskError, TaskDefinitionError) as exc:
-            return DeadLetter("unknown_task", self._unknown(message, exc))
+            return Refused(self._unknown(message, exc))
         except (orjson.JSONDecodeError, RecursionError) as exc:
-            return DeadLetter("decode_error", exc)
+            undecodable_body = UndecodableMessageError(f"the body is not JSON a task can take: {printable(exc)}")
+            undecodable_body.__cause__ = exc
+            return Refused(undecodable_body)
         except ValidationError as exc:
-            return DeadLetter("validation_error", exc)
+            return Refused(exc)
         log.debug("task %s id %s attempt %d: start", message.task, printable(message.message_id), message.attempt)
         label = f"task {message.task} id {printable(message.message_id)}"
         try:
@@ -336,20 +353,22 @@ class Consumer:
             if self.fail_fast and self._failure is None and not isinstance(exc, Retry | Reject):
                 self._failure = exc
                 self.stop()
-            return decide(self.worker.policy, exc, message.attempt, message.enqueued_at, spec.fn)
+            return Raised(exc, message.attempt, message.enqueued_at, spec.fn)
         finally:
             self._check_health()
-        return Ack()
+        return Succeeded()
 
-    def _unknown(self, message: wire.Message, error: Exception) -> Exception:
+    def _unknown(
+        self, message: wire.Message, error: UnknownTaskError | TaskDefinitionError
+    ) -> UnknownTaskError | TaskDefinitionError:
         """Why a task is unknown here; a message another project sent says so: two projects that
         share a vhost and a worker name consume each other's messages."""
         sender = message.app_id
-        if not sender or sender == self.project.name:
+        if not sender or sender == self.session.project:
             return error
         foreign = ForeignTaskError(
             f"a message from project {printable(sender, 100)!r} reached worker {self.worker.name!r} of project "
-            f"{self.project.name!r}: each project needs its own vhost or its own worker names ({error})"
+            f"{self.session.project!r}: each project needs its own vhost or its own worker names ({error})"
         )
         foreign.__cause__ = error
         return foreign
@@ -378,8 +397,8 @@ class Consumer:
 
     async def _retry(self, message: wire.Message, outcome: RetryLater) -> Outcome:
         """Place the retry copy; if it cannot be placed, the dead letter that replaces it."""
-        copy = wire.retry_copy(message, outcome.delay)
-        error = await self._publish_once_more(lambda: self.project.send(self.worker, copy, outcome.delay))
+        copy = wire.retry_copy(message, outcome.delay, now=self.session.now())
+        error = await self._publish_once_more(lambda: self.session.send(self.worker, copy, outcome.delay))
         if error is None:
             log.warning(
                 "task %s id %s attempt %d failed (%s: %s); retry in %.0f s",
@@ -400,12 +419,12 @@ class Consumer:
         )
         failed = RetryNotPlacedError(f"{printable(outcome.error, 500)}; and its retry could not be published: {error}")
         failed.__cause__ = outcome.error
-        return DeadLetter("retry_failed", failed)
+        return self._decide(NotPlaced(failed))
 
     async def _dead_letter(self, message: wire.Message, outcome: DeadLetter) -> bool:
         """Publish the dead-letter copy (confirmed); False when it cannot be placed."""
-        copy = wire.dead_letter_copy(message, outcome.reason, outcome.error)
-        error = await self._publish_once_more(lambda: self.project.dead_letter(self.worker, copy))
+        copy = wire.dead_letter_copy(message, outcome.reason, outcome.error, now=self.session.now())
+        error = await self._publish_once_more(lambda: self.session.dead_letter(self.worker, copy))
         if error is not None:
             log.error(
                 "task %s id %s: its dead letter cannot be placed (%s); rejecting it to %s.dlx",
@@ -434,7 +453,7 @@ class Consumer:
         for attempt in range(2):
             if attempt:
                 log.warning("worker %s: %s; declaring the topology again", self.worker.name, printable(error))
-                self.project.forget_declared(self.worker)
+                self.session.forget_declared(self.worker)
             try:
                 await publish()
                 return None
@@ -452,7 +471,8 @@ class Consumer:
             await _quietly(delivery.nack(requeue=True))
             return
         try:
-            if await self._dead_letter(delivery.message, DeadLetter("worker_error", error)):
+            outcome = self._decide(WorkerFailed(error))
+            if isinstance(outcome, DeadLetter) and await self._dead_letter(delivery.message, outcome):
                 await delivery.ack()
                 return
         except Exception as exc:  # noqa: BLE001 - the dead letter failed too: the broker's own dead-lettering
@@ -467,14 +487,6 @@ def resident_mb() -> float:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError, IndexError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class ForeignTaskError(UnknownTaskError):
-    """Another project's message reached this worker: the two share a vhost and a worker name."""
-
-
-class RetryNotPlacedError(Exception):
-    """A task failed and its retry could not be published: it was dead-lettered instead."""
 
 
 async def _quietly(settle: object) -> None:

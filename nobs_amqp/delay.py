@@ -25,7 +25,10 @@ a level queue that dead-letters at least once.
 from __future__ import annotations
 
 import math
+import numbers
+from datetime import timedelta
 
+from .errors import ConfigurationError
 from .topology import Binding, ExchangeSpec, QueueSpec, Topology, quorum_dead_letter_arguments
 
 LEVELS = 28
@@ -44,14 +47,41 @@ def unroutable_name(project: str) -> str:
     return f"{project}.delay.unroutable"
 
 
+def checked_seconds(value: float | timedelta, what: str = "delay", *, positive: bool = False) -> float:
+    """`value` (a number of seconds or a timedelta) in seconds. ConfigurationError naming the allowed
+    range for anything else: a string, a bool, nan, infinity, a negative value (zero too when
+    `positive`), or more than the delay ladder holds (MAX_DELAY_SECONDS, about 8.5 years)."""
+    span = "more than 0 and at most" if positive else "0 to"
+    allowed = f"{what} must be {span} {MAX_DELAY_SECONDS} seconds (about 8.5 years), as a number or a timedelta"
+    shown = repr(value)[:60]
+    if isinstance(value, timedelta):
+        result = value.total_seconds()
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            result = float(value)
+        except OverflowError:
+            raise ConfigurationError(f"{allowed} (got {shown})") from None
+    else:
+        raise ConfigurationError(f"{allowed} (got {type(value).__name__} {shown})")
+    if not (result > 0 if positive else result >= 0) or not result <= MAX_DELAY_SECONDS:  # nan fails both
+        raise ConfigurationError(f"{allowed} (got {shown})")
+    return result
+
+
 def delay_seconds(delay: float) -> int:
-    """Whole seconds the ladder holds a message for `delay`: never less than asked."""
+    """Whole seconds the ladder holds a message for `delay` seconds: never less than asked.
+    The one place a delay is rounded; what it returns feeds both the ETA header and the ladder."""
     if delay <= 0:
         return 0
     seconds = math.ceil(delay - 1e-9)
     if seconds > MAX_DELAY_SECONDS:
-        raise ValueError(f"delay of {delay:.0f} s is longer than the maximum {MAX_DELAY_SECONDS} s")
+        raise ConfigurationError(f"a delay of {delay:.0f} s is longer than the maximum {MAX_DELAY_SECONDS} s")
     return seconds
+
+
+def ladder_delay(value: float | timedelta, what: str = "delay") -> int:
+    """A user's delay (seconds or timedelta), checked (ConfigurationError), in the ladder's whole seconds."""
+    return delay_seconds(checked_seconds(value, what))
 
 
 def routing_key(seconds: int, destination: str) -> str:

@@ -26,7 +26,7 @@ from typing import TypeVar
 
 from . import message as wire
 from .message import Message, replay_copy
-from .project import Project
+from .session import Session
 from .topology import dead_letter_queue
 from .transport import Delivery, Subscription
 from .worker import Worker
@@ -38,7 +38,6 @@ FIRST_WINDOW = 250
 MAX_WINDOW = 8_000
 #: A read ends when nothing arrived for this long while it had room: fewer were ready than counted.
 IDLE_SECONDS = 1.0
-WAIT_SECONDS = 2.0
 
 #: What tells one dead letter from another for a replay: message id and when it was dead-lettered.
 Key = tuple[str, datetime | None]
@@ -71,8 +70,8 @@ class _Read:
     """One read of a DLQ from its head: each message goes to `visit`, which returns True if it
     settled (acked) it; a visit stops the read early with `done.set()`."""
 
-    def __init__(self, project: Project, worker: Worker, visit: Callable[[Delivery], Awaitable[bool]]) -> None:
-        self._project = project
+    def __init__(self, session: Session, worker: Worker, visit: Callable[[Delivery], Awaitable[bool]]) -> None:
+        self._session = session
         self._worker = worker
         self._queue = dead_letter_queue(worker.name)
         self._visit = visit
@@ -106,9 +105,9 @@ class _Read:
 
     async def run(self, *, window: int = FIRST_WINDOW) -> None:
         """Read until a visit stops it, or every message ready at the start went to a visit."""
-        transport = self._project.transport
-        await self._project.declare(self._worker, delayed=False)
-        before = self._total = await transport.message_count(self._queue)
+        transport = self._session.transport
+        await self._session.declare(self._worker, delayed=False)
+        self._total = await transport.message_count(self._queue)
         subscriptions: list[Subscription] = []
         capacity = 0
         try:
@@ -129,12 +128,6 @@ class _Read:
             await self._close(subscriptions)
         if self._error is not None:
             raise self._error
-        # The broker puts returned messages back asynchronously: wait until it shows them, so a
-        # count or a read right after this sees the queue as it was.
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + WAIT_SECONDS
-        while await transport.message_count(self._queue) < before - self.settled and loop.time() < deadline:  # noqa: ASYNC110 - the broker sends no event when a return lands
-            await asyncio.sleep(0.01)
 
     async def _close(self, subscriptions: list[Subscription]) -> None:
         """Stop every window first (a message given back must not reach a window still open),
@@ -151,7 +144,7 @@ class _Read:
 _T = TypeVar("_T")
 
 
-async def _oldest(project: Project, worker: Worker, limit: float, pick: Callable[[Message], _T]) -> list[_T]:
+async def _oldest(session: Session, worker: Worker, limit: float, pick: Callable[[Message], _T]) -> list[_T]:
     """`pick` of each of the `limit` oldest dead letters of `worker` (by `dead_at`), oldest
     first. Reads the whole DLQ, keeping no more than `limit` of them in memory."""
     kept: list[tuple[float, int, _T]] = []  # the newest kept on top: (-age, -arrival, picked)
@@ -165,17 +158,17 @@ async def _oldest(project: Project, worker: Worker, limit: float, pick: Callable
             heapq.heapreplace(kept, entry)
         return False
 
-    await _Read(project, worker, keep).run()
+    await _Read(session, worker, keep).run()
     return [picked for *_, picked in sorted(kept, key=lambda entry: entry[:2], reverse=True)]
 
 
-async def peek(project: Project, worker: Worker, limit: int = 100) -> list[Message]:
+async def peek(session: Session, worker: Worker, limit: int = 100) -> list[Message]:
     """The `limit` oldest dead letters of `worker` (by `dead_at`), oldest first, left in the
     queue. Reads the whole DLQ to find them."""
-    return await _oldest(project, worker, limit, lambda message: message)
+    return await _oldest(session, worker, limit, lambda message: message)
 
 
-async def find(project: Project, worker: Worker, message_id: str) -> Message | None:
+async def find(session: Session, worker: Worker, message_id: str) -> Message | None:
     """The first dead letter of `worker` with id `message_id` in queue order, or None. Reads
     from the head and stops there: its time goes with the message's position in the DLQ."""
     found: list[Message] = []
@@ -187,13 +180,13 @@ async def find(project: Project, worker: Worker, message_id: str) -> Message | N
             read.done.set()
         return False
 
-    read = _Read(project, worker, look)
+    read = _Read(session, worker, look)
     await read.run()
     return found[0] if found else None
 
 
 async def replay(
-    project: Project, worker: Worker, limit: int | None = None, progress: Callable[[int], None] | None = None
+    session: Session, worker: Worker, limit: int | None = None, progress: Callable[[int], None] | None = None
 ) -> int:
     """Move the dead letters that are in `worker`'s DLQ now (the `limit` oldest of them, by
     `dead_at`) back to its queue with the attempt count reset, each once; each is acked in the
@@ -203,7 +196,7 @@ async def replay(
     failed again. The replay knows the dead letters there at its start by message id and
     dead-letter time (a snapshot, counted: two alike are both replayed) and takes only those,
     in one read from the head that ends once it has them all."""
-    wanted = Counter(await _oldest(project, worker, math.inf if limit is None else limit, _key))
+    wanted = Counter(await _oldest(session, worker, math.inf if limit is None else limit, _key))
     moved = 0
     read: _Read
 
@@ -216,7 +209,7 @@ async def replay(
         if wanted.total() == 0:
             read.done.set()
         try:
-            await project.send(worker, replay_copy(delivery.message), 0)
+            await session.send(worker, replay_copy(delivery.message, now=session.now()), 0)
         except BaseException:
             wanted[key] += 1
             raise
@@ -227,18 +220,18 @@ async def replay(
         return True
 
     if wanted.total():
-        read = _Read(project, worker, send_back)
+        read = _Read(session, worker, send_back)
         await read.run(window=REPLAY_BATCH)
     return moved
 
 
-async def count(project: Project, worker: Worker) -> int:
+async def count(session: Session, worker: Worker) -> int:
     """How many dead letters `worker` has."""
-    await project.declare(worker, delayed=False)
-    return await project.transport.message_count(dead_letter_queue(worker.name))
+    await session.declare(worker, delayed=False)
+    return await session.transport.message_count(dead_letter_queue(worker.name))
 
 
-async def purge(project: Project, worker: Worker) -> int:
+async def purge(session: Session, worker: Worker) -> int:
     """Delete every dead letter of `worker`; returns how many there were."""
-    await project.declare(worker, delayed=False)
-    return await project.transport.purge(dead_letter_queue(worker.name))
+    await session.declare(worker, delayed=False)
+    return await session.transport.purge(dead_letter_queue(worker.name))

@@ -1,4 +1,11 @@
-"""Every error nobs_amqp raises: one base class, specific subclasses carrying data."""
+"""Every error nobs_amqp raises: one base class, specific subclasses carrying data.
+
+Two families besides the user's mistakes and the broker's refusals: what a task raises to
+steer its own outcome (`retry.Retry`, `retry.Reject`, kept beside the policy that validates
+their delay), and why a delivery was not run or failed in the
+worker (`TaskFailure` and its subclasses), whose class name an operator reads as the
+`x-nobs-error-type` of a dead letter.
+"""
 
 from __future__ import annotations
 
@@ -129,6 +136,42 @@ class TopologyMismatchError(NobsAmqpError):
             f"messages away (a shovel in the management UI does it), delete it "
             f"(`{fix}`) and start the worker again to recreate it"
         )
+
+
+class TaskFailure(NobsAmqpError):  # noqa: N818 - a family of reasons, not one error
+    """Why a delivery was not run, or failed outside the task's own code (read in the DLQ)."""
+
+
+class TimeLimitExceeded(TaskFailure):
+    """A task ran longer than its worker's time limit."""
+
+
+class TaskAborted(TaskFailure):
+    """A task raised SystemExit, KeyboardInterrupt or another BaseException: it failed, the worker goes on."""
+
+
+class DeliveryLimitExceeded(TaskFailure):
+    """A message came back more often than its queue's delivery limit: its worker kept dying."""
+
+
+class UnknownTaskError(TaskFailure):
+    """A message names no task this worker runs; nothing was imported or called."""
+
+
+class ForeignTaskError(UnknownTaskError):
+    """Another project's message reached this worker: the two share a vhost and a worker name."""
+
+
+class UndecodableMessageError(TaskFailure):
+    """Some of a message's properties, or its body, could not be decoded."""
+
+
+class BadSignatureError(TaskFailure):
+    """A message is unsigned or its signature does not match the project's keys."""
+
+
+class RetryNotPlacedError(TaskFailure):
+    """A task failed and its retry could not be published: it was dead-lettered instead."""
 
 
 def _type_name(tp: object) -> str:

@@ -21,16 +21,16 @@ import logging
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from typing import ClassVar
 
 from .errors import NotFoundError, TopologyMismatchError, UnroutableError
-from .message import Message
+from .message import Message, wall_clock
 from .topology import ExchangeSpec, QueueSpec, ServerVersion, Topology, difference
 from .transport import Handler
+from .urls import memory_name
 
 log = logging.getLogger("nobs_amqp")
-
-MEMORY_SCHEME = "memory://"
 
 
 @dataclass(slots=True)
@@ -91,12 +91,12 @@ class MemoryBroker:
     @classmethod
     def named(cls, url: str) -> MemoryBroker:
         """The broker of `url` (`memory://` or `memory://NAME`), made on first use."""
-        return cls._brokers.setdefault(url.removeprefix(MEMORY_SCHEME).strip("/"), cls())
+        return cls._brokers.setdefault(memory_name(url), cls())
 
     @classmethod
     def forget(cls, url: str) -> None:
         """Drop the broker of `url` and everything in it."""
-        broker = cls._brokers.pop(url.removeprefix(MEMORY_SCHEME).strip("/"), None)
+        broker = cls._brokers.pop(memory_name(url), None)
         if broker is not None and broker._timer is not None:
             broker._timer.cancel()
 
@@ -106,6 +106,10 @@ class MemoryBroker:
         if self._pinned is not None:
             return self._pinned
         return asyncio.get_running_loop().time() + self._offset
+
+    def skew(self) -> float:
+        """How far the virtual clock is ahead of the real one, in seconds."""
+        return self.now() - asyncio.get_running_loop().time()
 
     async def advance(self, seconds: float) -> None:
         """Move the clock `seconds` ahead, expiring every message that falls due on the way,
@@ -338,6 +342,20 @@ class MemoryTransport:
     @property
     def vhost(self) -> str:
         return "/"
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    def now(self) -> datetime:
+        """The virtual clock: this machine's time plus however far `advance()` moved it."""
+        return wall_clock() + timedelta(seconds=self.broker.skew())
+
+    async def advance(self, seconds: float) -> None:
+        await self.broker.advance(seconds)
+
+    def seconds_to_next_expiry(self) -> float | None:
+        return self.broker.seconds_to_next_expiry()
 
     async def open(self) -> None:
         pass

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from pathlib import Path
 
 CONTENT_TYPE = "application/json"
@@ -32,6 +33,22 @@ WORKER_HOST = "x-nobs-worker-host"
 #: Set by the transport (never trusted from a publisher beyond its own message) when some of a
 #: message's properties could not be decoded: says which and why. Such a message is dead-lettered.
 UNDECODABLE = "x-nobs-undecodable"
+
+
+class Reason(StrEnum):
+    """Why a message is in its worker's dead-letter queue: the `x-nobs-reason` header."""
+
+    MAX_ATTEMPTS = "max_attempts"  # the retry policy's stop said no more
+    REJECTED = "rejected"  # the task raised Reject, or an error the policy does not retry
+    TIME_LIMIT = "time_limit"  # the last attempt ran past the worker's time limit
+    VALIDATION_ERROR = "validation_error"  # the payload does not fit the task's annotation
+    UNKNOWN_TASK = "unknown_task"  # no task of this worker by that name; nothing imported
+    DECODE_ERROR = "decode_error"  # properties or body could not be decoded
+    DELIVERY_LIMIT = "delivery_limit"  # handed out too often unsettled: its workers kept dying
+    BAD_SIGNATURE = "bad_signature"  # unsigned or forged, with a signing key set
+    RETRY_FAILED = "retry_failed"  # it failed and its retry could not be published
+    WORKER_ERROR = "worker_error"  # the worker itself failed while handling it
+
 
 MAX_TRACEBACK = 4000
 MAX_ERROR_MESSAGE = 1000
@@ -76,7 +93,8 @@ class Message:
         return (self.message_id, self.attempt, format_time(self.enqueued_at))
 
 
-def now() -> datetime:
+def wall_clock() -> datetime:
+    """The time on this machine. Message copies take the transport's clock (`Transport.now`)."""
     return datetime.now(UTC)
 
 
@@ -113,15 +131,15 @@ def new_message(
     task: str,
     app_id: str,
     *,
-    delay: float = 0.0,
+    now: datetime,
+    delay: int = 0,
     priority: int | None = None,
 ) -> Message:
-    """A first attempt of a task, enqueued now."""
-    moment = now()
-    headers: dict[str, object] = {ATTEMPT: 1, ENQUEUED_AT: format_time(moment)}
+    """A first attempt of a task, enqueued `now`, due `delay` whole seconds later."""
+    headers: dict[str, object] = {ATTEMPT: 1, ENQUEUED_AT: format_time(now)}
     if delay > 0:
-        headers[ETA] = format_time(moment + timedelta(seconds=delay))
-    return Message(body, task, uuid.uuid4().hex, app_id, moment, headers, priority)
+        headers[ETA] = format_time(now + timedelta(seconds=delay))
+    return Message(body, task, uuid.uuid4().hex, app_id, now, headers, priority)
 
 
 def _trusted_headers(message: Message) -> dict[str, object]:
@@ -130,20 +148,20 @@ def _trusted_headers(message: Message) -> dict[str, object]:
     return {ATTEMPT: message.attempt, ENQUEUED_AT: format_time(message.enqueued_at)}
 
 
-def retry_copy(message: Message, delay: float) -> Message:
-    """The next attempt of `message`, due after `delay` seconds."""
+def retry_copy(message: Message, delay: int, *, now: datetime) -> Message:
+    """The next attempt of `message`, sent `now`, due `delay` whole seconds later."""
     headers = _trusted_headers(message)
     headers[ATTEMPT] = min(message.attempt + 1, MAX_ATTEMPT)
     if delay > 0:
-        headers[ETA] = format_time(now() + timedelta(seconds=delay))
-    return _clean(replace(message, headers=headers, timestamp=now()))
+        headers[ETA] = format_time(now + timedelta(seconds=delay))
+    return _clean(replace(message, headers=headers, timestamp=now))
 
 
-def dead_letter_copy(message: Message, reason: str, error: BaseException | str | None) -> Message:
-    """`message` as it goes to the dead-letter queue, with why and where it failed."""
+def dead_letter_copy(message: Message, reason: Reason, error: BaseException | str | None, *, now: datetime) -> Message:
+    """`message` as it goes to the dead-letter queue `now`, with why and where it failed."""
     headers = _trusted_headers(message)
-    headers[REASON] = reason
-    headers[FAILED_AT] = format_time(now())
+    headers[REASON] = reason.value
+    headers[FAILED_AT] = format_time(now)
     headers[WORKER_HOST] = _HOST
     if isinstance(error, BaseException):
         headers[ERROR_TYPE] = f"{type(error).__module__}.{type(error).__qualname__}"
@@ -189,7 +207,6 @@ def _task_traceback(error: BaseException) -> str:
     return "".join(traceback.format_exception(type(error), error, tb))
 
 
-def replay_copy(message: Message) -> Message:
-    """A dead-lettered message sent back to its queue: attempt count reset, failure kept out."""
-    moment = now()
-    return _clean(replace(message, headers={ATTEMPT: 1, ENQUEUED_AT: format_time(moment)}, timestamp=moment))
+def replay_copy(message: Message, *, now: datetime) -> Message:
+    """A dead-lettered message sent back to its queue `now`: attempt count reset, failure kept out."""
+    return _clean(replace(message, headers={ATTEMPT: 1, ENQUEUED_AT: format_time(now)}, timestamp=now))

@@ -1,30 +1,28 @@
-"""A Project: the workers of one application, its broker connection and what it allows to run."""
+"""A Project: what one application is (its workers, what it allows to run, where its broker is).
+
+Opening it makes a `Session` (one connection, its declare-once cache, sending); closing it
+drops the session. The FastAPI glue is in `asgi.py`; the methods here are its public names.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from . import delay as ladder
-from .amqp import AmqpTransport, one_deadline
-from .errors import ConfigurationError, ProjectNotOpenError, TaskNotAllowedError
-from .memory import MEMORY_SCHEME, MemoryTransport
-from .message import Message
+from . import asgi
+from .consumer import Consumer
+from .errors import ConfigurationError, ProjectNotOpenError, TaskNotAllowedError, UnknownTaskError
+from .session import Session, connect
 from .signing import Signer, SigningKeys
-from .tasks import Allowlist, TaskFunction, TaskSpec, TaskTable, UnknownTaskError, task_spec
-from .topology import Topology, check_name, dead_letter_exchange, worker_topology
-from .transport import Transport
+from .tasks import Allowlist, TaskFunction, TaskSpec, TaskTable, task_spec
+from .topology import Topology, check_name
 from .urls import broker_urls as checked_urls
-
-if TYPE_CHECKING:
-    from .consumer import Consumer
-    from .worker import Worker
+from .worker import Worker
 
 log = logging.getLogger("nobs_amqp")
 
@@ -99,11 +97,7 @@ class Project:
         if publish_timeout <= 0:
             raise ConfigurationError(f"publish_timeout must be more than 0 seconds (got {publish_timeout})")
         self._publish_timeout = publish_timeout
-        self._transport: Transport | None = None
-        self._declared: set[str] = set()
-        # (worker, delayed) pairs whose whole route is declared: send()'s hot path checks only this.
-        self._routes_ready: set[tuple[str, bool]] = set()
-        self._declaring: dict[str, asyncio.Lock] = {}
+        self._session: Session | None = None
         self._specs: dict[TaskFunction, TaskSpec] = {}
 
     def __repr__(self) -> str:
@@ -127,10 +121,11 @@ class Project:
     # -- lifecycle ---------------------------------------------------------------------------
 
     @property
-    def transport(self) -> Transport:
-        if self._transport is None:
+    def session(self) -> Session:
+        """The open connection's session (ProjectNotOpenError before `open()` / after `close()`)."""
+        if self._session is None:
             raise ProjectNotOpenError(self.name)
-        return self._transport
+        return self._session
 
     @property
     def urls(self) -> tuple[str, ...]:
@@ -139,33 +134,28 @@ class Project:
 
     @property
     def is_open(self) -> bool:
-        return self._transport is not None
+        return self._session is not None
 
     async def open(self) -> None:
-        if self._transport is not None:
+        if self._session is not None:
             return
-        urls = self.urls
-        transport: Transport
-        if urls[0].startswith(MEMORY_SCHEME):
-            transport = MemoryTransport(urls[0])
-        else:
-            transport = AmqpTransport(
-                urls,
-                name=f"nobs-amqp {self.name}",
-                pool_size=self._channel_pool_size,
-                publish_timeout=self._publish_timeout,
-            )
+        transport = connect(
+            self.urls,
+            name=f"nobs-amqp {self.name}",
+            pool_size=self._channel_pool_size,
+            publish_timeout=self._publish_timeout,
+        )
         await transport.open()
         if self._signing_key is None:
             self.signer = Signer.configured(None)  # NOBS_AMQP_SIGNING_KEY as it is when the project opens
-        self._transport = transport
-        self._declared.clear()
-        self._routes_ready.clear()
+        self._session = Session(
+            self.name, transport, signer=self.signer, publish_timeout=self._publish_timeout, tasks=self.tasks
+        )
 
     async def close(self) -> None:
-        transport, self._transport = self._transport, None
-        if transport is not None:
-            await transport.close()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.transport.close()
 
     async def __aenter__(self) -> Project:
         await self.open()
@@ -176,48 +166,24 @@ class Project:
     ) -> None:
         await self.close()
 
-    @asynccontextmanager
-    async def lifespan(self, app: object = None) -> AsyncIterator[None]:
+    def lifespan(self, app: object = None) -> AbstractAsyncContextManager[None]:
         """For `FastAPI(lifespan=project.lifespan)`: open on startup, close on shutdown."""
-        async with self:
-            yield
+        return asgi.lifespan(self)
 
     def lifespan_consuming(
         self, *workers: Worker | str, **options: Any
     ) -> Callable[[object], AbstractAsyncContextManager[None]]:
         """A lifespan that also consumes `workers` in this process:
         `FastAPI(lifespan=project.lifespan_consuming(priority_queue))`."""
+        return asgi.lifespan_consuming(self, self._chosen(workers), **options)
 
-        @asynccontextmanager
-        async def lifespan(app: object = None) -> AsyncIterator[None]:
-            async with self, self.consuming(*workers, **options):
-                yield
-
-        return lifespan
-
-    @asynccontextmanager
-    async def consuming(self, *workers: Worker | str, **options: Any) -> AsyncIterator[list[Consumer]]:
+    def consuming(self, *workers: Worker | str, **options: Any) -> AbstractAsyncContextManager[list[Consumer]]:
         """Consume `workers` (default: all) in the background of an open project until the block
         ends; then stop taking messages and let running tasks finish (`grace_period`)."""
-        from .consumer import Consumer
+        return asgi.consuming(self.session, self._chosen(workers), **options)
 
-        chosen = [self.worker(w) if isinstance(w, str) else w for w in workers] or list(self.workers.values())
-        consumers = [Consumer(self, worker, **options) for worker in chosen]
-        runs = [asyncio.create_task(c.run(), name=f"nobs-consume-{c.worker.name}") for c in consumers]
-        try:
-            for consumer, run in zip(consumers, runs, strict=True):
-                ready = asyncio.create_task(consumer.ready.wait())
-                await asyncio.wait({run, ready}, return_when=asyncio.FIRST_COMPLETED)
-                ready.cancel()
-                if run.done():
-                    run.result()  # raise what stopped it from starting
-            yield consumers
-        finally:
-            for consumer in consumers:
-                consumer.stop()
-            for result in await asyncio.gather(*runs, return_exceptions=True):
-                if isinstance(result, Exception):
-                    log.error("consumer stopped with an error: %s", result)
+    def _chosen(self, workers: Iterable[Worker | str]) -> list[Worker]:
+        return [self.worker(w) if isinstance(w, str) else w for w in workers] or list(self.workers.values())
 
     # -- producing ---------------------------------------------------------------------------
 
@@ -237,67 +203,6 @@ class Project:
             self._table = TaskTable(self.allowlist, self._explicit, self._modules)
         return self._table
 
-    async def send(self, worker: Worker, message: Message, delay: float) -> None:
-        """Publish `message` to `worker`'s queue, through the delay ladder when `delay` > 0.
-
-        An unreachable broker is waited for (declaring included) up to `publish_timeout` in all."""
-        seconds = ladder.delay_seconds(delay)
-        route = (worker.name, seconds > 0)
-        with one_deadline(self._publish_timeout):
-            if route not in self._routes_ready:
-                await self.declare(worker, delayed=seconds > 0)
-                self._routes_ready.add(route)
-            if seconds:
-                exchange, key = ladder.route(self.name, seconds, worker.name)
-                await self._publish(exchange, key, message)
-            else:
-                await self._publish("", worker.name, message)
-
-    async def dead_letter(self, worker: Worker, message: Message) -> None:
-        """Publish `message` (a dead-letter copy) to `worker`'s dead-letter exchange."""
-        with one_deadline(self._publish_timeout):
-            await self.declare(worker, delayed=False)
-            await self._publish(dead_letter_exchange(worker.name), "", message)
-
-    async def _publish(self, exchange: str, key: str, message: Message) -> None:
-        if self.signer is not None:
-            message = self.signer.sign(message)
-        await self.transport.publish(exchange, key, message)
-
-    def forget_declared(self, worker: Worker) -> None:
-        """Declare `worker`'s topology and the ladder again on next use (after a 404 or a
-        returned publish showed that something was deleted)."""
-        for key in (f"worker:{worker.name}", "ladder", f"deliver:{worker.name}"):
-            self._declared.discard(key)
-        self._routes_ready.discard((worker.name, True))
-        self._routes_ready.discard((worker.name, False))
-
-    async def declare(self, worker: Worker, *, delayed: bool) -> None:
-        """Declare `worker`'s topology (and the delay ladder) once per connection."""
-        await self._declare_once(f"worker:{worker.name}", lambda: self._worker_topology(worker))
-        if delayed:
-            await self._declare_once("ladder", self._ladder_topology)
-            await self._declare_once(f"deliver:{worker.name}", lambda: ladder.delivery_binding(self.name, worker.name))
-
-    def _worker_topology(self, worker: Worker) -> Topology:
-        return worker_topology(worker.name, worker.queue_options, self.transport.server_version)
-
-    def _ladder_topology(self) -> Topology:
-        return ladder.ladder_topology(self.name)
-
-    async def _declare_once(self, key: str, build: Callable[[], Topology]) -> None:
-        if key in self._declared:
-            return
-        lock = self._declaring.setdefault(key, asyncio.Lock())
-        async with lock:
-            if key in self._declared:
-                return
-            await self.transport.declare(build())
-            self._declared.add(key)
-
     def topology(self) -> Topology:
         """Everything this project declares (needs an open project for the server version)."""
-        total = ladder.ladder_topology(self.name)
-        for worker in self.workers.values():
-            total = total + self._worker_topology(worker) + ladder.delivery_binding(self.name, worker.name)
-        return total
+        return self.session.topology(list(self.workers.values()))

@@ -25,7 +25,7 @@ from .errors import ConfigurationError, NobsAmqpError
 from .management import Management
 from .memory import MemoryBroker
 from .project import DEFAULT_URL, URL_ENV
-from .urls import broker_urls, parse, with_vhost
+from .urls import broker_urls, in_process, memory_url, parse, with_vhost
 
 
 def _answers(url: str) -> bool:
@@ -66,7 +66,7 @@ def nobs_amqp_vhost() -> Iterator[str]:
     """The URL of a vhost made for this test session on the broker at NOBS_AMQP_URL."""
     try:
         base = broker_urls(os.environ.get(URL_ENV) or DEFAULT_URL, URL_ENV)[0]
-        if base.startswith("memory://"):
+        if in_process(base):
             _unavailable("NOBS_AMQP_URL is memory://: nobs_amqp_vhost needs a RabbitMQ")
         management = Management(base)
     except ConfigurationError as exc:
@@ -95,7 +95,7 @@ def nobs_amqp_url(nobs_amqp_vhost: str, monkeypatch: pytest.MonkeyPatch) -> str:
 @pytest.fixture
 def nobs_amqp_memory(monkeypatch: pytest.MonkeyPatch) -> Iterator[MemoryBroker]:
     """A fresh in-memory broker, set as NOBS_AMQP_URL for the code under test."""
-    url = f"memory://{uuid.uuid4().hex}"
+    url = memory_url(uuid.uuid4().hex)
     monkeypatch.setenv(URL_ENV, url)
     yield MemoryBroker.named(url)
     MemoryBroker.forget(url)

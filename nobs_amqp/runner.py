@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from .errors import TaskAborted, TimeLimitExceeded
 from .message import printable
-from .retry import TimeLimitExceeded
 
 log = logging.getLogger("nobs_amqp")
 
@@ -32,10 +32,6 @@ WATCHDOG_INTERVAL = 0.25
 #: How long a cancelled async task may take to end before it counts as stuck.
 CANCEL_GRACE_SECONDS = 1.0
 BLOCKED_SECONDS = 2.0
-
-
-class TaskAborted(Exception):  # noqa: N818 - what a task did, named as it reads in the DLQ
-    """A task raised SystemExit, KeyboardInterrupt or another BaseException: it failed, the worker goes on."""
 
 
 class TaskRunner:

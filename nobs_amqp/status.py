@@ -30,9 +30,10 @@ class ProjectStatus:
 
 
 async def management_of(project: Project) -> tuple[Management, str]:
-    """The management API of the project's broker and its vhost, checked to exist there
-    (a management API of another broker, or a vhost nobody created, would read as empty)."""
-    url = project.urls[0]
+    """The management API of the broker the open project reached (of a cluster's URLs, the node
+    that answered) and its vhost, checked to exist there (a management API of another broker, or
+    a vhost nobody created, would read as empty)."""
+    url = project.session.transport.url
     management = Management(url)
     vhost = vhost_of(url)
     if await management.vhost(vhost) is None:

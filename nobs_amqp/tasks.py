@@ -30,16 +30,12 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from .errors import PayloadTypeError, TaskDefinitionError
+from .errors import PayloadTypeError, TaskDefinitionError, UnknownTaskError
 
 TaskFunction = Callable[[Any], Any]
 log = logging.getLogger("nobs_amqp")
 
 _REFERENCE = re.compile(r"^([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):([A-Za-z_]\w*)$")
-
-
-class UnknownTaskError(Exception):
-    """A message names a task the project does not allow or that does not exist."""
 
 
 def reference_of(fn: object) -> str:

@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from . import delay as ladder
 from .consumer import Consumer
 from .errors import ConfigurationError
-from .memory import MemoryTransport
 from .project import URL_ENV, Project, broker_urls
+from .session import Session
+from .transport import VirtualClock
 from .worker import Worker
 
 POLL_SECONDS = 0.05
 
 
 async def drain(
-    project: Project,
+    project: Project | Session,
     *workers: Worker | str,
     timeout: float = 60.0,  # noqa: ASYNC109
     raise_errors: bool = False,
@@ -28,46 +28,60 @@ async def drain(
     tasks included, until nothing is left; return how many messages were processed.
 
     On `memory://` the virtual clock jumps to each delayed message, so a five-minute delay
-    or a retry ladder takes no time. On RabbitMQ delays take their real time, up to `timeout`.
-    Raises TimeoutError if work is still pending after `timeout` seconds.
+    or a retry ladder takes no time (the retry policy reads the same clock). On RabbitMQ
+    delays take their real time. Either way, raises TimeoutError if work is still pending
+    after `timeout` seconds of real time.
 
     `raise_errors=True`: stop at the first exception a task raises (not `Retry` or `Reject`)
     and raise that exception itself, with its traceback, once running tasks are done. Its
     message is settled as the retry policy says (retried later or dead-lettered).
     """
-    chosen = [project.worker(w) if isinstance(w, str) else w for w in workers] or list(project.workers.values())
-    deadline = time.monotonic() + timeout
+    session = project.session if isinstance(project, Project) else project
+    owner = project if isinstance(project, Project) else None
+    chosen = _workers(owner, workers)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     processed = 0
     for worker in chosen:
-        await project.declare(worker, delayed=True)  # the ladder it looks into must exist
+        await session.declare(worker, delayed=True)  # the ladder it looks into must exist
     while True:
         for worker in chosen:
-            consumer = Consumer(project, worker, burst=True, fail_fast=raise_errors)
-            await asyncio.wait_for(consumer.run(), max(0.1, deadline - time.monotonic()))
+            consumer = Consumer(session, worker, burst=True, fail_fast=raise_errors)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await consumer.run()
+            except TimeoutError:
+                raise TimeoutError(f"tasks of {worker.name} still running after {timeout} s") from None
             processed += consumer.processed
         # A delayed message can leave the ladder for its queue between the two looks:
         # only an empty ladder followed by empty queues means nothing is left.
-        if not await _delayed(project) and not await _ready(project, chosen):
+        if not await _delayed(session) and not await _ready(session, chosen):
             return processed
-        transport = project.transport
-        if isinstance(transport, MemoryTransport):
-            await transport.broker.advance(transport.broker.seconds_to_next_expiry() or 0)
-        elif time.monotonic() > deadline:
-            raise TimeoutError(f"tasks still delayed in {project.name}.delay.* after {timeout} s")
+        if loop.time() > deadline:
+            raise TimeoutError(f"tasks still queued or delayed in {session.project}.delay.* after {timeout} s")
+        clock = session.transport
+        if isinstance(clock, VirtualClock):
+            await clock.advance(clock.seconds_to_next_expiry() or 0)
         else:
             await asyncio.sleep(POLL_SECONDS)
 
 
-async def _ready(project: Project, workers: list[Worker]) -> int:
-    return sum([await project.transport.message_count(worker.name) for worker in workers])
+def _workers(project: Project | None, workers: tuple[Worker | str, ...]) -> list[Worker]:
+    if project is not None:
+        return [project.worker(w) if isinstance(w, str) else w for w in workers] or list(project.workers.values())
+    if not workers or any(isinstance(w, str) for w in workers):
+        raise ConfigurationError("drain(session, ...) needs the Worker objects to drain; or pass the project")
+    return [w for w in workers if isinstance(w, Worker)]
 
 
-async def _delayed(project: Project) -> int:
+async def _ready(session: Session, workers: list[Worker]) -> int:
+    return sum([await session.transport.message_count(worker.name) for worker in workers])
+
+
+async def _delayed(session: Session) -> int:
     """Messages waiting in the project's delay ladder."""
-    transport = project.transport
-    if isinstance(transport, MemoryTransport):
-        return transport.broker.waiting(ladder.level_name(project.name, level) for level in range(ladder.LEVELS))
-    return sum([await transport.message_count(ladder.level_name(project.name, n)) for n in range(ladder.LEVELS)])
+    levels = (ladder.level_name(session.project, level) for level in range(ladder.LEVELS))
+    return sum([await session.transport.message_count(name) for name in levels])
 
 
 @contextmanager

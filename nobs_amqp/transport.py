@@ -7,8 +7,12 @@ written once against it and never knows which broker it talks to.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+import asyncio
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from datetime import datetime
+from typing import Any, Protocol, runtime_checkable
 
 from .message import Message
 from .topology import ServerVersion, Topology
@@ -53,6 +57,13 @@ class Transport(Protocol):
     @property
     def vhost(self) -> str: ...
 
+    @property
+    def url(self) -> str:
+        """The URL this transport reached (with credentials: never show it unredacted)."""
+
+    def now(self) -> datetime:
+        """The broker side's clock: what every message's times and the retry policy read."""
+
     async def open(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -64,10 +75,44 @@ class Transport(Protocol):
         """Publish persistent and mandatory; return once the broker confirmed it."""
 
     async def consume(self, queue: str, prefetch: int, handler: Handler) -> Subscription:
-        """Deliver messages of `queue` to `handler`, at most `prefetch` unsettled at once."""
+        """Deliver messages of `queue` to `handler`, at most `prefetch` unsettled at once.
+        Once its `close()` returns, what it gave back is ready in the queue again."""
 
     async def message_count(self, queue: str) -> int:
         """Messages ready in `queue` (not counting those delivered and unsettled)."""
 
     async def purge(self, queue: str) -> int:
         """Delete the messages ready in `queue`; return how many."""
+
+
+@runtime_checkable
+class VirtualClock(Protocol):
+    """A capability only some transports have (memory://): time that moves when told to."""
+
+    async def advance(self, seconds: float) -> None:
+        """Move the clock `seconds` ahead, expiring what falls due on the way."""
+
+    def seconds_to_next_expiry(self) -> float | None:
+        """How far the clock is from the next message expiry (None: nothing waits)."""
+
+
+#: When the queue() (or retry, or dead letter) in progress gives up: declaring and publishing share it.
+_DEADLINE: ContextVar[float | None] = ContextVar("nobs_amqp_deadline", default=None)
+
+
+@contextmanager
+def one_deadline(seconds: float) -> Iterator[None]:
+    """Everything a transport does inside waits for an unreachable broker until one deadline,
+    `seconds` from now (unless an enclosing block set an earlier one)."""
+    until = asyncio.get_running_loop().time() + seconds
+    outer = _DEADLINE.get()
+    token = _DEADLINE.set(until if outer is None else min(outer, until))
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def deadline() -> float | None:
+    """The event-loop time the operation in progress gives up at (None: no deadline set)."""
+    return _DEADLINE.get()

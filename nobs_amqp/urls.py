@@ -223,6 +223,22 @@ def broker_urls(value: str | Sequence[str], source: str) -> tuple[str, ...]:
     return tuple(p.url for p in parsed)
 
 
+def in_process(url: str) -> bool:
+    """Whether `url` names a broker that lives inside this process (`memory://`), which another
+    process (a worker, the CLI, the management UI) can never reach."""
+    return url.strip().lower().startswith(MEMORY_SCHEME)
+
+
+def memory_url(name: str) -> str:
+    """The URL of the in-process broker called `name`."""
+    return MEMORY_SCHEME + name
+
+
+def memory_name(url: str) -> str:
+    """The name of the in-process broker `url` names (`memory://` alone: "")."""
+    return url.strip()[len(MEMORY_SCHEME) :].strip("/")
+
+
 def redact(url: str) -> str:
     """`url` with its password replaced by `***`, for logs and errors; a URL that does not parse
     is shown as its scheme only."""

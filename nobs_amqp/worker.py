@@ -3,20 +3,33 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Protocol, TypeVar
 
 from . import message as wire
+from .delay import checked_seconds, ladder_delay
 from .errors import ConfigurationError, NotInProjectError
-from .retry import RetryPolicy, RetryStrategy, StopStrategy, WaitStrategy, seconds
-from .tasks import TaskFunction
+from .retry import RetryPolicy, RetryStrategy, StopStrategy, WaitStrategy
+from .session import Session
+from .tasks import TaskFunction, TaskSpec
 from .topology import QueueOptions, QueueType, check_name
 
-if TYPE_CHECKING:
-    from .project import Project
-
 Delay = float | timedelta
+#: A task's payload type: `queue(fn, payload)` takes a payload of the type `fn` takes.
+P = TypeVar("P")
+
+
+class Home(Protocol):
+    """What a worker needs of the project it is in (a `Project`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def session(self) -> Session: ...
+
+    def spec(self, fn: TaskFunction) -> TaskSpec: ...
 
 
 class Worker:
@@ -68,52 +81,59 @@ class Worker:
         self.concurrency = concurrency
         self.prefetch = prefetch
         self.time_limit = (
-            seconds(time_limit, f"worker {name!r}: time_limit", positive=True) if time_limit is not None else None
+            checked_seconds(time_limit, f"worker {name!r}: time_limit", positive=True)
+            if time_limit is not None
+            else None
         )
         self.queue_options = QueueOptions(queue_type, delivery_limit, max_priority)
-        self._project: Project | None = None
+        self._project: Home | None = None
 
     def __repr__(self) -> str:
         return f"Worker({self.name!r})"
 
     @property
-    def project(self) -> Project:
+    def project(self) -> Home:
         if self._project is None:
             raise NotInProjectError(self.name)
         return self._project
 
     async def queue(
-        self, fn: TaskFunction, payload: Any, *, delay: Delay | None = None, priority: int | None = None
+        self, fn: Callable[[P], object], payload: P, *, delay: Delay | None = None, priority: int | None = None
     ) -> str:
         """Put `fn(payload)` on this worker's queue; return its message id once the broker confirmed it.
 
         `delay` (seconds or timedelta) holds it back that long, rounded up to whole
         seconds. It never waits for the task itself.
         """
-        message, wait = self._message(fn, payload, delay, priority)
-        await self.project.send(self, message, wait)
+        task, body, wait = self._checked(fn, payload, delay, priority)
+        session = self.project.session
+        message = self._message(session, task, body, wait, priority)
+        await session.send(self, message, wait)
         return message.message_id
 
     async def queue_many(
         self,
-        fn: TaskFunction,
-        payloads: Iterable[Any],
+        fn: Callable[[P], object],
+        payloads: Iterable[P],
         *,
         delay: Delay | None = None,
         priority: int | None = None,
     ) -> list[str]:
         """Queue `fn` once per payload, confirms pipelined; every payload is checked before any is sent."""
-        messages = [self._message(fn, payload, delay, priority) for payload in payloads]
-        project = self.project
-        await asyncio.gather(*(project.send(self, message, wait) for message, wait in messages))
+        checked = [self._checked(fn, payload, delay, priority) for payload in payloads]
+        session = self.project.session
+        messages = [(self._message(session, task, body, wait, priority), wait) for task, body, wait in checked]
+        await asyncio.gather(*(session.send(self, message, wait) for message, wait in messages))
         return [message.message_id for message, _ in messages]
 
-    def _message(
-        self, fn: TaskFunction, payload: Any, delay: Delay | None, priority: int | None
-    ) -> tuple[wire.Message, float]:
-        project = self.project
-        spec = project.spec(fn)
-        wait = seconds(delay) if delay is not None else 0.0
+    def _checked(
+        self, fn: TaskFunction, payload: object, delay: Delay | None, priority: int | None
+    ) -> tuple[str, bytes, int]:
+        """The task reference, the body of `fn(payload)`, and the delay in the ladder's whole
+        seconds (rounded once, here: the same value sets the ETA header and routes the message
+        through the ladder). Raises at the call site for anything a worker would refuse."""
+        spec = self.project.spec(fn)
+        wait = ladder_delay(delay) if delay is not None else 0
         if priority is not None:
             limit = self.queue_options.max_priority
             if limit is None:
@@ -123,5 +143,7 @@ class Worker:
                 )
             if not 0 <= priority <= limit:
                 raise ConfigurationError(f"priority must be 0..{limit} for worker {self.name!r} (got {priority})")
-        body = spec.encode(payload)
-        return wire.new_message(body, spec.reference, project.name, delay=wait, priority=priority), wait
+        return spec.reference, spec.encode(payload), wait
+
+    def _message(self, session: Session, task: str, body: bytes, wait: int, priority: int | None) -> wire.Message:
+        return wire.new_message(body, task, self.project.name, now=session.now(), delay=wait, priority=priority)

@@ -89,7 +89,7 @@ async def take_messages(project: Any, queue: str, n: int = 1, timeout: float = 1
         taken.append(delivery.message)
         await delivery.ack()
 
-    subscription = await project.transport.consume(queue, n, handler)
+    subscription = await project.session.transport.consume(queue, n, handler)
     try:
         await eventually(lambda: len(taken) >= n, timeout=timeout)
     finally:
@@ -100,9 +100,9 @@ async def take_messages(project: Any, queue: str, n: int = 1, timeout: float = 1
 
 async def publish_raw_message(project: Any, queue: str, body: bytes, task: str, message_id: str = "raw") -> None:
     """Publish a message nobs_amqp did not make, as a foreign producer or an attacker would."""
-    from nobs_amqp.message import Message, now
+    from nobs_amqp.message import Message, wall_clock
 
-    await project.transport.publish("", queue, Message(body, task, message_id, "someone", now()))
+    await project.session.transport.publish("", queue, Message(body, task, message_id, "someone", wall_clock()))
 
 
 def exception_chain(exc: BaseException) -> list[BaseException]:

@@ -36,7 +36,7 @@ def make(url: str, name: str, **options: Any) -> tuple[Project, Worker]:
 
 @contextlib.asynccontextmanager
 async def consuming(project: Project, worker: Worker, **options: Any) -> AsyncIterator[Consumer]:
-    consumer = Consumer(project, worker, **options)
+    consumer = Consumer(project.session, worker, **options)
     task = asyncio.create_task(consumer.run())
     try:
         ready = asyncio.create_task(consumer.ready.wait())
@@ -104,7 +104,7 @@ async def test_max_attempts_dead_letters_with_every_header(url: str, name: str) 
     async with project, consuming(project, worker):
         message_id = await worker.queue(tasks.always_fail, tasks.Job(key=k))
         [dead] = await take_messages(project, f"{name}.dlq")
-        assert await project.transport.message_count(name) == 0
+        assert await project.session.transport.message_count(name) == 0
     assert len(tasks.calls(k)) == 2
     assert dead.message_id == message_id
     assert dead.task == "tests.apps.tasks:always_fail"
@@ -199,7 +199,7 @@ async def test_priorities(url: str, name: str) -> None:
     async with project:
         for i, k in enumerate(keys):
             await worker.queue(tasks.record, tasks.Job(key=k), priority=i)
-        await Consumer(project, worker, burst=True).run()
+        await Consumer(project.session, worker, burst=True).run()
     order = sorted(keys, key=lambda k: tasks.calls(k)[0])
     assert order == list(reversed(keys))
 
@@ -208,7 +208,7 @@ async def test_burst_on_an_empty_queue_returns_at_once(url: str, name: str) -> N
     project, worker = make(url, name)
     async with project:
         started = time.monotonic()
-        consumer = Consumer(project, worker, burst=True)
+        consumer = Consumer(project.session, worker, burst=True)
         await asyncio.wait_for(consumer.run(), 10)
     assert consumer.processed == 0
     assert time.monotonic() - started < 5
@@ -225,9 +225,9 @@ async def test_declaring_twice_is_idempotent(url: str, name: str) -> None:
     for _ in range(2):
         project, worker = make(url, name)
         async with project:
-            await project.declare(worker, delayed=True)
+            await project.session.declare(worker, delayed=True)
             await worker.queue(tasks.record, tasks.Job(key="x"), delay=3)
-            assert await project.transport.message_count(f"{PROJECT}.delay.01") >= 1
+            assert await project.session.transport.message_count(f"{PROJECT}.delay.01") >= 1
 
 
 async def test_a_message_handed_out_too_often_is_dead_lettered_unrun(url: str, name: str) -> None:
@@ -235,7 +235,7 @@ async def test_a_message_handed_out_too_often_is_dead_lettered_unrun(url: str, n
     project, worker = make(url, name, delivery_limit=3)
     k = key()
     async with project:
-        await project.declare(worker, delayed=False)
+        await project.session.declare(worker, delayed=False)
         await worker.queue(tasks.record, tasks.Job(key=k))
         for _ in range(3):  # three workers that died holding it: the broker gets it back each time
             held: list[Any] = []
@@ -243,7 +243,7 @@ async def test_a_message_handed_out_too_often_is_dead_lettered_unrun(url: str, n
             async def hold(delivery: Any, held: list[Any] = held) -> None:
                 held.append(delivery)
 
-            subscription = await project.transport.consume(name, 1, hold)
+            subscription = await project.session.transport.consume(name, 1, hold)
             await eventually(lambda held=held: held)  # type: ignore[misc]
             await subscription.cancel()
             await subscription.close()
@@ -260,8 +260,8 @@ async def test_a_forged_delivery_count_is_not_the_brokers(url: str, name: str) -
     async with project, consuming(project, worker):
         body = tasks.Job(key=k).model_dump_json().encode()
         headers = {"x-acquired-count": 100, "x-delivery-count": 100, wire.ATTEMPT: 1}
-        await project.transport.publish(
-            "", name, wire.Message(body, "tests.apps.tasks:record", "forged", PROJECT, wire.now(), headers)
+        await project.session.transport.publish(
+            "", name, wire.Message(body, "tests.apps.tasks:record", "forged", PROJECT, wire.wall_clock(), headers)
         )
         await eventually(lambda: tasks.calls(k))
     assert len(tasks.calls(k)) == 1

@@ -46,12 +46,13 @@ async def test_queue_many(amqp_url: str, name: str, broker: Broker) -> None:
 
 async def test_default_policy_reaches_dlq_within_a_minute(amqp_url: str, name: str) -> None:
     """Five attempts, exponential jittered waits: the state machine, without waiting for it."""
-    from nobs_amqp.retry import DeadLetter, RetryLater, RetryPolicy, decide
+    from nobs_amqp.outcome import DeadLetter, Raised, RetryLater, decide
+    from nobs_amqp.retry import RetryPolicy
 
-    policy, started = RetryPolicy(), wire.now()
+    policy, started = RetryPolicy(), wire.wall_clock()
     waits = []
     for attempt in range(1, 6):
-        outcome = decide(policy, RuntimeError("x"), attempt, started)
+        outcome = decide(Raised(RuntimeError("x"), attempt, started), policy, started)
         if isinstance(outcome, RetryLater):
             waits.append(outcome.delay)
     assert isinstance(outcome, DeadLetter)

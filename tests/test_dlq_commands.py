@@ -47,12 +47,12 @@ def dead_letter(message_id: str, failed_at: datetime, error: str = "boom") -> wi
 
 async def put(project: Project, worker: Worker, messages: list[wire.Message]) -> None:
     """Publish `messages` to the DLQ, in this order (confirmed in chunks, so 12,000 take seconds)."""
-    await project.declare(worker, delayed=False)
+    await project.session.declare(worker, delayed=False)
     queue = dead_letter_queue(worker.name)
     for start in range(0, len(messages), 500):
-        await asyncio.gather(*(project.transport.publish("", queue, m) for m in messages[start : start + 500]))
-    await eventually(lambda: dlq.count(project, worker), timeout=15)
-    assert await dlq.count(project, worker) == len(messages)
+        await asyncio.gather(*(project.session.transport.publish("", queue, m) for m in messages[start : start + 500]))
+    await eventually(lambda: dlq.count(project.session, worker), timeout=15)
+    assert await dlq.count(project.session, worker) == len(messages)
 
 
 async def hand_out_and_take_back(project: Project, queue: str, n: int) -> None:
@@ -63,13 +63,13 @@ async def hand_out_and_take_back(project: Project, queue: str, n: int) -> None:
     async def hold(delivery: Delivery) -> None:
         got.append(delivery)
 
-    subscription = await project.transport.consume(queue, n, hold)
+    subscription = await project.session.transport.consume(queue, n, hold)
     try:
         await eventually(lambda: len(got) >= n)
     finally:
         await subscription.cancel()
         await subscription.close()
-    await eventually(lambda: project.transport.message_count(queue))
+    await eventually(lambda: project.session.transport.message_count(queue))
 
 
 async def cli(name: str, url: str, *args: str, stdin: bytes = b"", timeout: float = 30) -> tuple[int, str]:
@@ -92,14 +92,14 @@ async def test_peek_and_replay_limit_take_the_oldest_after_a_peek_moved_them(url
         await put(project, worker, [dead_letter(n, EPOCH + timedelta(minutes=i)) for i, n in enumerate(names)])
         await hand_out_and_take_back(project, f"{name}.dlq", 2)  # on RabbitMQ: dead-2..4, dead-0, dead-1
 
-        assert [m.message_id for m in await dlq.peek(project, worker)] == names
-        assert [m.message_id for m in await dlq.peek(project, worker, limit=2)] == names[:2]
-        assert [m.message_id for m in await dlq.peek(project, worker)] == names  # a full read keeps it so
+        assert [m.message_id for m in await dlq.peek(project.session, worker)] == names
+        assert [m.message_id for m in await dlq.peek(project.session, worker, limit=2)] == names[:2]
+        assert [m.message_id for m in await dlq.peek(project.session, worker)] == names  # a full read keeps it so
 
-        assert await dlq.replay(project, worker, limit=2) == 2
+        assert await dlq.replay(project.session, worker, limit=2) == 2
         replayed = await take_messages(project, name, 2)
         assert sorted(m.message_id for m in replayed) == names[:2]
-        assert [m.message_id for m in await dlq.peek(project, worker)] == names[2:]
+        assert [m.message_id for m in await dlq.peek(project.session, worker)] == names[2:]
 
 
 @pytest.mark.timeout(60)
@@ -108,17 +108,17 @@ async def test_dlq_list_is_oldest_first_after_a_peek_the_brokers_own_by_their_x_
 ) -> None:
     project, worker = make(amqp_url, name)
     async with project:
-        await project.declare(worker, delayed=False)
+        await project.session.declare(worker, delayed=False)
         # First in the DLQ: one the broker dead-lettered just now (it expired in the worker's queue).
         await broker.publish_raw(name, b'{"key": "x"}', expiration=0.001, message_id="dead-expired", type=TASK)
-        await eventually(lambda: dlq.count(project, worker), timeout=15)
+        await eventually(lambda: dlq.count(project.session, worker), timeout=15)
         # Then the worker's own, which failed two hours and an hour ago, the newer one first.
-        now = wire.now()
+        now = wire.wall_clock()
         for message in (
             dead_letter("dead-b", now - timedelta(hours=1)),
             dead_letter("dead-a", now - timedelta(hours=2)),
         ):
-            await project.transport.publish("", f"{name}.dlq", message)
+            await project.session.transport.publish("", f"{name}.dlq", message)
         await eventually(lambda: _count_is(project, worker, 3), timeout=10)
         await hand_out_and_take_back(project, f"{name}.dlq", 2)
 
@@ -132,7 +132,7 @@ async def test_dlq_list_is_oldest_first_after_a_peek_the_brokers_own_by_their_x_
 
 
 async def _count_is(project: Project, worker: Worker, n: int) -> bool:
-    return await dlq.count(project, worker) == n
+    return await dlq.count(project.session, worker) == n
 
 
 def test_dead_at_is_the_brokers_time_for_what_the_broker_dead_lettered() -> None:
@@ -169,12 +169,12 @@ async def test_dlq_show_counts_peeks_apart_from_the_tasks_deliveries(amqp_url: s
 async def test_dlq_list_shows_the_first_line_of_a_validation_error_and_show_all_of_it(amqp_url: str, name: str) -> None:
     project, worker = make(amqp_url, name)
     async with project:
-        await project.declare(worker, delayed=False)
+        await project.session.declare(worker, delayed=False)
         await publish_raw_message(project, name, b'{"fail_times": "many"}', TASK, message_id="dead-invalid")
         async with project.consuming(worker, grace_period=5):
-            await eventually(lambda: dlq.count(project, worker), timeout=15)
+            await eventually(lambda: dlq.count(project.session, worker), timeout=15)
         long_one = dead_letter("dead-long", EPOCH, "x" * 5000)
-        await project.transport.publish("", f"{name}.dlq", long_one)
+        await project.session.transport.publish("", f"{name}.dlq", long_one)
         await eventually(lambda: _count_is(project, worker, 2), timeout=10)
 
     code, listing = await cli(name, amqp_url, "list", name)
@@ -217,7 +217,7 @@ async def test_dlq_show_finds_a_dead_letter_behind_12000_others_in_bounded_time(
     assert f"message id: dead-{DEEP - 10}" in shown
     assert took < 30, f"dlq show took {took:.1f} s"
     async with project:
-        assert await dlq.count(project, worker) == DEEP  # every one given back
+        assert await dlq.count(project.session, worker) == DEEP  # every one given back
 
 
 @pytest.mark.timeout(180)
@@ -227,15 +227,15 @@ async def test_find_reads_no_further_than_its_windows(url: str, name: str) -> No
     project, worker = make(url, name)
     async with project:
         await put(project, worker, [dead_letter(f"dead-{i}", EPOCH + timedelta(seconds=i)) for i in range(DEEP)])
-        found = await dlq.find(project, worker, "dead-20")
+        found = await dlq.find(project.session, worker, "dead-20")
         assert found is not None and found.message_id == "dead-20"
-        assert await dlq.count(project, worker) == DEEP
+        assert await dlq.count(project.session, worker) == DEEP
         redelivered = await read_all(project, f"{name}.dlq")
         assert 0 < sum(redelivered.values()) <= dlq.FIRST_WINDOW, sum(redelivered.values())
 
         await put(project, worker, [dead_letter(f"dead-{i}", EPOCH + timedelta(seconds=i)) for i in range(DEEP)])
-        assert await dlq.find(project, worker, "no-such-id") is None
-        assert await dlq.count(project, worker) == DEEP
+        assert await dlq.find(project.session, worker, "no-such-id") is None
+        assert await dlq.count(project.session, worker) == DEEP
         redelivered = await read_all(project, f"{name}.dlq")
         assert set(redelivered) == {f"dead-{i}" for i in range(DEEP)} and all(redelivered.values())
 
@@ -243,13 +243,13 @@ async def test_find_reads_no_further_than_its_windows(url: str, name: str) -> No
 async def read_all(project: Project, queue: str) -> dict[str, bool]:
     """Take (ack) every message of `queue`: message id -> whether it had been handed out before."""
     seen: dict[str, bool] = {}
-    count = await project.transport.message_count(queue)
+    count = await project.session.transport.message_count(queue)
 
     async def note(delivery: Delivery) -> None:
         seen[delivery.message.message_id] = delivery.redelivered
         await delivery.ack()
 
-    subscription = await project.transport.consume(queue, 1000, note)
+    subscription = await project.session.transport.consume(queue, 1000, note)
     try:
         await eventually(lambda: len(seen) >= count, timeout=60)
     finally:

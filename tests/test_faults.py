@@ -221,7 +221,7 @@ def _text(value: object) -> object:
 async def test_burst_on_an_empty_queue_exits_at_once(amqp_url: str, name: str, broker: Broker, tmp_path: Path) -> None:
     project, worker = make(name)
     async with project:
-        await project.declare(worker, delayed=True)
+        await project.session.declare(worker, delayed=True)
     started = time.monotonic()
     await burst(amqp_url, name, tmp_path / "burst.log", timeout=10)
     assert time.monotonic() - started < 5, "a burst worker on an empty queue should exit at once"
@@ -252,7 +252,7 @@ async def test_worker_and_producer_survive_cut_connections(amqp_url: str, name: 
         project, worker = make(name, url=proxy.url_for(amqp_url))
         producer, direct = make(name, url=amqp_url)
         async with project, producer:
-            consumer = Consumer(project, worker)
+            consumer = Consumer(project.session, worker)
             running = asyncio.create_task(consumer.run())
 
             def called(key: str) -> bool:

@@ -610,7 +610,7 @@ def concrete(seq: int, spec: Spec, prefix: str, budget: list[int]) -> Hostile:
         spec.task,
         message_id,
         PROJECT,
-        spec.timestamp or wire_message.now(),
+        spec.timestamp or wire_message.wall_clock(),
         dict(spec.headers),
         spec.priority,
     )
@@ -706,7 +706,9 @@ def _tagged(value: Any) -> bytes:
 def control(seq: int, prefix: str) -> Hostile:
     """A healthy task, as nobs_amqp itself would send it."""
     key = f"{prefix}-control-{seq}"
-    message = wire_message.new_message(orjson.dumps({"key": key}), "tests.apps.tasks:record", PROJECT)
+    message = wire_message.new_message(
+        orjson.dumps({"key": key}), "tests.apps.tasks:record", PROJECT, now=wire_message.wall_clock()
+    )
     properties = Basic.Properties(
         content_type="application/json",
         delivery_mode=2,
@@ -769,7 +771,7 @@ async def publish_wire(url: str, queue: str, messages: list[Hostile]) -> int:
 async def publish_memory(project: Project, queue: str, messages: list[Hostile]) -> None:
     for message in messages:
         try:
-            await project.transport.publish("", queue, message.message)
+            await project.session.transport.publish("", queue, message.message)
         except Exception as exc:  # noqa: BLE001 - counted as refused, like the broker's refusals
             message.refused = f"{type(exc).__name__}"
 
@@ -813,7 +815,7 @@ async def settled(project: Project, worker: Worker, consumer: Consumer, ladder: 
     before = consumer.processed
     queues = [worker.name, *ladder]
     for queue in queues:
-        if await project.transport.message_count(queue):
+        if await project.session.transport.message_count(queue):
             return False
     if consumer._running:
         return False
@@ -981,10 +983,10 @@ async def run_hostile(
     times = {"node_start": node_start, "draw": time.monotonic() - started}
     project, worker = make(url, name)
     async with project:
-        await project.declare(worker, delayed=True)
+        await project.session.declare(worker, delayed=True)
         async with project.consuming(worker, grace_period=5) as [consumer]:
             modules_before = set(sys.modules)  # the worker imported its task modules at start
-            connection = None if memory else project.transport._underlay_connection()  # type: ignore[attr-defined]
+            connection = None if memory else project.session.transport._underlay_connection()  # type: ignore[attr-defined]
             sent = time.monotonic()
             if memory:
                 await publish_memory(project, name, messages)
@@ -994,9 +996,9 @@ async def run_hostile(
             await eventually(lambda: settled(project, worker, consumer, LADDER), timeout=120, interval=0.2)
             times["drain"] = time.monotonic() - sent
             if connection is not None:
-                assert project.transport._underlay_connection() is connection  # type: ignore[attr-defined]
+                assert project.session.transport._underlay_connection() is connection  # type: ignore[attr-defined]
                 assert not connection.is_closed
-        assert await project.transport.message_count(name) == 0, "messages were left unacked"
+        assert await project.session.transport.message_count(name) == 0, "messages were left unacked"
         dead = read_dlq_memory(url, f"{name}.dlq") if memory else await read_dlq_rabbitmq(url, f"{name}.dlq")
     times["total"] = time.monotonic() - started
     new_modules = sorted(set(sys.modules) - modules_before)
@@ -1046,14 +1048,14 @@ async def test_a_forged_x_death_on_an_expiring_message_is_dead_lettered_and_cost
     async with Node() as node:
         project, worker = make(node.url, "xdeath")
         async with project:
-            await project.declare(worker, delayed=False)
+            await project.session.declare(worker, delayed=False)
             async with Publisher(node.url) as publisher:
                 block = Basic.Properties(expiration="1", headers={"x-death": [[1]]}, delivery_mode=2)
                 await publisher.publish("", "xdeath", bytes(block.marshal()), b"{}")
-            await eventually(lambda: project.transport.message_count("xdeath.dlq"), timeout=10)
+            await eventually(lambda: project.session.transport.message_count("xdeath.dlq"), timeout=10)
             other, other_worker = make(node.url, "after")
             async with other:
-                await other.declare(other_worker, delayed=False)
+                await other.session.declare(other_worker, delayed=False)
 
 
 @pytest.mark.timeout(60)
@@ -1065,14 +1067,14 @@ async def test_dlq_list_gives_the_brokers_reason_for_a_message_the_broker_dead_l
     carry `x-death`, so with `x-death` present the reason to show is the broker's: expired."""
     project, worker = make(amqp_url, name)
     async with project:
-        await project.declare(worker, delayed=False)
+        await project.session.declare(worker, delayed=False)
         async with Publisher(amqp_url) as publisher:
             forged = {wire_message.REASON: "rejected", wire_message.ERROR_MESSAGE: "all is well"}
             block = Basic.Properties(
                 expiration="1", delivery_mode=2, message_id="forged-reason", message_type=RUNNABLE[0], headers=forged
             )
             await publisher.publish("", name, bytes(block.marshal()), b'{"key": "forged-reason"}')
-        await eventually(lambda: project.transport.message_count(f"{name}.dlq"), timeout=15)
+        await eventually(lambda: project.session.transport.message_count(f"{name}.dlq"), timeout=15)
     env = {"NOBS_AMQP_URL": amqp_url, "NOBS_TEST_WORKER": name}
     code, listed = await run_cli("--app", "tests.apps.cli_app:project", "dlq", "list", name, env=env)
     assert code == 0, listed

@@ -28,24 +28,24 @@ async def test_peek_replay_purge(url: str, name: str) -> None:
     project = Project(name="nobs-test", workers=[worker], packages=["tests"], url=url)
     async with project:
         keys = await dead_letters(project, worker, 5)
-        peeked = await dlq.peek(project, worker, limit=3)
+        peeked = await dlq.peek(project.session, worker, limit=3)
         assert [m.headers[wire.REASON] for m in peeked] == ["rejected"] * 3
         assert len({m.message_id for m in peeked}) == 3
         assert all(any(f'"{k}"'.encode() in m.body for k in keys) for m in peeked)
-        assert await dlq.count(project, worker) == 5  # peeking leaves them there
+        assert await dlq.count(project.session, worker) == 5  # peeking leaves them there
 
         progress: list[int] = []
-        assert await dlq.replay(project, worker, limit=2, progress=progress.append) == 2
+        assert await dlq.replay(project.session, worker, limit=2, progress=progress.append) == 2
         assert sum(progress) == 2
-        assert await dlq.count(project, worker) == 3
+        assert await dlq.count(project.session, worker) == 3
         replayed = await take_messages(project, name, 2)
         assert all(m.attempt == 1 for m in replayed)
         assert all(wire.REASON not in m.headers and "x-death" not in m.headers for m in replayed)
         assert {m.message_id for m in replayed} <= {m.message_id for m in peeked}
 
-        assert await dlq.purge(project, worker) == 3
-        assert await dlq.count(project, worker) == 0
-        assert await dlq.peek(project, worker) == []
+        assert await dlq.purge(project.session, worker) == 3
+        assert await dlq.count(project.session, worker) == 0
+        assert await dlq.peek(project.session, worker) == []
 
 
 async def cli(*args: str, url: str, worker: str, stdin: bytes = b"") -> tuple[int, str]:
@@ -58,7 +58,7 @@ async def test_dlq_commands(amqp_url: str, name: str) -> None:
     project = Project(name="nobs-test", workers=[worker], packages=["tests"])
     async with project:
         await dead_letters(project, worker, 3)
-        [first] = await dlq.peek(project, worker, limit=1)
+        [first] = await dlq.peek(project.session, worker, limit=1)
 
     code, output = await cli("dlq", "list", name, url=amqp_url, worker=name)
     assert code == 0, output
@@ -79,7 +79,7 @@ async def test_dlq_commands(amqp_url: str, name: str) -> None:
     assert code == 0, output  # empty after the replay: it says so and asks nothing
     assert f"nothing to purge: {name}.dlq is empty" in output
     async with project:
-        assert await project.transport.message_count(name) == 3
+        assert await project.session.transport.message_count(name) == 3
 
 
 async def test_status_and_enqueue_commands(amqp_url: str, name: str) -> None:

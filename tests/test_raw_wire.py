@@ -360,20 +360,20 @@ async def test_a_hostile_message_costs_nothing_else(
     bad_key = f"{name}-bad"
     bad_id = uuid.uuid4().hex
     async with project:
-        await project.declare(worker, delayed=False)
+        await project.session.declare(worker, delayed=False)
         await worker.queue_many(tasks.record, [tasks.Job(key=k) for k in keys[: VALID // 2]])
         async with RawPublisher(amqp_url) as publisher:
             block = message_properties(bad_id, case.task, **case.override)
             await publisher.publish("", name, block, job_body(bad_key))
         await worker.queue_many(tasks.record, [tasks.Job(key=k) for k in keys[VALID // 2 :]])
 
-        connection = project.transport._underlay_connection()  # type: ignore[attr-defined]
+        connection = project.session.transport._underlay_connection()  # type: ignore[attr-defined]
         async with project.consuming(worker):
             await eventually(lambda: all(tasks.calls(k) for k in keys), timeout=30)
             if case.outcome != "ran":
                 await eventually(lambda: broker.count(f"{name}.dlq"), timeout=15)
             await eventually(lambda: _empty(broker, name), timeout=15)
-        assert project.transport._underlay_connection() is connection  # type: ignore[attr-defined]
+        assert project.session.transport._underlay_connection() is connection  # type: ignore[attr-defined]
         assert not connection.is_closed
 
     assert lost_connections(caplog.records) == []
@@ -416,8 +416,8 @@ async def test_what_rabbitmq_itself_refuses(
 ) -> None:
     project, worker = make(name, queue_type="classic")
     async with project:
-        await project.declare(worker, delayed=False)
-        version = project.transport.server_version
+        await project.session.declare(worker, delayed=False)
+        version = project.session.transport.server_version
     if "delivery_mode" in override and version >= (4,):
         pytest.skip("RabbitMQ 4 accepts any delivery mode (3.x refuses 7 with 406)")
     async with RawPublisher(amqp_url) as publisher:
@@ -439,18 +439,18 @@ async def test_dlq_tools_read_and_replay_undecodable_dead_letters(amqp_url: str,
     bad = [c for c in CASES if c.outcome == "decode_error"]
     ids = {f"bad-{i}": c for i, c in enumerate(bad)} | {"good-0": None, "good-1": None}
     async with project:
-        await project.declare(worker, delayed=False)
+        await project.session.declare(worker, delayed=False)
         async with RawPublisher(amqp_url) as publisher:
             for message_id, case in ids.items():
                 rejected = {"headers": attempt_header((b"x-nobs-reason", b"S" + longstr(b"rejected")))}
                 block = message_properties(message_id, **(case.override if case else rejected))
                 await publisher.publish("", f"{name}.dlq", block, job_body(message_id))
 
-        peeked = await dead.peek(project, worker)
+        peeked = await dead.peek(project.session, worker)
         assert sorted(m.message_id for m in peeked) == sorted(ids)
         for message in peeked:
             assert (UNDECODABLE in message.headers) == message.message_id.startswith("bad-")
-        assert await dead.count(project, worker) == len(ids)
+        assert await dead.count(project.session, worker) == len(ids)
 
     env = {"NOBS_AMQP_URL": amqp_url, "NOBS_TEST_WORKER": name}
     code, listed = await run_cli("--app", APP, "dlq", "list", name, env=env)

@@ -58,8 +58,8 @@ def job_body(k: str) -> bytes:
 
 
 async def publish(project: Project, queue: str, body: bytes, task: str, *, message_id: str, **headers: object) -> None:
-    message = wire.Message(body, task, message_id, "someone", wire.now(), {wire.ATTEMPT: 1, **headers})
-    await project.transport.publish("", queue, message)
+    message = wire.Message(body, task, message_id, "someone", wire.wall_clock(), {wire.ATTEMPT: 1, **headers})
+    await project.session.transport.publish("", queue, message)
 
 
 @pytest.fixture
@@ -144,10 +144,13 @@ def test_copies_keep_only_validated_headers() -> None:
         "t:f",
         "id\n",
         "app",
-        wire.now(),
+        wire.wall_clock(),
         {wire.ATTEMPT: 10**30, wire.ENQUEUED_AT: 17, "x-nobs-x": 1e300, "x-death": [{"reason": "expired"}]},
     )
-    for copy in (wire.retry_copy(message, 2), wire.dead_letter_copy(message, "rejected", ValueError("no"))):
+    for copy in (
+        wire.retry_copy(message, 2, now=wire.wall_clock()),
+        wire.dead_letter_copy(message, wire.Reason.REJECTED, ValueError("no"), now=wire.wall_clock()),
+    ):
         assert set(copy.headers) <= {
             wire.ATTEMPT,
             wire.ENQUEUED_AT,
@@ -171,7 +174,7 @@ async def test_a_failure_inside_the_worker_still_settles_the_message(
     project, worker = make(url, name, concurrency=1)
     k = key()
 
-    def broken(*args: object) -> wire.Message:
+    def broken(*args: object, **kwargs: object) -> wire.Message:
         raise RuntimeError("bug while building the dead letter")
 
     monkeypatch.setattr(wire, "dead_letter_copy", broken)
@@ -262,7 +265,7 @@ async def test_a_cli_main_named_by_a_message_does_not_stop_the_worker(amqp_url: 
     project, worker = make(amqp_url, name)
     log = tmp_path / "worker.log"
     async with project:
-        await project.declare(worker, delayed=False)
+        await project.session.declare(worker, delayed=False)
         await publish(project, name, b'["--help"]', "tests.apps.tasks:main", message_id="main")
         await worker.queue(tasks.slow_file, tasks.FileJob(folder=str(tmp_path), key="after"))
         with worker_process(amqp_url, name, log) as proc:
@@ -298,7 +301,7 @@ async def test_a_lost_ack_does_not_run_the_task_again(vhost_url: str, name: str,
         k = key()
         _CutBeforeAck.cuts = 0
         async with project:
-            consumer = _CutBeforeAck(project, worker, grace_period=5)
+            consumer = _CutBeforeAck(project.session, worker, grace_period=5)
             consumer.proxy = proxy
             run = asyncio.create_task(consumer.run())
             await asyncio.wait_for(consumer.ready.wait(), 10)
@@ -356,7 +359,7 @@ async def test_a_ladder_with_other_arguments_stops_the_worker_at_start(amqp_url:
     try:
         async with project:
             with pytest.raises(TopologyMismatchError, match=rf"{project_name}\.delay\.03"):
-                await asyncio.wait_for(Consumer(project, worker, grace_period=1).run(), 10)
+                await asyncio.wait_for(Consumer(project.session, worker, grace_period=1).run(), 10)
     finally:
         await delete_ladder(broker.url, project_name)
 
@@ -434,13 +437,13 @@ async def test_signed_messages_run_and_unsigned_or_forged_ones_are_dead_lettered
         await worker.queue(tasks.record, tasks.Job(key=k))
         await eventually(lambda: tasks.calls(k))
         await publish(project, name, job_body(k), TASK, message_id="unsigned")
-        forged = Signer([KEY_B.encode()]).sign(wire.new_message(job_body(k), TASK, PROJECT))
-        await project.transport.publish("", name, forged)
-        signed = Signer([KEY_A.encode()]).sign(wire.new_message(job_body(k), TASK, PROJECT))
+        forged = Signer([KEY_B.encode()]).sign(wire.new_message(job_body(k), TASK, PROJECT, now=wire.wall_clock()))
+        await project.session.transport.publish("", name, forged)
+        signed = Signer([KEY_A.encode()]).sign(wire.new_message(job_body(k), TASK, PROJECT, now=wire.wall_clock()))
         tampered = wire.Message(
             job_body(k + "x"), signed.task, signed.message_id, "x", signed.timestamp, signed.headers
         )
-        await project.transport.publish("", name, tampered)
+        await project.session.transport.publish("", name, tampered)
         dead = await take_messages(project, f"{name}.dlq", 3)
     assert len(tasks.calls(k)) == 1
     assert {d.headers[wire.REASON] for d in dead} == {"bad_signature"}
@@ -491,7 +494,7 @@ async def test_a_worker_past_its_memory_limit_finishes_and_exits_to_be_replaced(
     done = sum(len(pids(tmp_path, f"leak{i}", "done")) for i in range(6))
     assert 1 <= done < 6, text  # it stopped early; what it ran was acked, the rest waits in the queue
     async with project:
-        assert await project.transport.message_count(name) == 6 - done
+        assert await project.session.transport.message_count(name) == 6 - done
 
 
 @pytest.mark.timeout(60)
@@ -527,11 +530,16 @@ async def test_dlq_list_and_show_do_not_pass_control_characters_to_the_terminal(
     project, worker = make(amqp_url, name)
     evil = "\x1b]0;pwned\x07\x1b[2J"
     async with project:
-        await project.declare(worker, delayed=False)
+        await project.session.declare(worker, delayed=False)
         message = wire.Message(
-            b'{"key": "\x1b[31m"}', TASK + evil, "evil", "x", wire.now(), {wire.ERROR_MESSAGE: evil, wire.REASON: evil}
+            b'{"key": "\x1b[31m"}',
+            TASK + evil,
+            "evil",
+            "x",
+            wire.wall_clock(),
+            {wire.ERROR_MESSAGE: evil, wire.REASON: evil},
         )
-        await project.transport.publish("", f"{name}.dlq", message)
+        await project.session.transport.publish("", f"{name}.dlq", message)
     env = {"NOBS_AMQP_URL": amqp_url, "NOBS_TEST_WORKER": name}
     for command in (["dlq", "list", name], ["dlq", "show", name, "evil"]):
         code, text = await run_cli("--app", "tests.apps.cli_app:project", *command, env=env)

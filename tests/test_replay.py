@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from nobs_amqp import Project, Worker, dlq
-from nobs_amqp.message import Message, now
+from nobs_amqp.message import Message, wall_clock
 from nobs_amqp.topology import dead_letter_queue
 
 from .apps import tasks
@@ -25,13 +25,13 @@ async def refailed(project: Project, worker: Worker, keys: list[str]) -> None:
 
     async def settled() -> bool:
         ran_again = all(len(tasks.calls(k)) >= 2 for k in keys)
-        return ran_again and await dlq.count(project, worker) >= len(keys)
+        return ran_again and await dlq.count(project.session, worker) >= len(keys)
 
     await eventually(settled, timeout=30)
 
 
 async def dead_ids(project: Project, worker: Worker) -> list[str]:
-    return sorted(m.message_id for m in await dlq.peek(project, worker, limit=1000))
+    return sorted(m.message_id for m in await dlq.peek(project.session, worker, limit=1000))
 
 
 @pytest.mark.timeout(120)
@@ -50,12 +50,12 @@ async def test_replay_while_the_worker_fails_them_again(
         assert len(set(before)) == FAILED
         progress: list[int] = []
         async with project.consuming(worker):
-            moved = await dlq.replay(project, worker, progress=progress.append)
+            moved = await dlq.replay(project.session, worker, progress=progress.append)
             assert moved == FAILED
             await refailed(project, worker, keys)
         assert sum(progress) == FAILED
         assert {k: len(tasks.calls(k)) for k in keys} == dict.fromkeys(keys, 2)  # each ran exactly once more
-        assert await dlq.count(project, worker) == FAILED
+        assert await dlq.count(project.session, worker) == FAILED
         assert await dead_ids(project, worker) == before
 
 
@@ -65,18 +65,18 @@ async def test_replay_counts_duplicate_message_ids_one_by_one(url: str, name: st
     worker = Worker(name)
     project = Project(name="nobs-test", workers=[worker], packages=["tests"], url=url)
     async with project:
-        await project.declare(worker, delayed=False)
+        await project.session.declare(worker, delayed=False)
         for key in ("first", "second"):
             body = f'{{"key": "{name}-{key}"}}'.encode()
-            message = Message(body, "tests.apps.tasks:record", "same-id", "nobs-test", now())
-            await project.transport.publish("", dead_letter_queue(name), message)
-        await eventually(lambda: dlq.count(project, worker))
-        assert await dlq.replay(project, worker) == 2
+            message = Message(body, "tests.apps.tasks:record", "same-id", "nobs-test", wall_clock())
+            await project.session.transport.publish("", dead_letter_queue(name), message)
+        await eventually(lambda: dlq.count(project.session, worker))
+        assert await dlq.replay(project.session, worker) == 2
         replayed = await take_messages(project, name, 2)
         assert sorted(m.body for m in replayed) == sorted(
             f'{{"key": "{name}-{k}"}}'.encode() for k in ("first", "second")
         )
-        assert await dlq.count(project, worker) == 0
+        assert await dlq.count(project.session, worker) == 0
 
 
 @pytest.mark.timeout(120)
@@ -93,5 +93,5 @@ async def test_replay_command_while_the_worker_fails_them_again(amqp_url: str, n
             assert f"replayed {FAILED} message(s) to {name}" in output
             await refailed(project, worker, keys)
         assert {k: len(tasks.calls(k)) for k in keys} == dict.fromkeys(keys, 2)
-        assert await dlq.count(project, worker) == FAILED
+        assert await dlq.count(project.session, worker) == FAILED
         assert await dead_ids(project, worker) == before

@@ -41,11 +41,11 @@ async def test_memory_clock_advances_on_demand(nobs_amqp_memory: MemoryBroker, n
     project = Project(name="nobs-test", workers=[worker], packages=["tests"])
     async with project:
         await worker.queue(tasks.record, tasks.Job(key=name), delay=300)
-        assert await project.transport.message_count(name) == 0
+        assert await project.session.transport.message_count(name) == 0
         await nobs_amqp_memory.advance(299)
-        assert await project.transport.message_count(name) == 0
+        assert await project.session.transport.message_count(name) == 0
         await nobs_amqp_memory.advance(1)
-        assert await project.transport.message_count(name) == 1
+        assert await project.session.transport.message_count(name) == 1
 
 
 async def test_drain_on_rabbitmq(nobs_amqp_url: str, name: str) -> None:

@@ -6,7 +6,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from nobs_amqp import Project, TopologyMismatchError, UnroutableError, Worker
+from nobs_amqp import ConfigurationError, Project, TopologyMismatchError, UnroutableError, Worker
 from nobs_amqp import delay as ladder
 from nobs_amqp.consumer import Consumer
 from nobs_amqp.management import Management
@@ -33,7 +33,7 @@ def test_routing_keys_spell_the_delay_in_bits() -> None:
     assert ladder.delay_seconds(0.2) == 1
     assert ladder.delay_seconds(2.0) == 2
     assert ladder.delay_seconds(2.01) == 3
-    with pytest.raises(ValueError, match="longer than the maximum"):
+    with pytest.raises(ConfigurationError, match="longer than the maximum"):
         ladder.delay_seconds(2**28)
 
 
@@ -41,7 +41,7 @@ async def test_declared_objects_and_arguments(amqp_url: str, name: str) -> None:
     worker = Worker(name, delivery_limit=4)
     project = Project(name="nobs-test", workers=[worker], packages=["tests"])
     async with project:
-        await project.declare(worker, delayed=True)
+        await project.session.declare(worker, delayed=True)
     management = Management(amqp_url)
     main = await management.queue(vhost(amqp_url), name)
     dlq = await management.queue(vhost(amqp_url), f"{name}.dlq")
@@ -84,7 +84,7 @@ async def test_unroutable_publish_raises(amqp_url: str, name: str, broker: Broke
     worker = Worker(name)
     project = Project(name="nobs-test", workers=[worker], packages=["tests"])
     async with project:
-        await project.declare(worker, delayed=False)
+        await project.session.declare(worker, delayed=False)
         channel = await broker.channel()
         await channel.queue_delete(name)
         await channel.close()
@@ -117,7 +117,7 @@ async def test_priorities_on_a_classic_queue(amqp_url: str, name: str) -> None:
     async with project:
         for i, k in enumerate(keys):
             await worker.queue(tasks.record, tasks.Job(key=k), priority=i)
-        consumer = Consumer(project, worker, burst=True)
+        consumer = Consumer(project.session, worker, burst=True)
         await consumer.run()
     order = sorted(keys, key=lambda k: tasks.calls(k)[0])
     assert order == list(reversed(keys))

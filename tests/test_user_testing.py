@@ -69,9 +69,11 @@ async def test_an_unknown_task_of_the_project_itself_gets_no_other_project_hint(
     worker = Worker(name)
     project = Project(name="shop", workers=[worker], packages=[], tasks=[unloaded.ping], url=url)
     async with project:
-        message = wire.Message(b'{"key": "x"}', "tests.apps.tasks:record", key(), "shop", wire.now(), {wire.ATTEMPT: 1})
-        await project.declare(worker, delayed=False)
-        await project.transport.publish("", name, message)
+        message = wire.Message(
+            b'{"key": "x"}', "tests.apps.tasks:record", key(), "shop", wire.wall_clock(), {wire.ATTEMPT: 1}
+        )
+        await project.session.declare(worker, delayed=False)
+        await project.session.transport.publish("", name, message)
         assert await drain(project, timeout=20) == 1
         [dead] = await take_messages(project, f"{name}.dlq")
     assert dead.headers["x-nobs-reason"] == "unknown_task"
@@ -114,7 +116,7 @@ async def test_drain_raise_errors_raises_the_tasks_own_exception_with_its_traceb
         await worker.queue(tasks.always_fail, tasks.Job(key=failing))
         with pytest.raises(RuntimeError, match=f"^boom {failing}$") as raised:
             await drain(project, timeout=20, raise_errors=True)
-        assert await project.transport.message_count(name) == 0, "the message was settled, not left unacked"
+        assert await project.session.transport.message_count(name) == 0, "the message was settled, not left unacked"
     assert type(raised.value) is RuntimeError, "the task's exception itself, not a wrapper"
     frames = traceback.extract_tb(raised.value.__traceback__)
     assert any(f.name == "always_fail" and f.filename == tasks.__file__ for f in frames), frames
@@ -221,7 +223,7 @@ async def test_use_broker_defaults_to_the_url_the_fixture_set(nobs_amqp_memory: 
     with use_broker(project):
         async with project:
             await worker.queue(tasks.record, tasks.Job(key=key()))
-            assert await project.transport.message_count(name) == 1
+            assert await project.session.transport.message_count(name) == 1
         assert nobs_amqp_memory.queues[name] is not None
 
 

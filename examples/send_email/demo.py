@@ -26,8 +26,8 @@ from nobs_amqp import message as wire
 from nobs_amqp.amqp import redact, vhost_of
 from nobs_amqp.errors import NobsAmqpError
 from nobs_amqp.management import Management
-from nobs_amqp.memory import MEMORY_SCHEME, MemoryBroker
-from nobs_amqp.urls import with_vhost
+from nobs_amqp.memory import MemoryBroker
+from nobs_amqp.urls import in_process, with_vhost
 
 from .app import SendEmail, priority_queue, project, send_email
 
@@ -38,7 +38,7 @@ VHOST_PREFIX = "nobs-amqp-demo-"
 async def main(keep: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     url = project.urls[0]
-    if url.startswith(MEMORY_SCHEME):
+    if in_process(url):
         print("demo: running on the in-memory broker (memory://): no RabbitMQ, nothing is kept", flush=True)
         async with project, project.consuming(priority_queue):
             return await _run(url)
@@ -99,7 +99,7 @@ async def _run(url: str) -> int:
     for key in (wire.REASON, wire.ATTEMPT, wire.ERROR_TYPE, wire.ERROR_MESSAGE, wire.FAILED_AT, wire.WORKER_HOST):
         print(f"  {key}: {headers.get(key)}")
     print(f"  body: {body}")
-    if not url.startswith(MEMORY_SCHEME):
+    if not in_process(url):
         ui = f"{Management(url).base}/#/queues/{quote(vhost_of(url), safe='')}/priority_queue.dlq"
         print(f"\nSee it in the management UI (guest/guest): {ui} -> 'Get messages'", flush=True)
         print("(the demo deletes its vhost when it ends unless run with --keep, or `make demo KEEP=1`)\n", flush=True)
@@ -108,7 +108,7 @@ async def _run(url: str) -> int:
 
 async def _find_dead_letter(url: str, message_id: str) -> tuple[Mapping[str, object], str] | None:
     """Headers and body of the dead letter `message_id`, left in the DLQ for the management UI."""
-    if url.startswith(MEMORY_SCHEME):
+    if in_process(url):
         for message in MemoryBroker.named(url).messages("priority_queue.dlq"):
             if message.message_id == message_id:
                 return message.headers, message.body.decode()

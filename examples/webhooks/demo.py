@@ -31,7 +31,8 @@ from urllib.parse import quote
 from nobs_amqp import message as wire
 from nobs_amqp.amqp import redact, vhost_of
 from nobs_amqp.management import Management
-from nobs_amqp.memory import MEMORY_SCHEME, MemoryBroker
+from nobs_amqp.memory import MemoryBroker
+from nobs_amqp.urls import in_process
 
 from .endpoint import Endpoint
 from .tasks import WebhookCall, call_webhook, project, webhooks
@@ -126,7 +127,7 @@ async def queue_calls(endpoint: Endpoint) -> list[Queued]:
 
 async def dead_letters(url: str) -> dict[str, Mapping[str, object]]:
     """Headers of the messages in the DLQ by message id, left there for an operator (a peek)."""
-    if url.startswith(MEMORY_SCHEME):
+    if in_process(url):
         return {m.message_id: m.headers for m in MemoryBroker.named(url).messages(DLQ)}
     path = f"/api/queues/{quote(vhost_of(url), safe='')}/{quote(DLQ, safe='')}/get"
     peeked = await Management(url).request(
@@ -177,7 +178,7 @@ async def main(argv: list[str] | None = None) -> int:
     print("\ndemo: outcomes", flush=True)
     for outcome in found:
         print(f"  {outcome.name:<9} {outcome.describe()}", flush=True)
-    if not url.startswith(MEMORY_SCHEME):
+    if not in_process(url):
         ui = f"{Management(url).base}/#/queues/{quote(vhost_of(url), safe='')}/{DLQ}"
         print(f"\nThe dead letters stay in {DLQ}: {ui} -> 'Get messages' (guest/guest).", flush=True)
     if args.json:
