@@ -1,5 +1,11 @@
 """Every test session gets its own vhost on a real RabbitMQ, made and removed through
-the management API; every test gets unique worker names inside it."""
+the management API; every test gets unique worker names inside it.
+
+A test that needs a RabbitMQ carries the `rabbitmq` marker: set here for every test that uses
+the shared broker through a fixture (or runs on the `url` fixture's rabbitmq case), and by hand
+on tests that reach one another way (throwaway nodes, subprocesses given its URL).
+`pytest -m "not rabbitmq"` runs the rest, memory:// included, with no broker at all.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,24 @@ import pytest
 from nobs_amqp.memory import MemoryBroker
 
 from .support import Broker
+
+#: Fixtures that reach the shared RabbitMQ: a test that uses one, directly or through another, needs it.
+RABBITMQ_FIXTURES = frozenset({"nobs_amqp_vhost", "nobs_amqp_url", "vhost_url", "amqp_url", "broker"})
+
+
+def uses_shared_rabbitmq(item: pytest.Item) -> bool:
+    """Whether `item` runs on the shared RabbitMQ: through a fixture, or as the `url` fixture's rabbitmq case."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and callspec.params.get("url") == "rabbitmq":
+        return True
+    return not RABBITMQ_FIXTURES.isdisjoint(getattr(item, "fixturenames", ()))
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if uses_shared_rabbitmq(item):
+            item.add_marker(pytest.mark.rabbitmq)
 
 
 @pytest.fixture(scope="session")
@@ -28,14 +52,18 @@ def amqp_url(vhost_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 @pytest.fixture
-async def name(request: pytest.FixtureRequest, vhost_url: str) -> AsyncIterator[str]:
-    """A queue name unique to this test; its queues are deleted afterwards.
+async def name(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """A queue name unique to this test; on the shared RabbitMQ its queues are deleted afterwards
+    (a test on memory:// needs no broker for it).
 
     Every quorum queue holds a few of the broker's file handles (927 with Debian's
     default ulimit of 1024): a suite that kept all of its queues would run out.
     """
     unique = f"{request.node.name[:40].replace('[', '-').replace(']', '')}-{uuid.uuid4().hex[:6]}"
+    vhost_url: str | None = request.getfixturevalue("vhost_url") if uses_shared_rabbitmq(request.node) else None
     yield unique
+    if vhost_url is None:
+        return
     connection = await aio_pika.connect(vhost_url)
     try:
         channel = await connection.channel()
@@ -53,10 +81,11 @@ async def broker(amqp_url: str) -> AsyncIterator[Broker]:
 
 
 @pytest.fixture(params=["rabbitmq", "memory"])
-def url(request: pytest.FixtureRequest, vhost_url: str) -> Iterator[str]:
-    """The broker a broker-neutral test runs on: the session vhost, then a fresh memory://."""
+def url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The broker a broker-neutral test runs on: the session vhost, then a fresh memory://
+    (which needs no RabbitMQ: the vhost is asked for only in the rabbitmq case)."""
     if request.param == "rabbitmq":
-        yield vhost_url
+        yield request.getfixturevalue("vhost_url")
         return
     memory = f"memory://{uuid.uuid4().hex}"
     yield memory

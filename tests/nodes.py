@@ -38,6 +38,8 @@ from urllib.parse import urlencode
 
 import pytest
 
+from .support import free_port
+
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
 RABBITMQ_USER = "rabbitmq"
 MARKER = "NOBS_AMQP_NODE_ID"
@@ -69,12 +71,6 @@ class TlsFiles:
     cacert: Path
     cert: Path
     key: Path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cannot_start_reason() -> str | None:

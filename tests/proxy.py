@@ -1,4 +1,5 @@
-"""A small TCP proxy in front of the test broker, to cut connections without touching RabbitMQ."""
+"""A small TCP proxy in front of the test broker, to cut connections (or slow them down) without
+touching RabbitMQ."""
 
 from __future__ import annotations
 
@@ -22,12 +23,17 @@ class Proxy:
 
     While `refusing` is set, a new connection is closed as soon as it is accepted (and
     counted in `refused`), as if the broker were down.
+
+    With a `latency`, every chunk is delayed by that many seconds each way, as a network between
+    a service and its broker does; order is kept and nothing waits for an earlier chunk's delay
+    to end, so what a client pipelines stays pipelined.
     """
 
-    def __init__(self, target_host: str | None = None, target_port: int | None = None) -> None:
+    def __init__(self, target_host: str | None = None, target_port: int | None = None, *, latency: float = 0.0) -> None:
         default_host, default_port = broker_address()
         self.target_host = target_host or default_host
         self.target_port = target_port or default_port
+        self.latency = latency
         self.refusing = False
         self.accepted = 0
         self.refused = 0
@@ -91,10 +97,16 @@ class Proxy:
             pair = (client_writer, upstream_writer)
             self._pairs.add(pair)
             try:
-                await asyncio.gather(
-                    _pump(client_reader, upstream_writer),
-                    _pump(upstream_reader, client_writer),
-                )
+                if self.latency:
+                    await asyncio.gather(
+                        _delayed_pump(client_reader, upstream_writer, self.latency),
+                        _delayed_pump(upstream_reader, client_writer, self.latency),
+                    )
+                else:
+                    await asyncio.gather(
+                        _pump(client_reader, upstream_writer),
+                        _pump(upstream_reader, client_writer),
+                    )
             finally:
                 self._pairs.discard(pair)
                 client_writer.transport.abort()
@@ -110,3 +122,28 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             writer.write(data)
             await writer.drain()
     writer.transport.abort()
+
+
+async def _delayed_pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, latency: float) -> None:
+    """`_pump`, each chunk written `latency` seconds after it was read; the rest is written
+    before `writer` is closed."""
+    loop = asyncio.get_running_loop()
+    chunks: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+    async def forward() -> None:
+        while (item := await chunks.get())[1]:
+            await asyncio.sleep(max(0.0, item[0] - loop.time()))
+            writer.write(item[1])
+            await writer.drain()
+
+    forwarder = asyncio.create_task(forward())
+    try:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await reader.read(CHUNK):
+                chunks.put_nowait((loop.time() + latency, data))
+        chunks.put_nowait((0.0, b""))
+        with contextlib.suppress(ConnectionError, OSError):
+            await forwarder
+    finally:
+        forwarder.cancel()
+        writer.transport.abort()

@@ -1,12 +1,19 @@
-"""Helpers shared by the tests: waiting with deadlines, reading queues, raw publishing."""
+"""Helpers shared by the tests: waiting with deadlines, reading queues, raw publishing,
+subprocesses and their logs, free ports, a stand-in HTTP server."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.server
 import os
+import signal
+import socket
+import subprocess
 import sys
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -166,3 +173,119 @@ async def run_demo(url: str, timeout: float = 100) -> tuple[int, str]:
             await process.wait()
     assert process.returncode is not None
     return process.returncode, output.decode()
+
+
+# -- subprocesses and their logs --------------------------------------------------------------
+
+#: The project `nobs-amqp consume` loads in worker subprocesses (worker name and options from the environment).
+APP = "tests.apps.cli_app:project"
+
+
+def output(log: Path) -> str:
+    """The end of a subprocess's log (its stdout and stderr): for checks and failure messages."""
+    return log.read_text(errors="replace")[-6000:] if log.exists() else "(no output)"
+
+
+@contextlib.contextmanager
+def process(
+    command: list[str], *, env: dict[str, str], log: Path, new_session: bool = True
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`command` from the repository root with `env` over this environment, its output in `log`;
+    killed on the way out whatever happened: with `new_session`, it leads a process group of its
+    own (as a shell runs it) and the whole group is killed (a supervisor's workers too)."""
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=new_session,
+        )
+    try:
+        yield proc
+    finally:
+        if new_session:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        elif proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def worker_process(
+    amqp_url: str,
+    name: str,
+    log: Path,
+    *options: str,
+    concurrency: int = 10,
+    delivery_limit: int = 10,
+    new_session: bool = False,
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    """`nobs-amqp consume name *options` of tests.apps.cli_app in a subprocess (see `process`)."""
+    env = {
+        "NOBS_AMQP_URL": amqp_url,
+        "NOBS_TEST_WORKER": name,
+        "NOBS_TEST_CONCURRENCY": str(concurrency),
+        "NOBS_TEST_DELIVERY_LIMIT": str(delivery_limit),
+        "PYTHONPATH": str(ROOT),
+    }
+    command = [sys.executable, "-m", "nobs_amqp", "--app", APP, "consume", name, *options]
+    return process(command, env=env, log=log, new_session=new_session)
+
+
+async def exit_code(proc: subprocess.Popen[bytes], log: Path, timeout: float) -> int:
+    """Wait (polling, bounded) for `proc` to exit; fail with the end of its log if it does not."""
+    try:
+        await eventually(lambda: proc.poll() is not None, timeout=timeout, interval=0.05)
+    except AssertionError:
+        raise AssertionError(f"pid {proc.pid} still runs after {timeout} s; its output:\n{output(log)}") from None
+    return proc.returncode
+
+
+def pids(folder: Path, key: str, what: str) -> list[int]:
+    """The pids of the processes that left `<key>.<what>.<pid>` in `folder` (tests.apps.tasks' file tasks)."""
+    return sorted(int(p.name.rsplit(".", 1)[1]) for p in folder.glob(f"{key}.{what}.*"))
+
+
+async def count_is(broker: Broker, queue: str, n: int) -> bool:
+    """Whether `queue` holds `n` ready messages (for `eventually`)."""
+    return await broker.count(queue) == n
+
+
+# -- the network ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then let go)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def http_server(status: int = 200, body: bytes = b"") -> Iterator[tuple[int, list[str]]]:
+    """A stand-in for the management API on a free loopback port, in a thread: it answers every GET
+    with `status` and `body`, and records each request's Authorization header. Yields (port, headers)."""
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization", ""))
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)

@@ -26,6 +26,7 @@ from .nodes import Node, node_or_skip
 from .support import eventually
 
 PROJECT = "nobs-test"
+pytestmark = pytest.mark.rabbitmq  # a throwaway node of the installed RabbitMQ
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,12 @@ is never touched.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,8 +23,7 @@ from nobs_amqp.amqp import RECONNECT_MAX_SECONDS
 
 from .apps import tasks
 from .proxy import Proxy
-from .support import Broker, eventually
-from .test_faults import APP, REPO, exit_code, output, pids, worker_process
+from .support import Broker, count_is, eventually, exit_code, output, pids, worker_process
 
 PROJECT = "nobs-test"
 
@@ -180,7 +175,7 @@ async def test_a_second_sigint_stops_at_once_and_returns_the_running_message(
     assert took < 3, f"took {took:.1f} s after the second SIGINT; log:\n{text}"
     assert "up to 25 s" in text, text
     assert pids(tmp_path, "s", "done") == []
-    await eventually(lambda: _count_is(broker, name, 1), timeout=10)
+    await eventually(lambda: count_is(broker, name, 1), timeout=10)
     assert await broker.count(f"{name}.dlq") == 0
 
 
@@ -194,7 +189,8 @@ async def test_ctrl_c_under_processes_drains_and_a_second_one_stops_at_once(
     async with project:
         await worker.queue(tasks.slow_file, tasks.FileJob(folder=str(tmp_path), key="p", sleep=30))
     log = tmp_path / "worker.log"
-    with process_group(amqp_url, name, log, "--processes", "2") as proc:
+    # `nobs-amqp consume` as the leader of its own process group, as a shell runs it.
+    with worker_process(amqp_url, name, log, "--processes", "2", new_session=True) as proc:
         await eventually(lambda: output(log).count("consuming") == 2, timeout=20)  # both children
         await eventually(lambda: pids(tmp_path, "p", "start"), timeout=20)
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
@@ -209,25 +205,4 @@ async def test_ctrl_c_under_processes_drains_and_a_second_one_stops_at_once(
     assert code == 0, text
     assert took < 4, f"took {took:.1f} s after the second Ctrl-C; log:\n{text}"
     assert pids(tmp_path, "p", "done") == []
-    await eventually(lambda: _count_is(broker, name, 1), timeout=10)
-
-
-@contextlib.contextmanager
-def process_group(amqp_url: str, name: str, log: Path, *options: str) -> Iterator[subprocess.Popen[bytes]]:
-    """`nobs-amqp consume name *options` as the leader of its own process group (as a shell runs it)."""
-    env = {**os.environ, "NOBS_AMQP_URL": amqp_url, "NOBS_TEST_WORKER": name, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "nobs_amqp", "--app", APP, "consume", name, *options]
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-
-
-async def _count_is(broker: Broker, queue: str, n: int) -> bool:
-    return await broker.count(queue) == n
+    await eventually(lambda: count_is(broker, name, 1), timeout=10)

@@ -44,7 +44,7 @@ async def test_queue_many(amqp_url: str, name: str, broker: Broker) -> None:
     assert await broker.count(name) == 50
 
 
-async def test_default_policy_reaches_dlq_within_a_minute(amqp_url: str, name: str) -> None:
+async def test_default_policy_reaches_dlq_within_a_minute() -> None:
     """Five attempts, exponential jittered waits: the state machine, without waiting for it."""
     from nobs_amqp.outcome import DeadLetter, Raised, RetryLater, decide
     from nobs_amqp.retry import RetryPolicy

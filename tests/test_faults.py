@@ -7,16 +7,11 @@ this process behind a TCP proxy that can cut connections; the shared broker is n
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import signal
-import subprocess
-import sys
 import time
 import traceback
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -28,64 +23,14 @@ from nobs_amqp.consumer import Consumer
 
 from .apps import tasks
 from .proxy import Proxy
-from .support import Broker, eventually, exception_chain
+from .support import Broker, count_is, eventually, exception_chain, exit_code, output, pids, worker_process
 
-REPO = Path(__file__).resolve().parents[1]
 PROJECT = "nobs-test"
-APP = "tests.apps.cli_app:project"
 
 
 def make(name: str, *, url: str | None = None, **options: Any) -> tuple[Project, Worker]:
     worker = Worker(name, **options)
     return Project(name=PROJECT, workers=[worker], url=url, packages=["tests"]), worker
-
-
-def pids(folder: Path, key: str, what: str) -> list[int]:
-    """The pids of the processes that left `<key>.<what>.<pid>` in `folder`."""
-    return sorted(int(p.name.rsplit(".", 1)[1]) for p in folder.glob(f"{key}.{what}.*"))
-
-
-def output(log: Path) -> str:
-    """The end of a worker's log, for failure messages."""
-    return log.read_text(errors="replace")[-4000:] if log.exists() else "(no log)"
-
-
-@contextlib.contextmanager
-def worker_process(
-    amqp_url: str,
-    name: str,
-    log: Path,
-    *options: str,
-    concurrency: int = 10,
-    delivery_limit: int = 10,
-) -> Iterator[subprocess.Popen[bytes]]:
-    """`nobs-amqp consume name *options` in a subprocess, killed on the way out whatever happened."""
-    env = {
-        **os.environ,
-        "NOBS_AMQP_URL": amqp_url,
-        "NOBS_TEST_WORKER": name,
-        "NOBS_TEST_CONCURRENCY": str(concurrency),
-        "NOBS_TEST_DELIVERY_LIMIT": str(delivery_limit),
-        "PYTHONPATH": str(REPO),
-    }
-    command = [sys.executable, "-m", "nobs_amqp", "--app", APP, "consume", name, *options]
-    with log.open("ab") as out:
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-
-
-async def exit_code(proc: subprocess.Popen[bytes], log: Path, timeout: float) -> int:
-    """Wait (polling, bounded) for `proc` to exit; fail with its log if it does not."""
-    try:
-        await eventually(lambda: proc.poll() is not None, timeout=timeout, interval=0.05)
-    except AssertionError:
-        raise AssertionError(f"worker {proc.pid} still runs after {timeout} s; its log:\n{output(log)}") from None
-    return proc.returncode
 
 
 async def burst(amqp_url: str, name: str, log: Path, timeout: float = 20.0, **options: Any) -> int:
@@ -121,7 +66,7 @@ async def test_sigterm_finishes_running_task_returns_the_rest_and_exits_0(
     assert pids(tmp_path, "a", "start") == [proc.pid]
     assert pids(tmp_path, "a", "done") == [proc.pid], "the running task was not let finish"
     assert pids(tmp_path, "b", "start") == [], "the second message started although the worker was stopping"
-    await eventually(lambda: _count_is(broker, name, 1), timeout=5)
+    await eventually(lambda: count_is(broker, name, 1), timeout=5)
     assert await broker.count(f"{name}.dlq") == 0
 
     # The finished message is gone; only the returned one runs, in the next worker.
@@ -131,10 +76,6 @@ async def test_sigterm_finishes_running_task_returns_the_rest_and_exits_0(
     assert pids(tmp_path, "a", "start") == [proc.pid], "the finished message was redelivered"
     assert await broker.count(name) == 0
     assert await broker.count(f"{name}.dlq") == 0
-
-
-async def _count_is(broker: Broker, queue: str, n: int) -> bool:
-    return await broker.count(queue) == n
 
 
 # -- 2. kill -9 ---------------------------------------------------------------------------

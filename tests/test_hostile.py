@@ -1008,6 +1008,7 @@ async def run_hostile(
     return result, consumer, messages
 
 
+@pytest.mark.rabbitmq  # a throwaway node
 @pytest.mark.timeout(170)
 async def test_ten_thousand_hostile_messages_cost_nothing_else(
     tally: Tally, capsys: pytest.CaptureFixture[str]
@@ -1034,6 +1035,7 @@ async def test_a_thousand_hostile_messages_on_the_memory_broker(
     check(result, consumer, tally, messages)
 
 
+@pytest.mark.rabbitmq  # a throwaway node
 @pytest.mark.timeout(60)
 @pytest.mark.xfail(
     generation() == 3,  # the Node is 4.x under scripts/rabbitmq4.sh run; 4.0.5 dead-letters it fine

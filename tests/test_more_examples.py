@@ -7,19 +7,16 @@ the way out whatever happened; the in-process variants use the same modules.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import httpx
@@ -38,50 +35,16 @@ from examples.webhooks.tasks import webhooks
 from nobs_amqp.memory import MemoryBroker
 from nobs_amqp.testing import drain
 
-from .support import Broker, eventually
-
-ROOT = Path(__file__).resolve().parent.parent
-
+from . import support
+from .proxy import Proxy, broker_address
+from .support import Broker, eventually, exit_code, free_port, output
 
 # -- helpers ------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def process(command: list[str], *, env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """`command` in its own process group, its output in `log`; the group is killed on the way out."""
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # children too (a supervisor's workers)
-        proc.wait(10)
-
-
-async def exit_code(proc: subprocess.Popen[bytes], log: Path, timeout: float) -> int:
-    try:
-        await eventually(lambda: proc.poll() is not None, timeout=timeout, interval=0.05)
-    except AssertionError:
-        raise AssertionError(f"pid {proc.pid} still runs after {timeout} s; its output:\n{tail(log)}") from None
-    return proc.returncode
-
-
-def tail(log: Path) -> str:
-    return log.read_text(errors="replace")[-6000:] if log.exists() else "(no output)"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def process(command: list[str], *, env: dict[str, str], log: Path) -> AbstractContextManager[subprocess.Popen[bytes]]:
+    """`command` in its own process group, with unbuffered output (see support.process)."""
+    return support.process(command, env={"PYTHONUNBUFFERED": "1", **env}, log=log)
 
 
 def alive(pid: int) -> bool:
@@ -108,75 +71,6 @@ async def consumers(broker: Broker, queue: str) -> int:
 def sent(outbox: Path) -> list[dict[str, Any]]:
     """What the email task recorded."""
     return [json.loads(line) for line in outbox.read_text().splitlines()] if outbox.exists() else []
-
-
-class SlowLink:
-    """A TCP proxy to the broker that delays every chunk by `latency` seconds each way, as a
-    network between a service and its broker does; order is kept and nothing waits for an
-    earlier chunk's delay to end, so what a client pipelines stays pipelined."""
-
-    def __init__(self, latency: float, target: tuple[str, int]) -> None:
-        self.latency = latency
-        self.target = target
-        self._server: asyncio.Server | None = None
-        self._transports: list[asyncio.WriteTransport] = []
-        self._handlers: set[asyncio.Task[Any]] = set()
-
-    def url_for(self, amqp_url: str) -> str:
-        assert self._server is not None
-        parts = urlsplit(amqp_url)
-        credentials = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
-        port = self._server.sockets[0].getsockname()[1]
-        return urlunsplit(parts._replace(netloc=f"{credentials}127.0.0.1:{port}"))
-
-    async def __aenter__(self) -> SlowLink:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for transport in self._transports:
-            transport.abort()
-        for handler in self._handlers:
-            handler.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
-        await self._server.wait_closed()
-
-    async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        handler = asyncio.current_task()
-        assert handler is not None
-        self._handlers.add(handler)
-        try:
-            upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
-            self._transports += [client_writer.transport, upstream_writer.transport]
-            await asyncio.gather(self._pump(client_reader, upstream_writer), self._pump(upstream_reader, client_writer))
-        except OSError:
-            client_writer.transport.abort()
-        finally:
-            self._handlers.discard(handler)
-
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        loop = asyncio.get_running_loop()
-        chunks: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
-
-        async def forward() -> None:
-            while (item := await chunks.get())[1]:
-                await asyncio.sleep(max(0.0, item[0] - loop.time()))
-                writer.write(item[1])
-                await writer.drain()
-
-        forwarder = asyncio.create_task(forward())
-        try:
-            with contextlib.suppress(ConnectionError, OSError):
-                while data := await reader.read(65536):
-                    chunks.put_nowait((loop.time() + self.latency, data))
-            chunks.put_nowait((0.0, b""))
-            with contextlib.suppress(ConnectionError, OSError):
-                await forwarder
-        finally:
-            forwarder.cancel()
-            writer.transport.abort()
 
 
 def email(i: int) -> dict[str, str]:
@@ -243,10 +137,9 @@ async def test_fastapi_under_uvicorn_with_a_worker_process(amqp_url: str, tmp_pa
     port = free_port()
     server_log = tmp_path / "uvicorn.log"
     uvicorn = [sys.executable, "-m", "uvicorn", "examples.fastapi_service.app:app", "--no-access-log"]
-    broker = urlsplit(amqp_url)
     # The service reaches the broker over a link with 5 ms latency each way, as across a network:
     # on loopback a publisher confirm takes about as long as the HTTP request around it.
-    async with SlowLink(0.005, (broker.hostname or "127.0.0.1", broker.port or 5672)) as link:
+    async with Proxy(*broker_address(amqp_url), latency=0.005) as link:
         server_env = {**env, "NOBS_AMQP_URL": link.url_for(amqp_url)}
         with process([*uvicorn, "--host", "127.0.0.1", "--port", str(port)], env=server_env, log=server_log) as server:
             await _post_sequentially_and_concurrently(port, server, server_log)
@@ -255,9 +148,9 @@ async def test_fastapi_under_uvicorn_with_a_worker_process(amqp_url: str, tmp_pa
     command = [sys.executable, "-m", "nobs_amqp", "--app", "examples.fastapi_service.tasks:project"]
     with process([*command, "consume", "emails", "--burst"], env=env, log=worker_log) as worker:
         code = await exit_code(worker, worker_log, 30)
-    assert code == 0, tail(worker_log)
-    ran = re.search(r"stopped after (\d+) task\(s\)", tail(worker_log))
-    assert ran and int(ran.group(1)) >= 401, tail(worker_log)
+    assert code == 0, output(worker_log)
+    ran = re.search(r"stopped after (\d+) task\(s\)", output(worker_log))
+    assert ran and int(ran.group(1)) >= 401, output(worker_log)
     lines = sent(outbox)
     assert {line["to"] for line in lines} == {email(i)["to"] for i in range(401)}
     assert {line["pid"] for line in lines} == {worker.pid}
@@ -284,8 +177,8 @@ async def _post_sequentially_and_concurrently(port: int, server: subprocess.Pope
     print(f"200 POSTs: concurrently {concurrent:.2f} s, one by one {sequential:.2f} s")
     server.send_signal(signal.SIGTERM)
     # uvicorn shuts down gracefully (closing the project), then re-raises the signal: exit -15.
-    assert await exit_code(server, log, 15) in (0, -signal.SIGTERM), tail(log)
-    assert "Application shutdown complete" in tail(log)
+    assert await exit_code(server, log, 15) in (0, -signal.SIGTERM), output(log)
+    assert "Application shutdown complete" in output(log)
 
 
 # -- 2. ML inference ----------------------------------------------------------------------
@@ -299,8 +192,8 @@ async def test_ml_inference_on_two_worker_processes(amqp_url: str, broker: Broke
     with process(command, env={"NOBS_AMQP_URL": amqp_url}, log=log) as sup:
         # Both processes consume before anything is queued, so neither gets it all.
         await eventually(lambda: _consumers_are(broker, "inference", 2), timeout=30, interval=0.1)
-        found = re.search(r"started 2 worker processes \(pids \[(\d+), (\d+)\]\)", tail(log))
-        assert found, tail(log)
+        found = re.search(r"started 2 worker processes \(pids \[(\d+), (\d+)\]\)", output(log))
+        assert found, output(log)
         children = {int(found.group(1)), int(found.group(2))}
 
         batch = enqueue.requests(8, tmp_path / "results", samples=50_000)
@@ -311,7 +204,7 @@ async def test_ml_inference_on_two_worker_processes(amqp_url: str, broker: Broke
 
         sup.send_signal(signal.SIGTERM)
         code = await exit_code(sup, log, 40)
-    assert code == 0, tail(log)
+    assert code == 0, output(log)
     assert {r.pid for r in results.values()} == children, "both worker processes computed results"
     assert not [pid for pid in children if alive(pid)], "a worker process outlived its supervisor"
     first = results[batch[0].request_id]
@@ -357,13 +250,13 @@ async def test_webhooks_demo_on_rabbitmq(amqp_url: str, broker: Broker, tmp_path
     started = time.monotonic()
     with process(command, env={"NOBS_AMQP_URL": amqp_url}, log=log) as proc:
         code = await exit_code(proc, log, 45)
-    output = tail(log)
-    assert code == 0, output
-    assert time.monotonic() - started < 30, output
+    text = output(log)
+    assert code == 0, text
+    assert time.monotonic() - started < 30, text
     outcomes = {o["name"]: o for o in json.loads(report.read_text())}
     check_webhook_outcomes(outcomes)
-    assert "flaky     delivered on attempt 3" in output
-    assert "broken    in webhooks.dlq after 4 attempt(s): max_attempts" in output
+    assert "flaky     delivered on attempt 3" in text
+    assert "broken    in webhooks.dlq after 4 attempt(s): max_attempts" in text
 
     # The dead letters really are in webhooks.dlq, as an operator finds them.
     dead = {m.message_id: m.headers for m in await broker.take("webhooks.dlq", 2)}

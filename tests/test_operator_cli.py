@@ -3,14 +3,9 @@ memory://, finding the app from a subdirectory, options after the subcommand, th
 
 from __future__ import annotations
 
-import contextlib
-import http.server
 import json
-import socket
 import textwrap
-import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -19,7 +14,7 @@ import pytest
 from nobs_amqp.management import MANAGEMENT_ENV, Management
 from nobs_amqp.urls import vhost_of, with_vhost
 
-from .support import Broker, eventually, run_cli, run_demo
+from .support import Broker, eventually, free_port, http_server, run_cli, run_demo
 
 CLI_APP = ("--app", "tests.apps.cli_app:project")
 
@@ -29,36 +24,6 @@ async def run_in(
 ) -> tuple[int, str]:
     """`python -m nobs_amqp ARGS` run from `cwd`; its exit code and output."""
     return await run_cli(*args, env=env, stdin=stdin, timeout=timeout, cwd=cwd)
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def empty_management_api() -> Iterator[int]:
-    """A management API of another broker: it knows no vhost, queue or exchange (404 for all)."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(404)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 # -- Bug 2: topology diff compares bindings -------------------------------------------------------
@@ -97,7 +62,7 @@ async def test_topology_diff_reports_missing_bindings_and_the_fix(amqp_url: str,
 @pytest.mark.timeout(60)
 async def test_status_fails_when_the_amqp_broker_does_not_answer(amqp_url: str) -> None:
     # The management API on 15672 answers; nothing listens on the AMQP port.
-    url = f"amqp://guest:guest@127.0.0.1:{closed_port()}/{vhost_of(amqp_url)}"
+    url = f"amqp://guest:guest@127.0.0.1:{free_port()}/{vhost_of(amqp_url)}"
     code, output = await run_cli(*CLI_APP, "status", env={"NOBS_AMQP_URL": url})
     assert code == 1, output
     assert "cannot connect to amqp://guest:***@127.0.0.1:" in output
@@ -116,7 +81,7 @@ async def test_status_fails_for_a_vhost_that_does_not_exist(amqp_url: str) -> No
 @pytest.mark.timeout(60)
 async def test_status_fails_when_the_management_api_lacks_the_vhost(amqp_url: str, name: str) -> None:
     """The AMQP broker answers, the management API is another broker's: no zeros from there."""
-    with empty_management_api() as port:
+    with http_server(404) as (port, _):  # another broker's: it knows no vhost, queue or exchange
         env = {"NOBS_AMQP_URL": amqp_url, "NOBS_TEST_WORKER": name, MANAGEMENT_ENV: f"http://127.0.0.1:{port}"}
         code, output = await run_cli(*CLI_APP, "status", env=env)
         assert code == 1, output

@@ -29,8 +29,7 @@ from nobs_amqp.signing import Signer
 
 from .apps import tasks
 from .proxy import Proxy
-from .support import Broker, eventually, run_cli, take_messages
-from .test_faults import exit_code, output, pids, worker_process
+from .support import Broker, eventually, exit_code, output, pids, run_cli, take_messages, worker_process
 
 PROJECT = "nobs-rel"
 TASK = "tests.apps.tasks:record"

@@ -21,6 +21,7 @@ from .apps import tasks
 from .nodes import Node, TlsFiles, node_or_skip
 from .support import eventually
 
+pytestmark = pytest.mark.rabbitmq  # a throwaway node of the installed RabbitMQ
 SECRET = "s3cret-tls-pw"  # the handshake fails before login, so any password will do: it must not show
 
 

@@ -9,14 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-import http.server
 import re
-import socket
 import sys
-import threading
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +21,7 @@ from nobs_amqp import ConfigurationError, NobsAmqpError, Project, Worker
 from nobs_amqp.management import MANAGEMENT_ENV, Management, management_url_for
 from nobs_amqp.urls import broker_urls, parse, redact, split, vhost_of
 
-from .support import ROOT, exception_chain, run_cli
+from .support import ROOT, exception_chain, free_port, http_server, run_cli
 
 # Distinctive secrets: a test fails if any piece of one (4+ characters) shows up.
 SECRETS = ("Quokka4711", "ZebraQ", "Wombat", "Kiwi9000")
@@ -146,15 +141,9 @@ def test_a_url_list_splits_only_where_a_url_starts() -> None:
     assert broker_urls(["amqp://a:b,c@h1/", " "], "Project(url=...)") == ("amqp://a:b%2Cc@h1:5672/",)
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.timeout(30)
 async def test_management_url_credentials_are_used_and_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
-    port = closed_port()
+    port = free_port()
     monkeypatch.setenv(MANAGEMENT_ENV, f"http://admin:Quok,ka@4711@127.0.0.1:{port}/")
     management = Management("amqp://bob:ZebraQ@127.0.0.1:5672/")
     assert management.base == management_url_for("amqp://x@h/") == f"http://127.0.0.1:{port}"
@@ -170,37 +159,9 @@ async def test_management_url_credentials_are_used_and_never_shown(monkeypatch: 
     assert_no_secret(exception_text(refused.value))
 
 
-@contextlib.contextmanager
-def http_server() -> Iterator[tuple[int, list[str]]]:
-    """A management API stand-in that records the Authorization headers it gets."""
-    seen: list[str] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            seen.append(self.headers.get("Authorization", ""))
-            body = b'{"ok": true}'
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1], seen
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
 @pytest.mark.timeout(30)
 async def test_management_authenticates_with_the_management_url_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
-    with http_server() as (port, seen):
+    with http_server(body=b'{"ok": true}') as (port, seen):
         monkeypatch.setenv(MANAGEMENT_ENV, f"http://ad%40min:Quok%2Cka4711@127.0.0.1:{port}")
         assert await Management("amqp://bob:ZebraQ@127.0.0.1/").request("GET", "/api/overview") == {"ok": True}
         monkeypatch.delenv(MANAGEMENT_ENV)
@@ -248,7 +209,7 @@ async def test_cli_with_a_malformed_url_prints_no_traceback() -> None:
 
 @pytest.mark.timeout(60)
 async def test_cli_that_cannot_connect_shows_no_secret(monkeypatch: pytest.MonkeyPatch) -> None:
-    port = closed_port()
+    port = free_port()
     env = {
         "NOBS_AMQP_URL": f"amqp://bob:Quok,ka@4711@127.0.0.1:{port}/",  # parses: the password has ',' and '@'
         "NOBS_TEST_WORKER": "urls",
