@@ -1,6 +1,6 @@
-"""The batched-ack writer of the RabbitMQ transport (`nobs_amqp.amqp._Acker`), against a fake channel.
+"""The batched-ack writer of the RabbitMQ transport (`nobs_amqp.acks.Acker`), against a fake channel.
 
-The fake records the frames `_Acker` writes (basic_ack and basic_nack, the only channel methods it
+The fake records the frames `Acker` writes (basic_ack and basic_nack, the only channel methods it
 calls) and plays them against a model of what RabbitMQ accepts on a channel: a frame whose tag is
 not an unacked delivery (acked twice, or after a multiple ack covered it) would close the channel
 with PRECONDITION_FAILED "unknown delivery tag"; a `multiple=True` ack settles every unacked
@@ -23,8 +23,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nobs_amqp import amqp
-from nobs_amqp.amqp import _Acker
+from nobs_amqp import acks
+from nobs_amqp.acks import Acker
 
 from .support import eventually
 
@@ -54,7 +54,7 @@ def nack(tag: int, requeue: bool) -> Frame:
 
 @dataclass
 class FakeChannel:
-    """The two aiormq channel methods `_Acker` calls, recording each frame in the order written
+    """The two aiormq channel methods `Acker` calls, recording each frame in the order written
     and checking it against what the broker and the consumer know at that moment.
 
     `delays` makes writes slow: the n-th write yields to the loop delays[n % len] times first, so
@@ -106,7 +106,7 @@ class FakeChannel:
 class Consumer:
     """Deliveries on one channel, settled the way the consumer's tasks would settle them."""
 
-    acker: _Acker
+    acker: Acker
     channel: FakeChannel
     next_tag: int = 1
     nacks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -114,7 +114,7 @@ class Consumer:
     @classmethod
     def make(cls, prefetch: int, channel: FakeChannel | None = None) -> Consumer:
         channel = channel or FakeChannel()
-        return cls(_Acker(cast(Any, channel), prefetch), channel)
+        return cls(Acker(cast(Any, channel), prefetch), channel)
 
     def deliver(self, n: int = 1) -> list[int]:
         tags = list(range(self.next_tag, self.next_tag + n))
@@ -152,7 +152,7 @@ class Consumer:
 @pytest.fixture
 def linger(monkeypatch: pytest.MonkeyPatch) -> Callable[[float], None]:
     """Sets ACK_LINGER_SECONDS for this test."""
-    return lambda seconds: monkeypatch.setattr(amqp, "ACK_LINGER_SECONDS", seconds)
+    return lambda seconds: monkeypatch.setattr(acks, "ACK_LINGER_SECONDS", seconds)
 
 
 async def loop_turns(n: int = 10) -> None:
@@ -356,7 +356,7 @@ async def play(prefetch: int, delays: list[int], steps: list[Step]) -> Consumer:
             await loop_turns(step.n)
         elif step.kind == "linger":
             # The linger timer was scheduled before this sleep began, so it is due first.
-            await asyncio.sleep(amqp.ACK_LINGER_SECONDS * 2)
+            await asyncio.sleep(acks.ACK_LINGER_SECONDS * 2)
         else:
             await asyncio.wait_for(c.acker.flush(), 10)
     await c.finish()
@@ -372,8 +372,8 @@ def test_every_delivery_is_settled_exactly_once_as_decided_in_frames_the_broker_
     scenario: tuple[int, list[int], list[Step]],
 ) -> None:
     prefetch, delays, steps = scenario
-    with mock.patch.object(amqp, "ACK_LINGER_SECONDS", 0.001), asyncio.Runner(loop_factory=asyncio.new_event_loop) as r:
+    with mock.patch.object(acks, "ACK_LINGER_SECONDS", 0.001), asyncio.Runner(loop_factory=asyncio.new_event_loop) as r:
         c = r.run(play(prefetch, delays, steps))
     c.check()
-    acks = sum(1 for s in steps if s.kind == "ack")
-    assert sum(1 for f in c.channel.frames if f.ack) <= acks, "more ack frames than acks"
+    decided_acks = sum(1 for s in steps if s.kind == "ack")
+    assert sum(1 for f in c.channel.frames if f.ack) <= decided_acks, "more ack frames than acks"
