@@ -1,10 +1,13 @@
 """nobs_amqp: background tasks for Python services on RabbitMQ."""
 
+from .context import TaskContext, current_task
 from .errors import (
     BrokerConnectionError,
     BrokerUnavailableError,
     ConfigurationError,
+    LifespanError,
     NobsAmqpError,
+    NoTaskContextError,
     NotFoundError,
     NotInProjectError,
     PayloadTypeError,
@@ -16,7 +19,7 @@ from .errors import (
     UnroutableError,
 )
 from .project import Project
-from .retry import Reject, Retry
+from .retry import Reject, Retry, task
 from .worker import Worker
 
 __version__ = "0.1.0"
@@ -25,6 +28,8 @@ __all__ = [
     "BrokerConnectionError",
     "BrokerUnavailableError",
     "ConfigurationError",
+    "LifespanError",
+    "NoTaskContextError",
     "NobsAmqpError",
     "NotFoundError",
     "NotInProjectError",
@@ -34,9 +39,12 @@ __all__ = [
     "PublishError",
     "Reject",
     "Retry",
+    "TaskContext",
     "TaskDefinitionError",
     "TaskNotAllowedError",
     "TopologyMismatchError",
     "UnroutableError",
     "Worker",
+    "current_task",
+    "task",
 ]

@@ -24,7 +24,7 @@ from .errors import NobsAmqpError, UnknownTaskError
 from .message import Message, printable
 from .project import Project
 from .session import Session
-from .status import delete, deletion, project_status, topology_diff, topology_json, topology_table
+from .status import delete, deletion, project_status, task_options, topology_diff, topology_json, topology_table
 from .supervisor import RECYCLE_EXIT, supervise
 from .topology import Topology, definitions
 from .urls import in_process
@@ -411,6 +411,12 @@ def status(app: str | None) -> None:
         note = "" if w.exists else "  (not declared yet)"
         click.echo(f"{w.name:<32} {w.ready:>8} {w.in_flight:>9} {w.consumers:>9} {w.dead:>8}{note}")
     click.echo(f"waiting in {project.name}.delay.*: {report.delayed} (retries and delayed tasks)")
+    _echo_task_options(project)
+
+
+def _echo_task_options(project: Project) -> None:
+    for reference, options in task_options(project).items():
+        click.echo(f"task {reference}: {options} (its own, over its worker's)")
 
 
 @main.command()

@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import resource
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
@@ -21,6 +19,7 @@ import orjson
 from pydantic import ValidationError
 
 from . import message as wire
+from .context import TaskContext, running
 from .errors import (
     BadSignatureError,
     BrokerUnavailableError,
@@ -47,7 +46,7 @@ from .outcome import (
     decide,
 )
 from .retry import Reject, Retry
-from .runner import LoopWatchdog, TaskRunner
+from .runner import LoopWatchdog, TaskRunner, resident_mb
 from .session import Session
 from .tasks import TaskTable
 from .transport import Delivery, Subscription
@@ -112,6 +111,8 @@ class Consumer:
         self.runner = TaskRunner(worker.name)
         self.watchdog: LoopWatchdog | None = None
         self._tasks: TaskTable | None = None
+        #: What the lifespan yielded in this process (tasks read it as `current_task().state`).
+        self.state: object = None
         self._subscription: Subscription | None = None
         self._failure: BaseException | None = None
         self._settled: OrderedDict[Identity, None] = OrderedDict()
@@ -138,6 +139,15 @@ class Consumer:
     async def run(self) -> None:
         self._tasks = self.session.tasks()
         await self.session.declare(self.worker, delayed=False)
+        # The lifespan opens what tasks share (a pool, a client) before the first message is
+        # taken, and closes it after the last one settled.
+        async with self.session.resources(f"worker {self.worker.name}", self.worker.lifespan) as state:
+            self.state = state
+            await self._consume(self._tasks)
+        if self._failure is not None:
+            raise self._failure
+
+    async def _consume(self, tasks: TaskTable) -> None:
         # The delay ladder (for retries) is declared while the first messages already run;
         # a ladder that exists with other arguments stops the worker at once.
         ladder = asyncio.create_task(self.session.declare(self.worker, delayed=True))
@@ -149,7 +159,7 @@ class Consumer:
         log.info(
             "worker %s: consuming %d task(s) (prefetch %d, concurrency %d%s%s)",
             self.worker.name,
-            len(self._tasks),
+            len(tasks),
             self.prefetch,
             self.concurrency,
             ", burst" if self.burst else "",
@@ -167,8 +177,6 @@ class Consumer:
                 await asyncio.wait({ladder}, timeout=LADDER_SHUTDOWN_SECONDS)
             ladder.cancel()  # still waiting for an unreachable broker: retries are over, nothing needs it
             await asyncio.wait({ladder})  # its error, if any, was reported by _ladder_declared
-        if self._failure is not None:
-            raise self._failure
 
     def _ladder_declared(self, declaring: asyncio.Task[None]) -> None:
         if declaring.cancelled() or declaring.exception() is None:
@@ -347,13 +355,26 @@ class Consumer:
             return Refused(exc)
         log.debug("task %s id %s attempt %d: start", message.task, printable(message.message_id), message.attempt)
         label = f"task {message.task} id {printable(message.message_id)}"
+        options = spec.options
+        time_limit = options.time_limit or self.worker.time_limit
+        context = TaskContext(
+            message.message_id,
+            message.task,
+            self.worker.name,
+            message.attempt,
+            message.enqueued_at,
+            returned,
+            self.state,
+        )
         try:
-            await self.runner.call(spec.fn, payload, is_async=spec.is_async, limit=self.worker.time_limit, label=label)
+            with running(context):
+                await self.runner.call(spec.fn, payload, is_async=spec.is_async, limit=time_limit, label=label)
         except Exception as exc:  # noqa: BLE001 - any task failure is settled by the policy
             if self.fail_fast and self._failure is None and not isinstance(exc, Retry | Reject):
                 self._failure = exc
                 self.stop()
-            return Raised(exc, message.attempt, message.enqueued_at, spec.fn)
+            policy = options.policy(self.worker.policy) if options else None
+            return Raised(exc, message.attempt, message.enqueued_at, spec.fn, policy)
         finally:
             self._check_health()
         return Succeeded()
@@ -478,15 +499,6 @@ class Consumer:
         except Exception as exc:  # noqa: BLE001 - the dead letter failed too: the broker's own dead-lettering
             log.warning("id %s: cannot dead-letter it (%s)", printable(delivery.message.message_id), printable(exc))
         await _quietly(delivery.nack(requeue=False))
-
-
-def resident_mb() -> float:
-    """This process's resident memory now (Linux), else its peak."""
-    try:
-        with open("/proc/self/statm", "rb") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 async def _quietly(settle: object) -> None:

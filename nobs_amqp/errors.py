@@ -138,6 +138,22 @@ class TopologyMismatchError(NobsAmqpError):
         )
 
 
+class NoTaskContextError(NobsAmqpError):
+    """`current_task()` was called outside a task a worker runs."""
+
+
+class LifespanError(NobsAmqpError):
+    """A worker's (or project's) lifespan failed to start: the worker takes no message."""
+
+    def __init__(self, owner: str, error: BaseException) -> None:
+        self.owner = owner
+        self.error = error
+        super().__init__(
+            f"the lifespan of {owner} failed to start ({type(error).__name__}: {error}); "
+            f"no message was taken: fix what it opens (a database, a client) and start the worker again"
+        )
+
+
 class TaskFailure(NobsAmqpError):  # noqa: N818 - a family of reasons, not one error
     """Why a delivery was not run, or failed outside the task's own code (read in the DLQ)."""
 

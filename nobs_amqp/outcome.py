@@ -60,6 +60,8 @@ class Raised:
     attempt: int
     enqueued_at: datetime
     fn: Any = None
+    #: The task's own policy (`@task(...)`), when it overrides its worker's.
+    policy: RetryPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +123,7 @@ def decide(happened: Happened, policy: RetryPolicy, now: datetime) -> Outcome:
         case WorkerFailed(error):
             return DeadLetter(Reason.WORKER_ERROR, error)
         case Raised():
-            return _after_failure(happened, policy, now)
+            return _after_failure(happened, happened.policy or policy, now)
     raise AssertionError(f"unexpected {happened!r}")  # pragma: no cover - the match is exhaustive
 
 

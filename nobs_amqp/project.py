@@ -17,7 +17,7 @@ from typing import Any
 from . import asgi
 from .consumer import Consumer
 from .errors import ConfigurationError, ProjectNotOpenError, TaskNotAllowedError, UnknownTaskError
-from .session import Session, connect
+from .session import Lifespan, Session, connect
 from .signing import Signer, SigningKeys
 from .tasks import Allowlist, TaskFunction, TaskSpec, TaskTable, task_spec
 from .topology import Topology, check_name
@@ -61,7 +61,9 @@ class Project:
     given), never because of a message. `signing_key` (or NOBS_AMQP_SIGNING_KEY): sign
     every message, and run only messages signed with it (a list rotates keys: the first
     signs, all verify). `publish_timeout`: how long `queue()` waits for an unreachable
-    broker before it raises `BrokerUnavailableError`.
+    broker before it raises `BrokerUnavailableError`. `worker_lifespan`: what the tasks of a consuming
+    process share, opened once for all its workers that have no lifespan of their own (see
+    `Worker(lifespan=...)`); not the FastAPI lifespan, which is `project.lifespan`.
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class Project:
         signing_key: SigningKeys | None = None,
         channel_pool_size: int = 4,
         publish_timeout: float = 30.0,
+        worker_lifespan: Lifespan | None = None,
     ) -> None:
         self.name = check_name("project", name)
         self.workers: dict[str, Worker] = {}
@@ -98,6 +101,7 @@ class Project:
             raise ConfigurationError(f"publish_timeout must be more than 0 seconds (got {publish_timeout})")
         self._publish_timeout = publish_timeout
         self._session: Session | None = None
+        self.worker_lifespan = worker_lifespan
         self._specs: dict[TaskFunction, TaskSpec] = {}
 
     def __repr__(self) -> str:
@@ -149,7 +153,12 @@ class Project:
         if self._signing_key is None:
             self.signer = Signer.configured(None)  # NOBS_AMQP_SIGNING_KEY as it is when the project opens
         self._session = Session(
-            self.name, transport, signer=self.signer, publish_timeout=self._publish_timeout, tasks=self.tasks
+            self.name,
+            transport,
+            signer=self.signer,
+            publish_timeout=self._publish_timeout,
+            tasks=self.tasks,
+            lifespan=self.worker_lifespan,
         )
 
     async def close(self) -> None:

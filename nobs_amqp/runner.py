@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import logging
+import os
+import resource
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -66,9 +69,11 @@ class TaskRunner:
         else:
             loop = asyncio.get_running_loop()
             work = loop.create_future()
+            # The thread runs in a copy of this context: current_task() works there too.
+            context = contextvars.copy_context()
             thread = threading.Thread(
-                target=_in_thread,
-                args=(fn, payload, loop, work),
+                target=context.run,
+                args=(_in_thread, fn, payload, loop, work),
                 name=f"nobs-{self._name}-{next(self._numbers)}",
                 daemon=True,
             )
@@ -185,3 +190,12 @@ class LoopWatchdog:
             elif reported and blocked < self._threshold:
                 reported = False
                 log.warning("event loop answers again after %.1f s blocked by %s", self._beat - started, self.culprit)
+
+
+def resident_mb() -> float:
+    """This process's resident memory now (Linux), else its peak."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -9,12 +9,15 @@ the project drops the session, and with it everything that was true only of that
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import delay as ladder
 from .amqp import AmqpTransport
+from .errors import LifespanError
 from .memory import MemoryTransport
 from .message import Message
 from .signing import Signer
@@ -22,6 +25,12 @@ from .tasks import TaskTable
 from .topology import QueueOptions, Topology, dead_letter_exchange, worker_topology
 from .transport import Transport, one_deadline
 from .urls import in_process
+
+log = logging.getLogger("nobs_amqp")
+
+#: Opens what a worker process's tasks share (a database pool, an HTTP client) and yields it:
+#: `@asynccontextmanager async def resources(): async with httpx.AsyncClient() as c: yield {"http": c}`.
+Lifespan = Callable[[], AbstractAsyncContextManager[Any]]
 
 
 class Destination(Protocol):
@@ -52,6 +61,7 @@ class Session:
         signer: Signer | None,
         publish_timeout: float,
         tasks: Callable[[], TaskTable],
+        lifespan: Lifespan | None = None,
     ) -> None:
         self.project = project
         self.transport = transport
@@ -62,6 +72,8 @@ class Session:
         # (worker, delayed) pairs whose whole route is declared: send()'s hot path checks only this.
         self._routes_ready: set[tuple[str, bool]] = set()
         self._declaring: dict[str, asyncio.Lock] = {}
+        self._lifespan = lifespan
+        self._shared = _Shared()
 
     def __repr__(self) -> str:
         return f"Session({self.project!r})"
@@ -73,6 +85,22 @@ class Session:
     def tasks(self) -> TaskTable:
         """Every task the project's workers run (imports the task modules the first time)."""
         return self._tasks()
+
+    # -- what tasks share -------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def resources(self, owner: str, lifespan: Lifespan | None) -> AsyncIterator[Any]:
+        """Run `lifespan` (a worker's own) around the block, or else the project's, which the
+        consumers of this session share: opened by the first, closed after the last. Yields
+        what it yielded (None without one). LifespanError when it fails to start."""
+        if lifespan is not None:
+            async with _entered(owner, lifespan) as state:
+                yield state
+        elif self._lifespan is not None:
+            async with self._shared.use(f"project {self.project}", self._lifespan) as state:
+                yield state
+        else:
+            yield None
 
     # -- sending -----------------------------------------------------------------------------
 
@@ -140,3 +168,51 @@ class Session:
                 return
             await self.transport.declare(build())
             self._declared.add(key)
+
+
+@asynccontextmanager
+async def _entered(owner: str, lifespan: Lifespan) -> AsyncIterator[Any]:
+    """`lifespan()` entered, its start failure wrapped in LifespanError, its close failure logged
+    (the tasks are done by then: nothing of theirs is lost)."""
+    manager = lifespan()
+    try:
+        state = await manager.__aenter__()
+    except Exception as exc:
+        raise LifespanError(owner, exc) from exc
+    try:
+        yield state
+    except BaseException as exc:
+        if not await manager.__aexit__(type(exc), exc, exc.__traceback__):
+            raise
+    else:
+        try:
+            await manager.__aexit__(None, None, None)
+        except Exception as exc:  # noqa: BLE001 - reported; the worker's own work is finished
+            log.error("the lifespan of %s failed to close: %s: %s", owner, type(exc).__name__, exc)
+
+
+class _Shared:
+    """A lifespan shared by the consumers of one session: the first opens it, the last closes it."""
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+        self._users = 0
+        self._state: Any = None
+        self._close: Callable[[], Any] | None = None
+
+    @asynccontextmanager
+    async def use(self, owner: str, lifespan: Lifespan) -> AsyncIterator[Any]:
+        async with self._lock:
+            if self._users == 0:
+                opened = _entered(owner, lifespan)
+                self._state = await opened.__aenter__()
+                self._close = lambda: opened.__aexit__(None, None, None)
+            self._users += 1
+        try:
+            yield self._state
+        finally:
+            async with self._lock:
+                self._users -= 1
+                if self._users == 0 and self._close is not None:
+                    close, self._close, self._state = self._close, None, None
+                    await close()

@@ -184,3 +184,10 @@ async def delete(project: Project, found: Deletion) -> None:
         await management.delete("queue", found.vhost, queue.name)
     for exchange in found.exchanges:
         await management.delete("exchange", found.vhost, exchange)
+
+
+def task_options(project: Project) -> dict[str, str]:
+    """The tasks that set options of their own (`@task(...)`) over their worker's, described
+    (imports the project's task modules, as a worker does at start)."""
+    specs = project.tasks().references
+    return {reference: specs[reference].options.describe() for reference in sorted(specs) if specs[reference].options}

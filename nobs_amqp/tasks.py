@@ -31,6 +31,7 @@ import orjson
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from .errors import PayloadTypeError, TaskDefinitionError, UnknownTaskError
+from .retry import options_of
 
 TaskFunction = Callable[[Any], Any]
 log = logging.getLogger("nobs_amqp")
@@ -88,6 +89,8 @@ class TaskSpec:
         self.fn = fn
         self.reference = reference
         self.payload_type = _payload_type(fn)
+        #: What `@task(...)` set over the worker's retry policy and time limit.
+        self.options = options_of(fn)
         self.is_async = inspect.iscoroutinefunction(fn)
 
     @cached_property

@@ -11,7 +11,7 @@ from . import message as wire
 from .delay import checked_seconds, ladder_delay
 from .errors import ConfigurationError, NotInProjectError
 from .retry import RetryPolicy, RetryStrategy, StopStrategy, WaitStrategy
-from .session import Session
+from .session import Lifespan, Session
 from .tasks import TaskFunction, TaskSpec
 from .topology import QueueOptions, QueueType, check_name
 
@@ -42,7 +42,9 @@ class Worker:
     task; `queue_type` "quorum" (default) or "classic" (needed for
     `max_priority` on RabbitMQ 3.x); `delivery_limit`: a message handed out this
     many times without being settled (its worker died or stopped each time) goes
-    to the DLQ instead of running again.
+    to the DLQ instead of running again; `lifespan`: an async context manager factory run once
+    in each consuming process around all of its tasks, whose yielded value tasks read as
+    `current_task().state` (a database pool, an HTTP client).
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class Worker:
         queue_type: QueueType = "quorum",
         max_priority: int | None = None,
         delivery_limit: int | None = 10,
+        lifespan: Lifespan | None = None,
     ) -> None:
         self.name = check_name("worker", name)
         defaults = RetryPolicy()
@@ -86,6 +89,8 @@ class Worker:
             else None
         )
         self.queue_options = QueueOptions(queue_type, delivery_limit, max_priority)
+        #: Opens what this worker's tasks share, once per consuming process (`current_task().state`).
+        self.lifespan = lifespan
         self._project: Home | None = None
 
     def __repr__(self) -> str:

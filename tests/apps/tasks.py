@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from os.path import join  # noqa: F401 - a re-exported function a message must not reach
 from pathlib import Path
 
+import tenacity
 from pydantic import BaseModel
 
-from nobs_amqp import Reject, Retry
+from nobs_amqp import Reject, Retry, TaskContext, current_task, task
 
 _lock = threading.Lock()
 CALLS: dict[str, list[float]] = defaultdict(list)
@@ -218,3 +219,42 @@ async def soak(job: SoakJob) -> None:
     if job.mode == "crash" or (job.mode == "crash_once" and _first_time(job, "crashed")):
         os.kill(os.getpid(), signal.SIGKILL)
     _soak_line(job, "ok")
+
+
+# -- for tests/test_task_context.py ----------------------------------------------------------
+
+#: What `current_task()` said inside each run, by job key.
+CONTEXTS: dict[str, list[TaskContext]] = defaultdict(list)
+
+
+async def with_context(job: Job) -> None:
+    CONTEXTS[job.key].append(current_task())
+    if _record(job.key) <= job.fail_times:
+        raise RuntimeError(f"fail {job.key}")
+
+
+def with_context_sync(job: SyncJob) -> None:
+    CONTEXTS[job.key].append(current_task())
+    _record(job.key)
+
+
+@task(stop=tenacity.stop_after_attempt(2), wait=tenacity.wait_fixed(1))
+async def gives_up_after_two(job: Job) -> None:
+    _record(job.key)
+    raise RuntimeError(f"still failing {job.key}")
+
+
+@task(time_limit=0.3)
+async def has_its_own_time_limit(job: Job) -> None:
+    _record(job.key)
+    await asyncio.sleep(5)
+
+
+async def retries_with_a_reason(job: Job) -> None:
+    _record(job.key)
+    raise Retry(delay=1, reason=f"upstream answered 503 for {job.key}")
+
+
+async def lifespan_pid(job: FileJob) -> None:
+    """Leaves `<key>.state-<pid of the lifespan that opened the state>.<pid>` in the folder."""
+    _touch(job, f"state-{current_task().state['pid']}")
