@@ -119,6 +119,8 @@ async def test_fastapi_own_lifespan_can_consume_in_process(
         await eventually(lambda: len(sent(outbox)) >= 20, timeout=15)
     assert {line["to"] for line in sent(outbox)} == {email(i)["to"] for i in range(20)}
     assert {line["pid"] for line in sent(outbox)} == {os.getpid()}, "no other process ran them"
+    assert len({line["client"] for line in sent(outbox)}) == 1, "one HTTP client, opened by the worker's lifespan"
+    assert {line["message_id"] for line in sent(outbox)} == {r.json()["message_id"] for r in responses}
     assert not email_project.is_open
 
 

@@ -5,6 +5,11 @@ Run a worker:  nobs-amqp --app examples.fastapi_service.tasks:project consume em
 The service (app.py) imports this module to queue tasks; the worker process imports
 it to run them. Neither connects at import time: the broker URL (NOBS_AMQP_URL) is
 read when the project opens.
+
+The worker's lifespan opens one HTTP client per worker process, before the first task, and
+closes it after the last; every task of that process uses it (`current_task().state`). With
+FASTAPI_EXAMPLE_MAIL_API set, `send_email` posts each email there (a mail provider's API);
+without it, it records the email in an outbox file instead.
 """
 
 from __future__ import annotations
@@ -14,18 +19,33 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import httpx
 from pydantic import BaseModel, Field
 
-from nobs_amqp import Project, Worker
+from nobs_amqp import Project, Worker, current_task
 
 log = logging.getLogger("examples.fastapi_service")
 
 #: Where the pretend mail server writes what it sent, one JSON line per email.
 OUTBOX_ENV = "FASTAPI_EXAMPLE_OUTBOX"
+#: A mail provider's HTTP API to post emails to (unset: the outbox file stands in for it).
+MAIL_API_ENV = "FASTAPI_EXAMPLE_MAIL_API"
 
-emails = Worker("emails", concurrency=20)
+
+@asynccontextmanager
+async def mail_client() -> AsyncIterator[dict[str, Any]]:
+    """Once per worker process: one HTTP client (connection pool) for all its tasks."""
+    async with httpx.AsyncClient(base_url=os.environ.get(MAIL_API_ENV, ""), timeout=10) as client:
+        log.info("emails: mail client open in process %d", os.getpid())
+        yield {"http": client}
+
+
+emails = Worker("emails", concurrency=20, lifespan=mail_client)
 
 project = Project(name="fastapi-example", workers=[emails])
 
@@ -47,7 +67,22 @@ def _append(path: Path, line: str) -> None:
 
 
 async def send_email(email: Email) -> None:
-    await asyncio.sleep(0.01)  # stands in for talking to an SMTP server
-    line = json.dumps({"to": email.to, "subject": email.subject, "pid": os.getpid()})
-    await asyncio.to_thread(_append, outbox(), line)
+    task = current_task()
+    http: httpx.AsyncClient = task.state["http"]  # opened once by the worker's lifespan
+    if os.environ.get(MAIL_API_ENV):
+        # The message id is the same on every attempt: the provider drops a repeated one.
+        response = await http.post("/send", json=email.model_dump(), headers={"Idempotency-Key": task.message_id})
+        response.raise_for_status()
+    else:
+        await asyncio.sleep(0.01)  # stands in for the provider's API
+        line = json.dumps(
+            {
+                "to": email.to,
+                "subject": email.subject,
+                "pid": os.getpid(),
+                "message_id": task.message_id,
+                "client": id(http),
+            }
+        )
+        await asyncio.to_thread(_append, outbox(), line)
     log.info("sent email to %s: %s", email.to, email.subject)

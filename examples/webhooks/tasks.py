@@ -2,8 +2,12 @@
 
     nobs-amqp --app examples.webhooks.tasks:project consume webhooks
 
+The `webhooks` worker has the library's defaults; `call_webhook` sets its own options with
+`@task(...)` (another task on the same worker keeps the worker's):
+
 - a connection error, a timeout or a 5xx (any `httpx.HTTPError`) is retried, up to
-  4 attempts in all, waiting about 1, 2 and 4 s (plus jitter) in between;
+  4 attempts in all, waiting about 1, 2 and 4 s (plus jitter) in between, each attempt
+  within 15 s;
 - 429 Too Many Requests is retried after the endpoint's Retry-After (`Retry(delay=...)`);
 - 410 Gone and other 4xx are dead-lettered at once (`Reject(...)`): retrying cannot help;
 - any other exception (a bug) is not retried either: it goes straight to the DLQ.
@@ -20,21 +24,14 @@ import httpx
 from pydantic import BaseModel, HttpUrl
 from tenacity import retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from nobs_amqp import Project, Reject, Retry, Worker
+from nobs_amqp import Project, Reject, Retry, Worker, task
 
 log = logging.getLogger("examples.webhooks")
 
 DELIVERY_HEADER = "X-Webhook-Delivery"
 DEFAULT_RETRY_AFTER = 5.0
 
-webhooks = Worker(
-    "webhooks",
-    retry=retry_if_exception_type(httpx.HTTPError),
-    wait=wait_exponential_jitter(initial=1, max=4),
-    stop=stop_after_attempt(4),
-    concurrency=50,
-    time_limit=30,
-)
+webhooks = Worker("webhooks", concurrency=50, time_limit=60)
 
 project = Project(name="webhook-example", workers=[webhooks])
 
@@ -59,6 +56,12 @@ def retry_after(response: httpx.Response) -> float:
         return DEFAULT_RETRY_AFTER
 
 
+@task(
+    retry=retry_if_exception_type(httpx.HTTPError),
+    wait=wait_exponential_jitter(initial=1, max=4),
+    stop=stop_after_attempt(4),
+    time_limit=15,
+)
 async def call_webhook(call: WebhookCall) -> None:
     async with httpx.AsyncClient(timeout=10) as client:
         response = await client.post(
@@ -70,7 +73,7 @@ async def call_webhook(call: WebhookCall) -> None:
     if status == 410:
         raise Reject("endpoint gone")
     if status == 429:
-        raise Retry(delay=retry_after(response))
+        raise Retry(delay=retry_after(response), reason="429 Too Many Requests")
     if 400 <= status < 500:
         raise Reject(f"endpoint refused the call: {status} {response.reason_phrase}")
     if status >= 500:  # an httpx.HTTPError, so the policy retries it
