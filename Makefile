@@ -14,8 +14,9 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy --strict nobs_amqp
 
-## make test: lint, type-check, then the whole suite twice: against the real broker
-## (NOBS_AMQP_URL, RabbitMQ 3.x here), then against a throwaway RabbitMQ 4.x node (test-4).
+## make test: lint, type-check, then the whole suite against the real broker (NOBS_AMQP_URL,
+## RabbitMQ 3.x here), then the tests that need a broker (-m rabbitmq; the memory:// ones do not
+## depend on its version) against a throwaway RabbitMQ 4.x node (test-4).
 ## Fails if either run fails. NOBS_AMQP_SKIP_RABBITMQ4=1 skips the second run.
 test: venv broker lint
 	@status=0; \
@@ -29,7 +30,7 @@ test: venv broker lint
 
 ## make test-4: the suite against a RabbitMQ 4.x node started from a Debian trixie root
 ## (scripts/rabbitmq4.sh: built once with debootstrap, outside the repo; needs root on Debian).
-TEST_4 = bash scripts/rabbitmq4.sh run -- $(VENV)/bin/pytest
+TEST_4 = bash scripts/rabbitmq4.sh run -- $(VENV)/bin/pytest -m rabbitmq
 test-4: venv
 	$(TEST_4)
 
