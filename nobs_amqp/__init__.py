@@ -17,6 +17,8 @@ from .errors import (
 )
 from .project import Project
 from .retry import Reject, Retry
+from .schedule import Schedule
+from .scheduler import Scheduler
 from .worker import Worker
 
 __version__ = "0.1.0"
@@ -34,6 +36,8 @@ __all__ = [
     "PublishError",
     "Reject",
     "Retry",
+    "Schedule",
+    "Scheduler",
     "TaskDefinitionError",
     "TaskNotAllowedError",
     "TopologyMismatchError",
