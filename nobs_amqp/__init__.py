@@ -20,6 +20,8 @@ from .errors import (
 )
 from .project import Project
 from .retry import Reject, Retry, task
+from .schedule import Schedule
+from .scheduler import Scheduler
 from .worker import Worker
 
 __version__ = "0.1.0"
@@ -39,6 +41,8 @@ __all__ = [
     "PublishError",
     "Reject",
     "Retry",
+    "Schedule",
+    "Scheduler",
     "TaskContext",
     "TaskDefinitionError",
     "TaskNotAllowedError",

@@ -29,10 +29,11 @@ from .errors import (
     TopologyMismatchError,
     UnroutableError,
 )
+from .leases import ExclusiveQueues
 from .management import Management
 from .message import CONTENT_TYPE, Message, wall_clock
 from .topology import ExchangeSpec, QueueSpec, ServerVersion, Topology, difference
-from .transport import Handler, deadline
+from .transport import Handler, LeaseState, deadline
 from .urls import redact as redact  # re-exported: examples and status use them from here
 from .urls import vhost_of as vhost_of
 
@@ -108,6 +109,7 @@ class AmqpTransport:
         self._url = self._urls[0]
         self._server_version: ServerVersion = (0,)
         self._refusal = ""  # the broker's last answer to a reconnection, said once per outage
+        self._leases = ExclusiveQueues()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -349,6 +351,25 @@ class AmqpTransport:
     async def purge(self, queue: str) -> int:
         result = await (await self._side_channel()).queue_purge(queue)
         return int(result.message_count or 0)
+
+    async def lease(self, name: str) -> LeaseState:
+        """An exclusive queue named `name` (see `leases.py`)."""
+        try:
+            return await self._leases.lease(await self._connected(), name)
+        except _REFUSALS as exc:
+            raise BrokerConnectionError(
+                redact(self._url), f"the broker refused queue {name!r}: {_describe(exc)}"
+            ) from exc
+        except _CONNECTION_ERRORS as exc:
+            raise BrokerConnectionError(redact(self._url), _describe(exc)) from exc
+
+    async def release(self, name: str) -> None:
+        transport = self._connection.transport if self._connection is not None else None
+        if transport is not None:
+            try:
+                await self._leases.release(transport.connection, name)
+            except _CONNECTION_ERRORS as exc:  # the connection is gone, and its queue with it
+                log.debug("releasing %s: %s", name, _describe(exc))
 
     async def _side_channel(self) -> aiormq.abc.AbstractChannel:
         """One channel for passive declares and purges (burst and drain poll them), reopened

@@ -23,6 +23,7 @@ from .consumer import Consumer
 from .errors import NobsAmqpError, UnknownTaskError
 from .message import Message, printable
 from .project import Project
+from .scheduler import Scheduler
 from .session import Session
 from .status import delete, deletion, project_status, task_options, topology_diff, topology_json, topology_table
 from .supervisor import RECYCLE_EXIT, supervise
@@ -441,6 +442,49 @@ def enqueue(app: str | None, worker: str, task: str, payload: str, delay: float)
         raise click.UsageError(f"payload does not fit {task}: {exc}") from None
 
     click.echo(_run(project, lambda _: target.queue(fn, value, delay=delay or None)))
+
+
+@main.command()
+@click.option("--list", "listing", is_flag=True, help="Print the schedules and their next ticks, then exit.")
+@click.pass_obj
+def schedule(app: str | None, listing: bool) -> None:
+    """Enqueue the project's schedules until SIGTERM/SIGINT. Run it in as many processes as you
+    like: one is active, the others stand by and take over within seconds if it stops or dies."""
+    project = load_project(app_reference(app))
+    if not project.schedules:
+        raise click.UsageError(f"project {project.name!r} has no schedules: add them with Project(schedules=[...])")
+    if listing:
+        now = wire.wall_clock()
+        click.echo(f"{'schedule':<32} {'when':<36} {'next tick':<24} task on worker")
+        for each in project.schedules.values():
+            upcoming = wire.format_time(each.next_tick(now))
+            click.echo(f"{each.name:<32} {each.describe():<36} {upcoming:<24} {each.reference} on {each.worker.name}")
+        return
+    _refuse_memory(project, "schedule")
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(_schedule(project))
+    except NobsAmqpError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+async def _schedule(project: Project) -> None:
+    """The first SIGTERM/SIGINT stops the scheduler, which gives up the lead; a second one exits at once."""
+    stop = asyncio.Event()
+
+    def on_signal(name: str) -> None:
+        if stop.is_set():
+            log.info("%s again: exiting now", name)
+            logging.shutdown()
+            os._exit(0)
+        log.info("%s: stopping", name)
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum.name)
+    async with project:
+        await Scheduler(project).run(stop)
 
 
 @main.group()

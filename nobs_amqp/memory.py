@@ -4,8 +4,9 @@ It implements the transport seam with the parts of AMQP nobs_amqp relies on, so
 producer, consumer, retry and dead-letter code run unchanged on it: confirmed and
 mandatory publishing, default/direct/fanout/topic exchanges with exchange-to-exchange
 bindings and alternate exchanges, queues with message TTL, dead-lettering (with
-`x-death`), quorum delivery limits (with `x-delivery-count`) and priorities, and
-consumers with prefetch, ack and nack.
+`x-death`), quorum delivery limits (with `x-delivery-count`), priorities, `x-max-length`
+(dropping the head), consumers with prefetch, ack and nack, and leases (what an exclusive
+queue is to RabbitMQ: one transport holds one at a time, until it closes).
 
 Time is virtual: it runs with the event loop's clock, and `await broker.advance(s)`
 jumps ahead, expiring messages in order, so a test sees a five-minute delay in no
@@ -27,7 +28,7 @@ from typing import ClassVar
 from .errors import NotFoundError, TopologyMismatchError, UnroutableError
 from .message import Message, wall_clock
 from .topology import ExchangeSpec, QueueSpec, ServerVersion, Topology, difference
-from .transport import Handler
+from .transport import Handler, LeaseState
 from .urls import memory_name
 
 log = logging.getLogger("nobs_amqp")
@@ -66,6 +67,8 @@ class _Queue:
         limit = args.get("x-delivery-limit")
         self.delivery_limit = limit if isinstance(limit, int) and limit >= 0 else None
         self.prioritised = isinstance(args.get("x-max-priority"), int)
+        length = args.get("x-max-length")
+        self.max_length = length if isinstance(length, int) and length >= 0 else None
         self.ready: list[tuple[int, int, _Entry]] = []  # heap of (-priority, sequence, entry)
         self.consumers: list[_Consumer] = []
 
@@ -87,6 +90,7 @@ class MemoryBroker:
         self._sequence = itertools.count()
         self._tags = itertools.count(1)
         self._timer: asyncio.TimerHandle | None = None
+        self.leases: dict[str, object] = {}  # lease -> the transport that holds it
 
     @classmethod
     def named(cls, url: str) -> MemoryBroker:
@@ -222,6 +226,8 @@ class MemoryBroker:
         if queue.ttl is not None:
             entry.expires_at = self.now() + queue.ttl
         queue.push(entry, next(self._sequence))
+        while queue.max_length is not None and len(queue.ready) > queue.max_length:
+            self._dead_letter(queue, heapq.heappop(queue.ready)[2], "maxlen")  # RabbitMQ's drop-head
         if queue.ttl is not None:
             self._schedule()
         self._dispatch(queue)
@@ -334,6 +340,7 @@ class MemoryTransport:
     def __init__(self, url: str) -> None:
         self._url = url
         self.broker = MemoryBroker.named(url)
+        self._leases: set[str] = set()  # the leases this transport took (and holds, if the broker agrees)
 
     @property
     def server_version(self) -> ServerVersion:
@@ -361,7 +368,23 @@ class MemoryTransport:
         pass
 
     async def close(self) -> None:
-        pass
+        for name in list(self._leases):
+            await self.release(name)
+
+    async def lease(self, name: str) -> LeaseState:
+        holder = self.broker.leases.setdefault(name, self)
+        if holder is not self:
+            self._leases.discard(name)
+            return "busy"
+        if name in self._leases:
+            return "held"
+        self._leases.add(name)
+        return "taken"
+
+    async def release(self, name: str) -> None:
+        self._leases.discard(name)
+        if self.broker.leases.get(name) is self:
+            del self.broker.leases[name]
 
     async def declare(self, topology: Topology) -> None:
         self.broker.declare(topology)

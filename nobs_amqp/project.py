@@ -17,6 +17,7 @@ from typing import Any
 from . import asgi
 from .consumer import Consumer
 from .errors import ConfigurationError, ProjectNotOpenError, TaskNotAllowedError, UnknownTaskError
+from .schedule import Schedule
 from .session import Lifespan, Session, connect
 from .signing import Signer, SigningKeys
 from .tasks import Allowlist, TaskFunction, TaskSpec, TaskTable, task_spec
@@ -61,9 +62,11 @@ class Project:
     given), never because of a message. `signing_key` (or NOBS_AMQP_SIGNING_KEY): sign
     every message, and run only messages signed with it (a list rotates keys: the first
     signs, all verify). `publish_timeout`: how long `queue()` waits for an unreachable
-    broker before it raises `BrokerUnavailableError`. `worker_lifespan`: what the tasks of a consuming
-    process share, opened once for all its workers that have no lifespan of their own (see
-    `Worker(lifespan=...)`); not the FastAPI lifespan, which is `project.lifespan`.
+    broker before it raises `BrokerUnavailableError`. `worker_lifespan`: what the tasks of a
+    consuming process share, opened once for all its workers that have no lifespan of their own
+    (see `Worker(lifespan=...)`); not the FastAPI lifespan, which is `project.lifespan`.
+    `schedules`: tasks enqueued periodically (`Schedule`), by whichever `nobs-amqp schedule`
+    process is active.
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class Project:
         channel_pool_size: int = 4,
         publish_timeout: float = 30.0,
         worker_lifespan: Lifespan | None = None,
+        schedules: Iterable[Schedule] = (),
     ) -> None:
         self.name = check_name("project", name)
         self.workers: dict[str, Worker] = {}
@@ -103,6 +107,14 @@ class Project:
         self._session: Session | None = None
         self.worker_lifespan = worker_lifespan
         self._specs: dict[TaskFunction, TaskSpec] = {}
+        self.schedules: dict[str, Schedule] = {}
+        for schedule in schedules:
+            schedule.check(self)  # its worker is here, and takes fn(payload) as queue() would
+            if schedule.name in self.schedules:
+                raise ConfigurationError(
+                    f"project {self.name!r} has two schedules named {schedule.name!r}: give one a name=..."
+                )
+            self.schedules[schedule.name] = schedule
 
     def __repr__(self) -> str:
         return f"Project({self.name!r}, workers={list(self.workers)})"

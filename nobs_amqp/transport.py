@@ -12,7 +12,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from .message import Message
 from .topology import ServerVersion, Topology
@@ -37,6 +37,9 @@ class Delivery(Protocol):
 
 
 Handler = Callable[[Delivery], Coroutine[Any, Any, None]]
+#: A lease after `Transport.lease`: "taken" by this connection just now, "held" by it already,
+#: or "busy": another connection holds it.
+LeaseState = Literal["taken", "held", "busy"]
 
 
 class Subscription(Protocol):
@@ -83,6 +86,13 @@ class Transport(Protocol):
 
     async def purge(self, queue: str) -> int:
         """Delete the messages ready in `queue`; return how many."""
+
+    async def lease(self, name: str) -> LeaseState:
+        """Take or keep the lease `name`: one connection holds it at a time, and loses it when
+        the connection closes or drops (the scheduler's election)."""
+
+    async def release(self, name: str) -> None:
+        """Give up the lease `name` if this connection holds it."""
 
 
 @runtime_checkable
