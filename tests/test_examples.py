@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import time
+import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from examples.send_email.app import SendEmail, priority_queue, project, send_email
+from nobs_amqp import Scheduler
+from nobs_amqp.memory import MemoryBroker
+from nobs_amqp.testing import drain, use_broker
+from nobs_amqp.urls import memory_url
 
 from .support import run_cli, run_demo
 
@@ -57,3 +64,23 @@ async def test_demo_shows_the_retry_and_the_dead_letter(request: pytest.FixtureR
         assert "priority_queue.dlq -> 'Get messages'" in output
     else:
         assert "running on the in-memory broker" in output
+
+
+async def test_the_daily_digest_runs_once_a_day_at_seven_in_oslo() -> None:
+    """The send_email example's schedule, on memory:// with the virtual clock: two days, two digests."""
+    url = memory_url(uuid.uuid4().hex)
+    started = time.monotonic()
+    try:
+        with use_broker(project, url):
+            async with project:
+                scheduler, clock = Scheduler(project), project.session.transport
+                end = project.session.now() + timedelta(days=2)
+                ran = 0
+                while (upcoming := await scheduler.step()) is not None and upcoming < end:
+                    await clock.advance((upcoming - project.session.now()).total_seconds())  # type: ignore[attr-defined]
+                    ran += await drain(project)
+                ran += await drain(project)
+    finally:
+        MemoryBroker.forget(url)
+    assert ran == 2
+    assert time.monotonic() - started < 10
