@@ -31,8 +31,9 @@ log = logging.getLogger("nobs_amqp")
 POLL_MS = 200
 #: Past the grace period, how long a draining worker gets before it is killed.
 STOP_MARGIN_SECONDS = 10.0
-#: Folders never watched (besides hidden ones, whose name starts with a dot: .venv, .git, .tox...).
+#: Folders of installed code: never a source root.
 INSTALLED = frozenset({"site-packages", "dist-packages"})
+#: Folders never watched, besides hidden ones (whose name starts with a dot: .venv, .git, .tox...).
 IGNORED_FOLDERS = frozenset({"__pycache__", "venv", "node_modules", *INSTALLED})
 #: Changed files a log line names before it says how many more.
 SHOWN_FILES = 3
@@ -146,7 +147,7 @@ class Reloader:
         self.restarting = False
         self.deadline = 0.0  # for the old workers to exit
         self.broken: dict[Path, str] = {}  # changed files with a syntax error
-        self.asked: set[int] = set()  # pids sent a signal to stop
+        self.asked: set[subprocess.Popen[bytes]] = set()  # sent a signal to stop (pids get reused)
         self.signals = 0
         self.stop = threading.Event()
 
@@ -179,11 +180,11 @@ class Reloader:
         self.signals += 1
         self.stop.set()
         for child in [*self.old, *self.children]:
-            if child.poll() is None and (self.signals > 1 or child.pid not in self.asked):
+            if child.poll() is None and (self.signals > 1 or child not in self.asked):
                 self._ask(child, signum)
 
     def _ask(self, child: subprocess.Popen[bytes], signum: int) -> None:
-        self.asked.add(child.pid)
+        self.asked.add(child)
         child.send_signal(signum)
 
     def _changed(self, paths: set[Path]) -> None:
@@ -199,7 +200,7 @@ class Reloader:
         if running:
             log.info("reload: %s changed; restarting %s, running tasks finish first", shown(paths), _which(running))
         else:
-            log.info("reload: %s changed; starting the worker", shown(paths))
+            log.info("reload: %s changed; starting %s", shown(paths), self._what())
         for child in running:
             self._ask(child, signal.SIGTERM)
         self.restarting, self.deadline = True, time.monotonic() + self.grace_period + STOP_MARGIN_SECONDS
@@ -212,10 +213,11 @@ class Reloader:
             if any(child.poll() is None for child in self.old) and time.monotonic() < self.deadline:
                 return
             self._kill(self.old)
+            self.asked.difference_update(self.old)
             self.old, self.restarting = [], False
             if self.broken:
                 for problem in self.broken.values():
-                    log.error("reload: syntax error in %s; the worker starts once a change fixes it", problem)
+                    log.error("reload: syntax error in %s; %s starts once a change fixes it", problem, self._what())
                 return
             self._start(self.processes)
             return
@@ -237,9 +239,12 @@ class Reloader:
             child = spawn(self.command)
             self.children.append(child)
             started.append(child)
-            if self.stop.is_set() and child.pid not in self.asked:  # a signal came while it started
+            if self.stop.is_set() and child not in self.asked:  # a signal came while it started
                 self._ask(child, signal.SIGTERM)
         log.info("reload: started %s", _which(started))
+
+    def _what(self) -> str:
+        return "the worker" if self.processes == 1 else f"{self.processes} worker processes"
 
     def _kill(self, children: Sequence[subprocess.Popen[bytes]]) -> bool:
         """Kill those of `children` still running (past their grace period); whether there were any."""

@@ -198,14 +198,14 @@ async def test_a_broken_change_waits_for_the_fix_and_a_second_signal_stops_at_on
         assert len(started(app.log)) == 3, output(app.log)
         assert proc.poll() is None
 
-        # Ctrl-C drains (a task is running); a second one stops at once.
+        # Ctrl-C, to the process group as a terminal sends it, drains (a task is running); a second one stops at once.
         await app.queue("d", sleep=30)
         await eventually(lambda: app.ran("d"), timeout=10)
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)
         await eventually(lambda: "a second SIGINT" in output(app.log), timeout=5)
         await asyncio.sleep(0.7)  # a second Ctrl-C, later than the same one delivered twice
         assert proc.poll() is None, "the first SIGINT did not wait for the running task"
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)
         code = await exit_code(proc, app.log, 5)
     text = output(app.log)
     assert code == 0, text
