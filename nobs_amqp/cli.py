@@ -23,6 +23,7 @@ from .consumer import Consumer
 from .errors import NobsAmqpError, UnknownTaskError
 from .message import Message, printable
 from .project import Project
+from .reload import reloading, source_roots
 from .scheduler import Scheduler
 from .session import Session
 from .status import delete, deletion, project_status, task_options, topology_diff, topology_json, topology_table
@@ -177,6 +178,7 @@ def main(ctx: click.Context, app: str | None, log_level: str) -> None:
     help="MiB: a process that grows past this after a task finishes its running tasks and exits "
     f"(code {RECYCLE_EXIT}) to be replaced; with --processes, the supervisor restarts it.",
 )
+@click.option("--reload", "reload_", is_flag=True, help="Restart the worker (it drains first) when a .py file changes.")
 @click.option("--recycle-stuck-threads", type=click.IntRange(min=1), hidden=True)
 @click.pass_context
 def consume(
@@ -188,13 +190,16 @@ def consume(
     grace_period: float,
     processes: int,
     max_memory: float | None,
+    reload_: bool,
     recycle_stuck_threads: int | None,
 ) -> None:
     """Consume WORKER's queue and run its tasks."""
+    if burst and reload_:
+        raise click.UsageError("--burst exits once the queue is empty, --reload restarts the worker: use one of them")
     reference = app_reference(ctx.obj)
     project = load_project(reference)
     target = _worker(project, worker)
-    if processes > 1:
+    if processes > 1 or reload_:
         options = {
             "--prefetch": prefetch,
             "--concurrency": concurrency,
@@ -206,6 +211,12 @@ def consume(
         command = [sys.executable, "-m", "nobs_amqp", "--app", reference, "--log-level", ctx.parent.params["log_level"]]  # type: ignore[union-attr]
         command += ["consume", worker, *(f"{k}={v}" for k, v in options.items() if v is not None)]
         command += ["--burst"] if burst else []
+        if reload_:
+            try:
+                roots = source_roots(project, reference, _ROOTS)
+                sys.exit(reloading(command, processes, roots, grace_period=grace_period))
+            except NobsAmqpError as exc:
+                raise click.ClickException(str(exc)) from None
         sys.exit(supervise(command, processes, restart=not burst, grace_period=grace_period))
 
     def build(session: Session) -> Consumer:

@@ -20,7 +20,8 @@ PR_SET_PDEATHSIG = 1
 RECYCLE_EXIT = 75
 
 
-def _start(command: Sequence[str]) -> subprocess.Popen[bytes]:
+def spawn(command: Sequence[str]) -> subprocess.Popen[bytes]:
+    """A worker process running `command`, which gets SIGTERM should this process die."""
     return subprocess.Popen(command, preexec_fn=_stop_with_parent if sys.platform == "linux" else None)
 
 
@@ -40,7 +41,7 @@ def _replace(
     time.sleep(RESTART_PAUSE_SECONDS)
     if stopping():  # a signal came during the pause: nothing to restart
         return child
-    new = _start(command)
+    new = spawn(command)
     if stopping():  # ... or while it started: it was not among those signalled
         new.send_signal(signal.SIGTERM)
     return new
@@ -52,7 +53,7 @@ def supervise(command: Sequence[str], processes: int, *, restart: bool, grace_pe
     SIGTERM/SIGINT are passed on to every child, which drains and exits 0; the exit code is
     0 when every child ended with 0.
     """
-    children = [_start(command) for _ in range(processes)]
+    children = [spawn(command) for _ in range(processes)]
     log.info("supervisor: started %d worker processes (pids %s)", processes, [c.pid for c in children])
     stopping = False
 
