@@ -17,7 +17,7 @@ import pytest
 
 from nobs_amqp import Project, Worker, dlq
 from nobs_amqp import message as wire
-from nobs_amqp.cli import ERROR_WIDTH, _summary
+from nobs_amqp.cli_dlq import ERROR_WIDTH, _summary
 from nobs_amqp.topology import dead_letter_queue
 from nobs_amqp.transport import Delivery
 
