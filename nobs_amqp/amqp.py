@@ -109,6 +109,7 @@ class AmqpTransport:
         self._url = self._urls[0]
         self._server_version: ServerVersion = (0,)
         self._refusal = ""  # the broker's last answer to a reconnection, said once per outage
+        self.on_connection: list[Callable[[bool], None]] = []
         self._leases = ExclusiveQueues()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -178,6 +179,7 @@ class AmqpTransport:
                 log.debug("reconnection attempt failed: %s", reason)
             return
         connection.lost_at = connection.loop.time()
+        self._tell(False)
         log.warning(
             "lost the connection to %s (%s); reconnecting until it is back (backoff up to %.0f s)",
             redact(self._url),
@@ -188,12 +190,17 @@ class AmqpTransport:
     def _on_reconnect(self, connection: object) -> None:
         self._read_server_version()
         self._refusal = ""
+        self._tell(True)
         if isinstance(connection, _BackoffConnection) and connection.lost_at is not None:
             outage = connection.loop.time() - connection.lost_at
             connection.lost_at = None
             log.warning("reconnected to %s after %.1f s", redact(self._url), outage)
         else:
             log.warning("reconnected to %s", redact(self._url))
+
+    def _tell(self, up: bool) -> None:
+        for listener in self.on_connection:
+            listener(up)
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import OrderedDict
+import time
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -32,7 +32,19 @@ from .errors import (
     UndecodableMessageError,
     UnknownTaskError,
 )
-from .message import printable
+from .message import Reason, printable
+from .observe import (
+    DEAD_LETTERED,
+    DRAINING,
+    DUPLICATE,
+    READY,
+    REJECTED,
+    REQUEUED,
+    RETRIED,
+    STOPPED,
+    SUCCEEDED,
+    TaskRun,
+)
 from .outcome import (
     DeadLetter,
     Happened,
@@ -48,6 +60,7 @@ from .outcome import (
 from .retry import Reject, Retry
 from .runner import LoopWatchdog, TaskRunner, resident_mb
 from .session import Session
+from .settled import Identity, SettledAttempts
 from .tasks import TaskTable
 from .transport import Delivery, Subscription
 from .worker import Worker
@@ -59,14 +72,11 @@ BURST_POLL_SECONDS = 0.1
 #: RabbitMQ 4.3 counts only explicit failures there and every earlier hand-out in
 #: `x-acquired-count`, so the larger of the two says how often a worker got it before.
 DELIVERY_COUNTS = ("x-delivery-count", "x-acquired-count")
-#: How many settled attempts a worker remembers, to settle a redelivered one without rerunning it.
-REMEMBERED = 10_000
 #: After a settle failed for a reason other than a lost connection: wait before the message goes back.
 REQUEUE_PAUSE_SECONDS = 5.0
 #: At shutdown, how long a delay ladder declaration still in progress may take before it is cancelled.
 LADDER_SHUTDOWN_SECONDS = 2.0
 
-Identity = tuple[str, int, str]
 _Publish = Callable[[], Awaitable[None]]
 
 
@@ -115,8 +125,7 @@ class Consumer:
         self.state: object = None
         self._subscription: Subscription | None = None
         self._failure: BaseException | None = None
-        self._settled: OrderedDict[Identity, None] = OrderedDict()
-        self._inflight: dict[Identity, asyncio.Event] = {}
+        self._attempts = SettledAttempts()
         self._quorum = worker.queue_options.queue_type == "quorum"
 
     def stop(self) -> None:
@@ -156,6 +165,7 @@ class Consumer:
         self.watchdog.start()
         await self._subscribe()
         self.ready.set()
+        self.session.observers.consumer_state(self.worker.name, READY)
         log.info(
             "worker %s: consuming %d task(s) (prefetch %d, concurrency %d%s%s)",
             self.worker.name,
@@ -177,6 +187,7 @@ class Consumer:
                 await asyncio.wait({ladder}, timeout=LADDER_SHUTDOWN_SECONDS)
             ladder.cancel()  # still waiting for an unreachable broker: retries are over, nothing needs it
             await asyncio.wait({ladder})  # its error, if any, was reported by _ladder_declared
+            self.session.observers.consumer_state(self.worker.name, STOPPED)
 
     def _ladder_declared(self, declaring: asyncio.Task[None]) -> None:
         if declaring.cancelled() or declaring.exception() is None:
@@ -215,6 +226,7 @@ class Consumer:
                 await asyncio.wait_for(self._stopping.wait(), BURST_POLL_SECONDS)
 
     async def _drain(self) -> None:
+        self.session.observers.consumer_state(self.worker.name, DRAINING)
         subscription = self._subscription
         assert subscription is not None
         await subscription.cancel()
@@ -271,59 +283,55 @@ class Consumer:
                     message.attempt,
                 )
                 self.duplicates += 1
-                await _quietly(delivery.ack())
-                return
-            done = asyncio.Event()
-            if identity is not None:
-                self._inflight.setdefault(identity, done)
-            try:
-                await self._handle(delivery)
-            except asyncio.CancelledError:
-                await _quietly(delivery.nack(requeue=True))  # shutdown past the grace period
-                raise
-            except Exception as exc:
-                log.exception(
-                    "task %s id %s: the worker failed to handle it",
-                    printable(message.task),
-                    printable(message.message_id),
+                duplicate = TaskRun(
+                    self.worker.name, message.task, message.message_id, message.attempt, outcome=DUPLICATE
                 )
-                await self._last_resort(delivery, exc)
-            finally:
-                if identity is not None and self._inflight.get(identity) is done:
-                    del self._inflight[identity]
-                done.set()
+                with self.session.observers.handling(duplicate):
+                    await _quietly(delivery.ack())
+                return
+            run = TaskRun(self.worker.name, message.task, message.message_id, message.attempt, message.headers)
+            with self._attempts.running(identity), self.session.observers.handling(run):
+                await self._settle_one(delivery, run)
             self.processed += 1
 
+    async def _settle_one(self, delivery: Delivery, run: TaskRun) -> None:
+        try:
+            await self._handle(delivery, run)
+        except asyncio.CancelledError:
+            run.outcome = REQUEUED
+            await _quietly(delivery.nack(requeue=True))  # shutdown past the grace period
+            raise
+        except Exception as exc:
+            log.exception(
+                "task %s id %s: the worker failed to handle it",
+                printable(delivery.message.task),
+                printable(delivery.message.message_id),
+            )
+            await self._last_resort(delivery, exc, run)
+
     async def _seen(self, identity: Identity) -> bool:
-        """Whether this attempt was settled here before (its ack was lost), waiting for it if it is
-        running here right now (the broker redelivered it after a connection loss)."""
-        running = self._inflight.get(identity)
-        if running is not None:
-            await running.wait()
-        return identity in self._settled
+        return await self._attempts.seen(identity)
 
     def _remember(self, identity: Identity | None) -> None:
-        if identity is None:
-            return
-        self._settled[identity] = None
-        if len(self._settled) > REMEMBERED:
-            self._settled.popitem(last=False)
+        self._attempts.remember(identity)
 
-    async def _handle(self, delivery: Delivery) -> None:
+    async def _handle(self, delivery: Delivery, run: TaskRun) -> None:
         message = delivery.message
-        outcome = self._decide(await self._execute(delivery))
+        outcome = self._decide(await self._execute(delivery, run))
         if isinstance(outcome, RetryLater):
             outcome = await self._retry(message, outcome)
         if isinstance(outcome, DeadLetter) and not await self._dead_letter(message, outcome):
+            run.outcome, run.reason = REJECTED, outcome.reason.value
             await delivery.nack(requeue=False)  # the broker's own dead-lettering, to W.dlx
             return
+        _record(run, outcome)
         self._remember(message.identity)
         await delivery.ack()
 
     def _decide(self, happened: Happened) -> Outcome:
         return decide(happened, self.worker.policy, self.session.now())
 
-    async def _execute(self, delivery: Delivery) -> Happened:
+    async def _execute(self, delivery: Delivery, run: TaskRun) -> Happened:
         """Run the delivery's task if it may run; what happened."""
         message = delivery.message
         undecodable = message.headers.get(wire.UNDECODABLE)
@@ -344,6 +352,7 @@ class Consumer:
         assert self._tasks is not None
         try:
             spec = self._tasks.get(message.task)
+            run.known = True
             payload = spec.decode(message.body)
         except (UnknownTaskError, TaskDefinitionError) as exc:
             return Refused(self._unknown(message, exc))
@@ -366,6 +375,7 @@ class Consumer:
             returned,
             self.state,
         )
+        started = time.perf_counter()
         try:
             with running(context):
                 await self.runner.call(spec.fn, payload, is_async=spec.is_async, limit=time_limit, label=label)
@@ -373,9 +383,11 @@ class Consumer:
             if self.fail_fast and self._failure is None and not isinstance(exc, Retry | Reject):
                 self._failure = exc
                 self.stop()
+            run.error = exc
             policy = options.policy(self.worker.policy) if options else None
             return Raised(exc, message.attempt, message.enqueued_at, spec.fn, policy)
         finally:
+            run.seconds = time.perf_counter() - started
             self._check_health()
         return Succeeded()
 
@@ -484,21 +496,35 @@ class Consumer:
                 error = exc
         return error
 
-    async def _last_resort(self, delivery: Delivery, error: BaseException) -> None:
+    async def _last_resort(self, delivery: Delivery, error: BaseException, run: TaskRun) -> None:
         """Settle a delivery whose handling failed in the worker itself: dead-letter it with the
         error, else reject it to the dead-letter exchange; never leave it unsettled."""
         if isinstance(error, BrokerUnavailableError):
+            run.outcome = REQUEUED
             await asyncio.sleep(REQUEUE_PAUSE_SECONDS)  # no busy loop while the broker is away
             await _quietly(delivery.nack(requeue=True))
             return
+        run.error, run.reason = error, Reason.WORKER_ERROR.value
         try:
             outcome = self._decide(WorkerFailed(error))
             if isinstance(outcome, DeadLetter) and await self._dead_letter(delivery.message, outcome):
+                run.outcome = DEAD_LETTERED
                 await delivery.ack()
                 return
         except Exception as exc:  # noqa: BLE001 - the dead letter failed too: the broker's own dead-lettering
             log.warning("id %s: cannot dead-letter it (%s)", printable(delivery.message.message_id), printable(exc))
+        run.outcome = REJECTED
         await _quietly(delivery.nack(requeue=False))
+
+
+def _record(run: TaskRun, outcome: Outcome) -> None:
+    """How a delivery ended, for observers."""
+    if isinstance(outcome, RetryLater):
+        run.outcome = RETRIED
+    elif isinstance(outcome, DeadLetter):
+        run.outcome, run.reason = DEAD_LETTERED, outcome.reason.value
+    else:
+        run.outcome = SUCCEEDED
 
 
 async def _quietly(settle: object) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 from . import asgi
 from .consumer import Consumer
 from .errors import ConfigurationError, ProjectNotOpenError, TaskNotAllowedError, UnknownTaskError
+from .observe import Observer
 from .schedule import Schedule
 from .session import Lifespan, Session, connect
 from .signing import Signer, SigningKeys
@@ -66,7 +67,7 @@ class Project:
     consuming process share, opened once for all its workers that have no lifespan of their own
     (see `Worker(lifespan=...)`); not the FastAPI lifespan, which is `project.lifespan`.
     `schedules`: tasks enqueued periodically (`Schedule`), by whichever `nobs-amqp schedule`
-    process is active.
+    process is active. `observers`: metrics, logs and traces (`observe.Observer`).
     """
 
     def __init__(
@@ -83,6 +84,7 @@ class Project:
         publish_timeout: float = 30.0,
         worker_lifespan: Lifespan | None = None,
         schedules: Iterable[Schedule] = (),
+        observers: Iterable[Observer] = (),
     ) -> None:
         self.name = check_name("project", name)
         self.workers: dict[str, Worker] = {}
@@ -106,6 +108,8 @@ class Project:
         self._publish_timeout = publish_timeout
         self._session: Session | None = None
         self.worker_lifespan = worker_lifespan
+        #: Metrics, logs and traces (`observe.Observer`), told what every session of the project does.
+        self.observers: list[Observer] = list(observers)
         self._specs: dict[TaskFunction, TaskSpec] = {}
         self.schedules: dict[str, Schedule] = {}
         for schedule in schedules:
@@ -171,6 +175,7 @@ class Project:
             publish_timeout=self._publish_timeout,
             tasks=self.tasks,
             lifespan=self.worker_lifespan,
+            observers=self.observers,
         )
 
     async def close(self) -> None:

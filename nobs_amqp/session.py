@@ -20,10 +20,11 @@ from .amqp import AmqpTransport
 from .errors import LifespanError
 from .memory import MemoryTransport
 from .message import Message
+from .observe import Observer, Observers
 from .signing import Signer
 from .tasks import TaskTable
 from .topology import QueueOptions, Topology, dead_letter_exchange, worker_topology
-from .transport import Transport, one_deadline
+from .transport import ConnectionEvents, Transport, one_deadline
 from .urls import in_process
 
 log = logging.getLogger("nobs_amqp")
@@ -62,6 +63,7 @@ class Session:
         publish_timeout: float,
         tasks: Callable[[], TaskTable],
         lifespan: Lifespan | None = None,
+        observers: Sequence[Observer] = (),
     ) -> None:
         self.project = project
         self.transport = transport
@@ -74,6 +76,10 @@ class Session:
         self._declaring: dict[str, asyncio.Lock] = {}
         self._lifespan = lifespan
         self._shared = _Shared()
+        #: Metrics, logs and traces: told what happens on this connection.
+        self.observers = Observers(observers)
+        if isinstance(transport, ConnectionEvents):
+            transport.on_connection.append(self.observers.connection)
 
     def __repr__(self) -> str:
         return f"Session({self.project!r})"
@@ -115,20 +121,21 @@ class Session:
                 self._routes_ready.add(route)
             if delay > 0:
                 exchange, key = ladder.route(self.project, delay, worker.name)
-                await self._publish(exchange, key, message)
+                await self._publish(worker.name, exchange, key, message)
             else:
-                await self._publish("", worker.name, message)
+                await self._publish(worker.name, "", worker.name, message)
 
     async def dead_letter(self, worker: Destination, message: Message) -> None:
         """Publish `message` (a dead-letter copy) to `worker`'s dead-letter exchange."""
         with one_deadline(self.publish_timeout):
             await self.declare(worker, delayed=False)
-            await self._publish(dead_letter_exchange(worker.name), "", message)
+            await self._publish(worker.name, dead_letter_exchange(worker.name), "", message)
 
-    async def _publish(self, exchange: str, key: str, message: Message) -> None:
-        if self.signer is not None:
-            message = self.signer.sign(message)
-        await self.transport.publish(exchange, key, message)
+    async def _publish(self, worker: str, exchange: str, key: str, message: Message) -> None:
+        with self.observers.publishing(worker, message) as observed:
+            if self.signer is not None:
+                observed = self.signer.sign(observed)
+            await self.transport.publish(exchange, key, observed)
 
     # -- declaring ---------------------------------------------------------------------------
 

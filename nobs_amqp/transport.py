@@ -106,6 +106,14 @@ class VirtualClock(Protocol):
         """How far the clock is from the next message expiry (None: nothing waits)."""
 
 
+@runtime_checkable
+class ConnectionEvents(Protocol):
+    """A capability of transports whose connection can drop (RabbitMQ): who to tell when it does."""
+
+    #: Called with False when the connection is lost (once per outage), True when it is back.
+    on_connection: list[Callable[[bool], None]]
+
+
 #: When the queue() (or retry, or dead letter) in progress gives up: declaring and publishing share it.
 _DEADLINE: ContextVar[float | None] = ContextVar("nobs_amqp_deadline", default=None)
 

@@ -1,0 +1,152 @@
+"""Hooks for metrics, logs and traces: what the consumer, the session and the transport tell
+observers, in one place.
+
+An observer subclasses `Observer` and overrides what it needs; `Project(observers=[...])` (and
+the CLI, for `--metrics-port`) adds them to every session of the project. Observers must not
+raise: a hook that does is logged and the work goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from .message import Message
+
+log = logging.getLogger("nobs_amqp")
+_T = TypeVar("_T")
+
+#: How a delivery ended, as observers see it (`TaskRun.outcome`).
+SUCCEEDED = "succeeded"
+RETRIED = "retried"
+DEAD_LETTERED = "dead_lettered"
+REJECTED = "rejected_to_dlx"  # neither a retry nor a dead letter could be placed: the broker's dead-lettering
+DUPLICATE = "duplicate"  # a redelivered copy of an attempt settled before: acked unrun
+REQUEUED = "requeued"  # given back unrun (shutdown, or a broker that went away)
+
+#: Consumer states (`Observer.consumer_state`): ready once subscribed, then draining after a
+#: stop, stopped at the end; `reconnecting` while the connection is down (and ready again after).
+READY = "ready"
+RECONNECTING = "reconnecting"
+DRAINING = "draining"
+STOPPED = "stopped"
+
+
+@dataclass(slots=True)
+class TaskRun:
+    """One delivery a worker handles: what it is, and (filled in before `handling` exits) how
+    it ended. `task` is whatever the message names: label metrics only with `known` ones."""
+
+    worker: str
+    task: str
+    message_id: str
+    attempt: int
+    headers: Mapping[str, object] = field(default_factory=dict)
+    #: The task is one of the project's (its name is safe as a metric label).
+    known: bool = False
+    outcome: str = ""
+    #: The dead-letter reason (`Reason` value) when dead-lettered.
+    reason: str | None = None
+    #: What the task raised, if it failed.
+    error: BaseException | None = None
+    #: How long the task itself ran (0 when it did not run).
+    seconds: float = 0.0
+
+
+class Observer:
+    """Does nothing; override the hooks you need."""
+
+    @contextlib.contextmanager
+    def handling(self, run: TaskRun) -> Iterator[None]:
+        """Around the handling of one delivery, from taking it to settling it."""
+        yield
+
+    @contextlib.contextmanager
+    def publishing(self, worker: str, message: Message) -> Iterator[Message]:
+        """Around one publish and its confirm; may yield a copy of `message` to send instead
+        (with trace headers, say). An exception from the publish passes through."""
+        yield message
+
+    def consumer_state(self, worker: str, state: str) -> None:
+        """A consumer of `worker` in this process became `state` (READY, RECONNECTING, ...)."""
+
+    def connection(self, up: bool) -> None:
+        """The connection to the broker was lost (False) or is back (True)."""
+
+
+class Observers(Observer):
+    """Several observers as one: each hook calls each of them, in order; one that raises is
+    logged and skipped."""
+
+    def __init__(self, observers: Sequence[Observer] = ()) -> None:
+        self.observers = list(observers)
+
+    def __bool__(self) -> bool:
+        return bool(self.observers)
+
+    @contextlib.contextmanager
+    def handling(self, run: TaskRun) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for observer in self.observers:
+                _enter(stack, observer, observer.handling(run))
+            yield
+
+    @contextlib.contextmanager
+    def publishing(self, worker: str, message: Message) -> Iterator[Message]:
+        with contextlib.ExitStack() as stack:
+            for observer in self.observers:
+                observed = _enter(stack, observer, observer.publishing(worker, message))
+                if isinstance(observed, Message):  # else it failed: the message as it was
+                    message = observed
+            yield message
+
+    def consumer_state(self, worker: str, state: str) -> None:
+        for observer in self.observers:
+            _call(observer, "consumer_state", worker, state)
+
+    def connection(self, up: bool) -> None:
+        for observer in self.observers:
+            _call(observer, "connection", up)
+
+
+def _enter(
+    stack: contextlib.ExitStack,
+    observer: Observer,
+    manager: contextlib.AbstractContextManager[object],
+    default: object = None,
+) -> object:
+    try:
+        return stack.enter_context(_guarded(observer, manager))
+    except Exception as exc:  # noqa: BLE001 - an observer's bug never costs a task
+        log.error("observer %s failed: %s: %s", type(observer).__name__, type(exc).__name__, exc)
+        return None
+
+
+@contextlib.contextmanager
+def _guarded(observer: Observer, manager: contextlib.AbstractContextManager[_T]) -> Iterator[_T]:
+    """`manager`, whose own errors on the way out are logged rather than raised."""
+    value = manager.__enter__()
+    try:
+        yield value
+    except BaseException as exc:
+        try:
+            manager.__exit__(type(exc), exc, exc.__traceback__)
+        except Exception as error:  # noqa: BLE001
+            if error is not exc:
+                log.error("observer %s failed: %s: %s", type(observer).__name__, type(error).__name__, error)
+        raise
+    else:
+        try:
+            manager.__exit__(None, None, None)
+        except Exception as error:  # noqa: BLE001
+            log.error("observer %s failed: %s: %s", type(observer).__name__, type(error).__name__, error)
+
+
+def _call(observer: Observer, hook: str, *args: object) -> None:
+    try:
+        getattr(observer, hook)(*args)
+    except Exception as exc:  # noqa: BLE001 - an observer's bug never costs a task
+        log.error("observer %s failed in %s: %s: %s", type(observer).__name__, hook, type(exc).__name__, exc)
