@@ -68,6 +68,8 @@ class Project:
     (see `Worker(lifespan=...)`); not the FastAPI lifespan, which is `project.lifespan`.
     `schedules`: tasks enqueued periodically (`Schedule`), by whichever `nobs-amqp schedule`
     process is active. `observers`: metrics, logs and traces (`observe.Observer`).
+    `broker_consumer_timeout`: RabbitMQ's `consumer_timeout` in seconds, when its rabbitmq.conf
+    changed it (before 3.11.15 a worker cannot set its own; see `Worker(time_limit=...)`).
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class Project:
         worker_lifespan: Lifespan | None = None,
         schedules: Iterable[Schedule] = (),
         observers: Iterable[Observer] = (),
+        broker_consumer_timeout: float = 1800.0,
     ) -> None:
         self.name = check_name("project", name)
         self.workers: dict[str, Worker] = {}
@@ -106,6 +109,11 @@ class Project:
         if publish_timeout <= 0:
             raise ConfigurationError(f"publish_timeout must be more than 0 seconds (got {publish_timeout})")
         self._publish_timeout = publish_timeout
+        if broker_consumer_timeout <= 0:
+            raise ConfigurationError(
+                f"broker_consumer_timeout must be more than 0 seconds (got {broker_consumer_timeout})"
+            )
+        self.broker_consumer_timeout = broker_consumer_timeout
         self._session: Session | None = None
         self.worker_lifespan = worker_lifespan
         #: Metrics, logs and traces (`observe.Observer`), told what every session of the project does.
@@ -164,6 +172,7 @@ class Project:
             name=f"nobs-amqp {self.name}",
             pool_size=self._channel_pool_size,
             publish_timeout=self._publish_timeout,
+            consumer_timeout=self.broker_consumer_timeout,
         )
         await transport.open()
         if self._signing_key is None:
