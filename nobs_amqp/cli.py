@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import os
 import signal
@@ -22,7 +24,7 @@ from .project import Project
 from .reload import reloading, source_roots
 from .scheduler import Scheduler
 from .session import Session
-from .status import project_status, task_options
+from .status import ProjectStatus, project_status, task_options
 from .supervisor import RECYCLE_EXIT, supervise
 
 __all__ = ["APP_ENV", "app_reference", "load_project", "main"]
@@ -183,23 +185,44 @@ def consume(
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (a line per refresh with --watch).")
+@click.option("--watch", is_flag=True, help="Refresh in place every --interval seconds until Ctrl-C.")
+@click.option("--interval", type=click.FloatRange(min=0.2), default=2.0, show_default=True)
+@click.option("--count", type=click.IntRange(min=1), hidden=True, help="With --watch: stop after this many.")
 @click.pass_obj
-def status(app: str | None) -> None:
+def status(app: str | None, as_json: bool, watch: bool, interval: float, count: int | None) -> None:
     """Per worker: messages ready, in flight, consumers, dead letters; and retries waiting."""
     project = load_project(app_reference(app))
     refuse_memory(project, "status")
-    report = run_open(project, project_status)  # opening the project checks the AMQP side answers
+    options = task_options(project)
+
+    async def report(project: Project) -> None:
+        shown = 0
+        while True:
+            status = await project_status(project)
+            if as_json:
+                click.echo(json.dumps({**status.as_dict(project.name), "task_options": options}))
+            else:
+                if watch:
+                    click.clear()
+                _echo_status(project, status, options)
+            shown += 1
+            if not watch or (count is not None and shown >= count):
+                return
+            await asyncio.sleep(interval)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        run_open(project, report)  # opening the project checks the AMQP side answers
+
+
+def _echo_status(project: Project, report: ProjectStatus, options: dict[str, str]) -> None:
     click.echo(f"{'worker':<32} {'ready':>8} {'in flight':>9} {'consumers':>9} {'dead':>8}")
     for w in report.workers:
         note = "" if w.exists else "  (not declared yet)"
         click.echo(f"{w.name:<32} {w.ready:>8} {w.in_flight:>9} {w.consumers:>9} {w.dead:>8}{note}")
     click.echo(f"waiting in {project.name}.delay.*: {report.delayed} (retries and delayed tasks)")
-    _echo_task_options(project)
-
-
-def _echo_task_options(project: Project) -> None:
-    for reference, options in task_options(project).items():
-        click.echo(f"task {reference}: {options} (its own, over its worker's)")
+    for reference, described in options.items():
+        click.echo(f"task {reference}: {described} (its own, over its worker's)")
 
 
 @main.command()
