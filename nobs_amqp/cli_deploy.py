@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import shlex
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -219,7 +218,7 @@ def _built(build: Callable[[], Any]) -> Any:
 
 
 def _header(target: str, reference: str) -> str:
-    return f"# nobs-amqp --app {shlex.quote(reference)} deploy {target}: the workers of {reference}\n"
+    return f"# written by nobs-amqp deploy {target} for {reference}\n"
 
 
 def _warn_explicit_url(project: Project, source: str) -> None:

@@ -304,7 +304,7 @@ async def test_the_command_writes_the_manifests_as_yaml_with_the_app_it_found() 
 
     expected = kubernetes(project, Release(app="examples.send_email.app:project", image=IMAGE, max_replicas={None: 3}))
     assert list(yaml.safe_load_all(output)) == expected
-    assert output.startswith("# nobs-amqp --app examples.send_email.app:project deploy kubernetes")
+    assert output.startswith("# written by nobs-amqp deploy kubernetes for examples.send_email.app:project\n---\n")
     validate(expected)
 
     code, output = await run_cli("deploy", "kubernetes", "--image", IMAGE, "--max-replicas", "nope=3", env={})
