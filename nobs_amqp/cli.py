@@ -16,6 +16,7 @@ import click
 
 from . import message as wire
 from .cli_common import APP_ENV, APP_ROOTS, app_reference, load_project, refuse_memory, run_open, worker_of
+from .cli_deploy import deploy
 from .cli_dlq import dlq
 from .cli_topology import topology
 from .consumer import Consumer
@@ -94,6 +95,7 @@ def main(ctx: click.Context, app: str | None, log_level: str) -> None:
 
 main.add_command(dlq)
 main.add_command(topology)
+main.add_command(deploy)
 
 
 @main.command()
