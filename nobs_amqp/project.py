@@ -17,6 +17,7 @@ from typing import Any
 from . import asgi
 from .consumer import Consumer
 from .errors import ConfigurationError, ProjectNotOpenError, TaskNotAllowedError, UnknownTaskError
+from .logs import TaskLog
 from .observe import Observer
 from .schedule import Schedule
 from .session import Lifespan, Session, connect
@@ -67,7 +68,8 @@ class Project:
     consuming process share, opened once for all its workers that have no lifespan of their own
     (see `Worker(lifespan=...)`); not the FastAPI lifespan, which is `project.lifespan`.
     `schedules`: tasks enqueued periodically (`Schedule`), by whichever `nobs-amqp schedule`
-    process is active. `observers`: metrics, logs and traces (`observe.Observer`).
+    process is active. `observers`: metrics, logs and traces (`observe.Observer`); every project
+    also logs each finished delivery (`logs.TaskLog`).
     """
 
     def __init__(
@@ -175,7 +177,7 @@ class Project:
             publish_timeout=self._publish_timeout,
             tasks=self.tasks,
             lifespan=self.worker_lifespan,
-            observers=self.observers,
+            observers=[*self.observers, TaskLog()],  # the task line is logged inside the others' contexts
         )
 
     async def close(self) -> None:
