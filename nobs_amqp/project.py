@@ -24,6 +24,7 @@ from .session import Lifespan, Session, connect
 from .signing import Signer, SigningKeys
 from .tasks import Allowlist, TaskFunction, TaskSpec, TaskTable, task_spec
 from .topology import Topology, check_name
+from .tracing import automatic as automatic_tracing
 from .urls import broker_urls as checked_urls
 from .worker import Worker
 
@@ -69,7 +70,8 @@ class Project:
     (see `Worker(lifespan=...)`); not the FastAPI lifespan, which is `project.lifespan`.
     `schedules`: tasks enqueued periodically (`Schedule`), by whichever `nobs-amqp schedule`
     process is active. `observers`: metrics, logs and traces (`observe.Observer`); every project
-    also logs each finished delivery (`logs.TaskLog`).
+    also logs each finished delivery (`logs.TaskLog`) and, when OpenTelemetry is installed, traces
+    (`tracing.Tracing`) unless `tracing=False`.
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class Project:
         worker_lifespan: Lifespan | None = None,
         schedules: Iterable[Schedule] = (),
         observers: Iterable[Observer] = (),
+        tracing: bool = True,
     ) -> None:
         self.name = check_name("project", name)
         self.workers: dict[str, Worker] = {}
@@ -112,6 +115,8 @@ class Project:
         self.worker_lifespan = worker_lifespan
         #: Metrics, logs and traces (`observe.Observer`), told what every session of the project does.
         self.observers: list[Observer] = list(observers)
+        #: Trace with OpenTelemetry when it can be imported (False: never import it).
+        self.tracing = tracing
         self._specs: dict[TaskFunction, TaskSpec] = {}
         self.schedules: dict[str, Schedule] = {}
         for schedule in schedules:
@@ -177,7 +182,8 @@ class Project:
             publish_timeout=self._publish_timeout,
             tasks=self.tasks,
             lifespan=self.worker_lifespan,
-            observers=[*self.observers, TaskLog()],  # the task line is logged inside the others' contexts
+            # Outermost first: the task line is logged inside the delivery's span.
+            observers=[*automatic_tracing(self.observers, self.tracing), *self.observers, TaskLog()],
         )
 
     async def close(self) -> None:
