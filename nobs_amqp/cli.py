@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import click
 
+from . import logs
 from . import message as wire
 from .cli_common import APP_ENV, APP_ROOTS, app_reference, load_project, refuse_memory, run_open, worker_of
 from .cli_deploy import deploy
@@ -38,12 +39,23 @@ log = logging.getLogger("nobs_amqp")
 
 
 #: Options of the whole command that may also come after a subcommand (there, they win).
-_ANYWHERE = ("--app", "--log-level")
+_ANYWHERE = ("--app", "--log-level", "--log-format")
 
 
 class _Main(click.Group):
-    """Accepts `--app` and `--log-level` after the subcommand too (`nobs-amqp status --app x:p`):
-    they are moved in front of it before click parses the line."""
+    """Accepts `--app`, `--log-level` and `--log-format` after the subcommand too (`nobs-amqp
+    status --app x:p`): they are moved in front of it before click parses the line."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError:
+            raise
+        except click.ClickException as exc:  # with JSON logs, the error is a JSON line too
+            if ctx.params.get("log_format") != "json":
+                raise
+            log.error("%s", exc.format_message())
+            ctx.exit(exc.exit_code)
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         start = 0
@@ -68,7 +80,7 @@ class _Main(click.Group):
         return super().parse_args(ctx, [*front, *moved, *rest])
 
 
-@click.group(cls=_Main, epilog="--app and --log-level may also come after the command.")
+@click.group(cls=_Main, epilog="--app, --log-level and --log-format may also come after the command.")
 @click.option("--app", "app", metavar="MODULE:ATTR", help="The Project to use (or NOBS_AMQP_APP).")
 @click.option(
     "--log-level",
@@ -76,13 +88,19 @@ class _Main(click.Group):
     default="info",
     show_default=True,
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(logs.LOG_FORMATS),
+    default="text",
+    show_default=True,
+    help="json: one JSON object a line (time, level, logger, message; task lines add their fields).",
+)
 @click.version_option(package_name="nobs_amqp")
 @click.pass_context
-def main(ctx: click.Context, app: str | None, log_level: str) -> None:
+def main(ctx: click.Context, app: str | None, log_level: str, log_format: logs.LogFormat) -> None:
     """Run and operate nobs_amqp workers on RabbitMQ."""
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
-    )
+    logging.basicConfig(level=log_level.upper(), handlers=[logs.handler(log_format, sys.stderr)])
+    logging.captureWarnings(log_format == "json")
     if log_level != "debug":  # with --log-level debug, everything aio-pika and aiormq say
         logging.getLogger("aio_pika").setLevel(max(logging.WARNING, logging.getLogger().level))
         logging.getLogger("aiormq").setLevel(max(logging.WARNING, logging.getLogger().level))
@@ -153,7 +171,9 @@ def consume(
             # A child whose every slot's thread is stuck past its time limit is replaced.
             "--recycle-stuck-threads": concurrency or target.concurrency,
         }
-        command = [sys.executable, "-m", "nobs_amqp", "--app", reference, "--log-level", ctx.parent.params["log_level"]]  # type: ignore[union-attr]
+        group = ctx.parent.params  # type: ignore[union-attr]
+        command = [sys.executable, "-m", "nobs_amqp", "--app", reference, "--log-level", group["log_level"]]
+        command += ["--log-format", group["log_format"]]
         command += ["consume", worker, *(f"{k}={v}" for k, v in options.items() if v is not None)]
         command += ["--burst"] if burst else []
         if reload_:

@@ -306,12 +306,6 @@ class Consumer:
             # Only the broker's word (a redelivery) makes a copy a duplicate: a publisher that
             # reuses message ids gets each of its messages run.
             if identity is not None and delivery.redelivered and await self._seen(identity):
-                log.info(
-                    "task %s id %s attempt %d: already settled here; acking the redelivered copy",
-                    printable(message.task),
-                    printable(message.message_id),
-                    message.attempt,
-                )
                 self.duplicates += 1
                 duplicate = TaskRun(
                     self.worker.name, message.task, message.message_id, message.attempt, outcome=DUPLICATE
@@ -352,6 +346,7 @@ class Consumer:
             outcome = await self._retry(message, outcome)
         if isinstance(outcome, DeadLetter) and not await self._dead_letter(message, outcome):
             run.outcome, run.reason = REJECTED, outcome.reason.value
+            run.error = run.error or outcome.error
             await delivery.nack(requeue=False)  # the broker's own dead-lettering, to W.dlx
             return
         _record(run, outcome)
@@ -463,16 +458,7 @@ class Consumer:
         copy = wire.retry_copy(message, outcome.delay, now=self.session.now())
         error = await self._publish_once_more(lambda: self.session.send(self.worker, copy, outcome.delay))
         if error is None:
-            log.warning(
-                "task %s id %s attempt %d failed (%s: %s); retry in %.0f s",
-                message.task,
-                printable(message.message_id),
-                message.attempt,
-                type(outcome.error).__name__,
-                printable(outcome.error),
-                outcome.delay,
-            )
-            return outcome
+            return outcome  # logged with the delivery's outcome (logs.TaskLog)
         log.error(
             "task %s id %s attempt %d: its retry cannot be placed (%s); dead-lettering it",
             message.task,
@@ -497,16 +483,7 @@ class Consumer:
                 self.worker.name,
             )
             return False
-        log.error(
-            "task %s id %s attempt %d dead-lettered to %s.dlq (%s: %s)",
-            printable(message.task or "?"),
-            printable(message.message_id),
-            message.attempt,
-            self.worker.name,
-            outcome.reason,
-            printable(outcome.error),
-        )
-        return True
+        return True  # logged with the delivery's outcome (logs.TaskLog)
 
     async def _publish_once_more(self, publish: _Publish) -> NobsAmqpError | None:
         """Publish; if the broker says something is missing (404, returned) or refused it, declare the
@@ -550,9 +527,10 @@ class Consumer:
 def _record(run: TaskRun, outcome: Outcome) -> None:
     """How a delivery ended, for observers."""
     if isinstance(outcome, RetryLater):
-        run.outcome = RETRIED
+        run.outcome, run.delay = RETRIED, outcome.delay
     elif isinstance(outcome, DeadLetter):
         run.outcome, run.reason = DEAD_LETTERED, outcome.reason.value
+        run.error = run.error or outcome.error  # a refusal: why it did not run
     else:
         run.outcome = SUCCEEDED
 
