@@ -40,6 +40,10 @@ from .urls import vhost_of as vhost_of
 log = logging.getLogger("nobs_amqp")
 
 PERSISTENT = 2
+#: RabbitMQ's `consumer_timeout` unless its configuration says otherwise (30 min).
+DEFAULT_CONSUMER_TIMEOUT = 1800.0
+#: From this version on, a consumer sets its own delivery acknowledgement timeout.
+PER_CONSUMER_TIMEOUT = (3, 11, 15)
 #: How long closing a subscription waits for the broker to show the messages it gave back.
 RETURN_WAIT_SECONDS = 2.0
 #: Reconnection backoff: the first attempt at once, then after as long as the outage has lasted
@@ -97,11 +101,13 @@ class AmqpTransport:
         name: str,
         pool_size: int = 4,
         publish_timeout: float = 30.0,
+        consumer_timeout: float = DEFAULT_CONSUMER_TIMEOUT,
     ) -> None:
         self._urls = tuple(urls)
         self._name = name
         self._pool_size = pool_size
         self._publish_timeout = publish_timeout
+        self._consumer_timeout = consumer_timeout
         self._connection: AbstractRobustConnection | None = None
         self._channels: list[AbstractRobustChannel] = []
         self._side: aiormq.abc.AbstractChannel | None = None
@@ -336,7 +342,15 @@ class AmqpTransport:
 
     # -- consume -----------------------------------------------------------------------------
 
-    async def consume(self, queue: str, prefetch: int, handler: Handler) -> _AmqpSubscription:
+    def fixed_ack_timeout(self) -> float | None:
+        """RabbitMQ 3.11.15 and later take a consumer's own `x-consumer-timeout`; older ones apply
+        their `consumer_timeout` (30 min unless its rabbitmq.conf says otherwise: tell the
+        project with `Project(broker_consumer_timeout=...)`)."""
+        return None if self.server_version >= PER_CONSUMER_TIMEOUT else self._consumer_timeout
+
+    async def consume(
+        self, queue: str, prefetch: int, handler: Handler, *, ack_timeout: float | None = None
+    ) -> _AmqpSubscription:
         channel = await self._require().channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=prefetch)
         declared = await channel.declare_queue(queue, passive=True)
@@ -348,7 +362,10 @@ class AmqpTransport:
                 _AmqpDelivery(incoming, queue, subscription.acker(incoming.channel, incoming.delivery_tag or 0))
             )
 
-        subscription.tag = await declared.consume(on_message, no_ack=False)
+        arguments: dict[str, Any] = {}
+        if ack_timeout is not None and self.fixed_ack_timeout() is None:
+            arguments["x-consumer-timeout"] = int(ack_timeout * 1000)
+        subscription.tag = await declared.consume(on_message, no_ack=False, arguments=arguments or None)
         return subscription
 
     async def message_count(self, queue: str) -> int:

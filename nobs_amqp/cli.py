@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -13,8 +14,10 @@ from typing import Any, TypeVar
 
 import click
 
+from . import logs
 from . import message as wire
 from .cli_common import APP_ENV, APP_ROOTS, app_reference, load_project, refuse_memory, run_open, worker_of
+from .cli_deploy import deploy
 from .cli_dlq import dlq
 from .cli_topology import topology
 from .consumer import Consumer
@@ -23,7 +26,7 @@ from .project import Project
 from .reload import reloading, source_roots
 from .scheduler import Scheduler
 from .session import Session
-from .status import project_status, task_options
+from .status import ProjectStatus, project_status, task_options
 from .supervisor import RECYCLE_EXIT, supervise
 
 __all__ = ["APP_ENV", "app_reference", "load_project", "main"]
@@ -36,12 +39,23 @@ log = logging.getLogger("nobs_amqp")
 
 
 #: Options of the whole command that may also come after a subcommand (there, they win).
-_ANYWHERE = ("--app", "--log-level")
+_ANYWHERE = ("--app", "--log-level", "--log-format")
 
 
 class _Main(click.Group):
-    """Accepts `--app` and `--log-level` after the subcommand too (`nobs-amqp status --app x:p`):
-    they are moved in front of it before click parses the line."""
+    """Accepts `--app`, `--log-level` and `--log-format` after the subcommand too (`nobs-amqp
+    status --app x:p`): they are moved in front of it before click parses the line."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError:
+            raise
+        except click.ClickException as exc:  # with JSON logs, the error is a JSON line too
+            if ctx.params.get("log_format") != "json":
+                raise
+            log.error("%s", exc.format_message())
+            ctx.exit(exc.exit_code)
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         start = 0
@@ -66,7 +80,7 @@ class _Main(click.Group):
         return super().parse_args(ctx, [*front, *moved, *rest])
 
 
-@click.group(cls=_Main, epilog="--app and --log-level may also come after the command.")
+@click.group(cls=_Main, epilog="--app, --log-level and --log-format may also come after the command.")
 @click.option("--app", "app", metavar="MODULE:ATTR", help="The Project to use (or NOBS_AMQP_APP).")
 @click.option(
     "--log-level",
@@ -74,13 +88,19 @@ class _Main(click.Group):
     default="info",
     show_default=True,
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(logs.LOG_FORMATS),
+    default="text",
+    show_default=True,
+    help="json: one JSON object a line (time, level, logger, message; task lines add their fields).",
+)
 @click.version_option(package_name="nobs_amqp")
 @click.pass_context
-def main(ctx: click.Context, app: str | None, log_level: str) -> None:
+def main(ctx: click.Context, app: str | None, log_level: str, log_format: logs.LogFormat) -> None:
     """Run and operate nobs_amqp workers on RabbitMQ."""
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
-    )
+    logging.basicConfig(level=log_level.upper(), handlers=[logs.handler(log_format, sys.stderr)])
+    logging.captureWarnings(log_format == "json")
     if log_level != "debug":  # with --log-level debug, everything aio-pika and aiormq say
         logging.getLogger("aio_pika").setLevel(max(logging.WARNING, logging.getLogger().level))
         logging.getLogger("aiormq").setLevel(max(logging.WARNING, logging.getLogger().level))
@@ -93,6 +113,7 @@ def main(ctx: click.Context, app: str | None, log_level: str) -> None:
 
 main.add_command(dlq)
 main.add_command(topology)
+main.add_command(deploy)
 
 
 @main.command()
@@ -170,7 +191,9 @@ def consume(
             # A child whose every slot's thread is stuck past its time limit is replaced.
             "--recycle-stuck-threads": concurrency or target.concurrency,
         }
-        command = [sys.executable, "-m", "nobs_amqp", "--app", reference, "--log-level", ctx.parent.params["log_level"]]  # type: ignore[union-attr]
+        group = ctx.parent.params  # type: ignore[union-attr]
+        command = [sys.executable, "-m", "nobs_amqp", "--app", reference, "--log-level", group["log_level"]]
+        command += ["--log-format", group["log_format"]]
         command += ["consume", worker, *(f"{k}={v}" for k, v in options.items() if v is not None)]
         command += ["--burst"] if burst else []
         if reload_:
@@ -233,23 +256,44 @@ def _metrics(
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (a line per refresh with --watch).")
+@click.option("--watch", is_flag=True, help="Refresh in place every --interval seconds until Ctrl-C.")
+@click.option("--interval", type=click.FloatRange(min=0.2), default=2.0, show_default=True)
+@click.option("--count", type=click.IntRange(min=1), hidden=True, help="With --watch: stop after this many.")
 @click.pass_obj
-def status(app: str | None) -> None:
+def status(app: str | None, as_json: bool, watch: bool, interval: float, count: int | None) -> None:
     """Per worker: messages ready, in flight, consumers, dead letters; and retries waiting."""
     project = load_project(app_reference(app))
     refuse_memory(project, "status")
-    report = run_open(project, project_status)  # opening the project checks the AMQP side answers
+    options = task_options(project)
+
+    async def report(project: Project) -> None:
+        shown = 0
+        while True:
+            status = await project_status(project)
+            if as_json:
+                click.echo(json.dumps({**status.as_dict(project.name), "task_options": options}))
+            else:
+                if watch:
+                    click.clear()
+                _echo_status(project, status, options)
+            shown += 1
+            if not watch or (count is not None and shown >= count):
+                return
+            await asyncio.sleep(interval)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        run_open(project, report)  # opening the project checks the AMQP side answers
+
+
+def _echo_status(project: Project, report: ProjectStatus, options: dict[str, str]) -> None:
     click.echo(f"{'worker':<32} {'ready':>8} {'in flight':>9} {'consumers':>9} {'dead':>8}")
     for w in report.workers:
         note = "" if w.exists else "  (not declared yet)"
         click.echo(f"{w.name:<32} {w.ready:>8} {w.in_flight:>9} {w.consumers:>9} {w.dead:>8}{note}")
     click.echo(f"waiting in {project.name}.delay.*: {report.delayed} (retries and delayed tasks)")
-    _echo_task_options(project)
-
-
-def _echo_task_options(project: Project) -> None:
-    for reference, options in task_options(project).items():
-        click.echo(f"task {reference}: {options} (its own, over its worker's)")
+    for reference, described in options.items():
+        click.echo(f"task {reference}: {described} (its own, over its worker's)")
 
 
 @main.command()

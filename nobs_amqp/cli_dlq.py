@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 
 import click
 
@@ -38,7 +38,7 @@ def _summary(message: Message) -> str:
     whatever its publisher wrote. Of the error, the first line (a pydantic validation error has
     one per field), cut at ERROR_WIDTH."""
     headers = message.headers
-    broker_reason = _death_reason(headers)
+    broker_reason = dead.broker_reason(headers)
     moment = dead.dead_at(message)
     when = wire.format_time(moment) if moment is not None else "?"
     reason, error = (
@@ -61,14 +61,6 @@ def _first_line(value: object) -> str:
 _TERMINAL_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but tab and newline
 #: The quorum queue's delivery count: on a DLQ, how often the message was read and given back.
 PEEK_COUNT = "x-delivery-count"
-
-
-def _death_reason(headers: Mapping[str, object]) -> str | None:
-    """The broker's reason (`x-death`) for a message it dead-lettered itself."""
-    deaths = headers.get("x-death")
-    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
-        return str(deaths[0].get("reason"))
-    return None
 
 
 @dlq.command("list")
@@ -116,20 +108,38 @@ def dlq_show(app: str | None, worker: str, message_id: str) -> None:
 @dlq.command("replay")
 @click.argument("worker")
 @click.option("--limit", type=click.IntRange(min=1), help="At most this many [all].")
+@click.option("--task", "task", metavar="MODULE:FUNCTION", help="Only dead letters of this task.")
+@click.option("--reason", help="Only those dead-lettered for this reason (e.g. max_attempts).")
+@click.option("--id", "ids", metavar="MESSAGE_ID", multiple=True, help="Only this message (repeatable).")
 @click.pass_obj
-def dlq_replay(app: str | None, worker: str, limit: int | None) -> None:
+def dlq_replay(
+    app: str | None, worker: str, limit: int | None, task: str | None, reason: str | None, ids: tuple[str, ...]
+) -> None:
     """Move WORKER's dead letters back to its queue, attempt count reset, each acked once its copy is confirmed.
 
     Replays what is in the DLQ when the command starts (with --limit N, the N oldest by when
-    they were dead-lettered), each message once; what fails again or arrives meanwhile stays there."""
+    they were dead-lettered; --task, --reason and --id pick which), each message once; what
+    fails again or arrives meanwhile stays there."""
+    where = dead.matching(task=task, reason=reason, ids=ids) if task or reason or ids else None
     waiting = _dlq_run(app, worker, dead.count)
     total = min(waiting, limit) if limit is not None else waiting
+    planned = total
     with click.progressbar(length=total, label=f"replaying {worker}.dlq", show_pos=True, file=sys.stderr) as bar:
-        moved = _dlq_run(app, worker, lambda p, w: dead.replay(p, w, total, bar.update)) if total else 0
-    click.echo(f"replayed {moved} message(s) to {worker}")
-    if moved < total:
+
+        def plan(count: int) -> None:
+            nonlocal planned
+            planned = bar.length = count
+
+        moved = (
+            _dlq_run(app, worker, lambda p, w: dead.replay(p, w, total, bar.update, where=where, planned=plan))
+            if total
+            else 0
+        )
+    chosen = " matching" if where is not None else ""
+    click.echo(f"replayed {moved}{chosen} message(s) to {worker}")
+    if moved < planned:
         click.echo(
-            f"{total - moved} of the {total} dead letter(s) there at the start were not replayed: "
+            f"{planned - moved} of the {planned}{chosen} dead letter(s) there at the start were not replayed: "
             f"another consumer of {worker}.dlq holds them; run the command again once it is done",
             err=True,
         )

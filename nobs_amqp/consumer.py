@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 
@@ -23,6 +24,7 @@ from .context import TaskContext, running
 from .errors import (
     BadSignatureError,
     BrokerUnavailableError,
+    ConfigurationError,
     DeliveryLimitExceeded,
     ForeignTaskError,
     NobsAmqpError,
@@ -72,6 +74,8 @@ BURST_POLL_SECONDS = 0.1
 #: RabbitMQ 4.3 counts only explicit failures there and every earlier hand-out in
 #: `x-acquired-count`, so the larger of the two says how often a worker got it before.
 DELIVERY_COUNTS = ("x-delivery-count", "x-acquired-count")
+#: What a delivery's ack timeout allows beyond its task's time limit: to place a retry or dead letter.
+ACK_MARGIN_SECONDS = 60.0
 #: After a settle failed for a reason other than a lost connection: wait before the message goes back.
 REQUEUE_PAUSE_SECONDS = 5.0
 #: At shutdown, how long a delay ladder declaration still in progress may take before it is cancelled.
@@ -121,6 +125,7 @@ class Consumer:
         self.runner = TaskRunner(worker.name)
         self.watchdog: LoopWatchdog | None = None
         self._tasks: TaskTable | None = None
+        self._ack_timeout: float | None = None
         #: What the lifespan yielded in this process (tasks read it as `current_task().state`).
         self.state: object = None
         self._subscription: Subscription | None = None
@@ -147,6 +152,7 @@ class Consumer:
 
     async def run(self) -> None:
         self._tasks = self.session.tasks()
+        self._ack_timeout = self._fitting_ack_timeout(self._tasks)
         await self.session.declare(self.worker, delayed=False)
         # The lifespan opens what tasks share (a pool, a client) before the first message is
         # taken, and closes it after the last one settled.
@@ -206,7 +212,31 @@ class Consumer:
             await self._subscription.flush()
 
     async def _subscribe(self) -> None:
-        self._subscription = await self.session.transport.consume(self.worker.name, self.prefetch, self._on_delivery)
+        self._subscription = await self.session.transport.consume(
+            self.worker.name, self.prefetch, self._on_delivery, ack_timeout=self._ack_timeout
+        )
+
+    def _fitting_ack_timeout(self, tasks: TaskTable) -> float | None:
+        """How long the broker must wait for an ack here: the longest time limit, times the
+        deliveries that may wait for a free slot, plus a margin to settle. None without a
+        worker time limit (a task may run as long as it likes: the broker's default applies).
+        ConfigurationError when the broker's own timeout is fixed and shorter."""
+        if self.worker.time_limit is None:
+            return None
+        own = (spec.options.time_limit for spec in tasks.references.values())
+        longest = max([self.worker.time_limit, *(limit for limit in own if limit is not None)])
+        needed = longest * math.ceil(self.prefetch / self.concurrency) + ACK_MARGIN_SECONDS
+        fixed = self.session.transport.fixed_ack_timeout()
+        if fixed is not None and needed > fixed:
+            raise ConfigurationError(
+                f"worker {self.worker.name!r}: a delivery may wait {needed:.0f} s for its ack (time limit "
+                f"{longest:g} s, prefetch {self.prefetch} over concurrency {self.concurrency}, plus "
+                f"{ACK_MARGIN_SECONDS:.0f} s), longer than the broker's consumer timeout of {fixed:.0f} s, after "
+                f"which it closes the channel and hands the message out again; raise consumer_timeout in "
+                f"rabbitmq.conf and say so with Project(broker_consumer_timeout=...), or use RabbitMQ 3.12 or "
+                f"newer, where the worker sets its own"
+            )
+        return needed
 
     async def _until_empty(self) -> None:
         transport = self.session.transport
@@ -281,12 +311,6 @@ class Consumer:
             # Only the broker's word (a redelivery) makes a copy a duplicate: a publisher that
             # reuses message ids gets each of its messages run.
             if identity is not None and delivery.redelivered and await self._seen(identity):
-                log.info(
-                    "task %s id %s attempt %d: already settled here; acking the redelivered copy",
-                    printable(message.task),
-                    printable(message.message_id),
-                    message.attempt,
-                )
                 self.duplicates += 1
                 duplicate = TaskRun(
                     self.worker.name, message.task, message.message_id, message.attempt, outcome=DUPLICATE
@@ -327,6 +351,7 @@ class Consumer:
             outcome = await self._retry(message, outcome)
         if isinstance(outcome, DeadLetter) and not await self._dead_letter(message, outcome):
             run.outcome, run.reason = REJECTED, outcome.reason.value
+            run.error = run.error or outcome.error
             await delivery.nack(requeue=False)  # the broker's own dead-lettering, to W.dlx
             return
         _record(run, outcome)
@@ -439,16 +464,7 @@ class Consumer:
         copy = wire.retry_copy(message, outcome.delay, now=self.session.now())
         error = await self._publish_once_more(lambda: self.session.send(self.worker, copy, outcome.delay))
         if error is None:
-            log.warning(
-                "task %s id %s attempt %d failed (%s: %s); retry in %.0f s",
-                message.task,
-                printable(message.message_id),
-                message.attempt,
-                type(outcome.error).__name__,
-                printable(outcome.error),
-                outcome.delay,
-            )
-            return outcome
+            return outcome  # logged with the delivery's outcome (logs.TaskLog)
         log.error(
             "task %s id %s attempt %d: its retry cannot be placed (%s); dead-lettering it",
             message.task,
@@ -473,16 +489,7 @@ class Consumer:
                 self.worker.name,
             )
             return False
-        log.error(
-            "task %s id %s attempt %d dead-lettered to %s.dlq (%s: %s)",
-            printable(message.task or "?"),
-            printable(message.message_id),
-            message.attempt,
-            self.worker.name,
-            outcome.reason,
-            printable(outcome.error),
-        )
-        return True
+        return True  # logged with the delivery's outcome (logs.TaskLog)
 
     async def _publish_once_more(self, publish: _Publish) -> NobsAmqpError | None:
         """Publish; if the broker says something is missing (404, returned) or refused it, declare the
@@ -526,9 +533,10 @@ class Consumer:
 def _record(run: TaskRun, outcome: Outcome) -> None:
     """How a delivery ended, for observers."""
     if isinstance(outcome, RetryLater):
-        run.outcome = RETRIED
+        run.outcome, run.delay = RETRIED, outcome.delay
     elif isinstance(outcome, DeadLetter):
         run.outcome, run.reason = DEAD_LETTERED, outcome.reason.value
+        run.error = run.error or outcome.error  # a refusal: why it did not run
     else:
         run.outcome = SUCCEEDED
 

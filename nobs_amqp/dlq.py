@@ -20,7 +20,7 @@ import heapq
 import itertools
 import math
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -144,13 +144,55 @@ class _Read:
 _T = TypeVar("_T")
 
 
-async def _oldest(session: Session, worker: Worker, limit: float, pick: Callable[[Message], _T]) -> list[_T]:
-    """`pick` of each of the `limit` oldest dead letters of `worker` (by `dead_at`), oldest
-    first. Reads the whole DLQ, keeping no more than `limit` of them in memory."""
+def broker_reason(headers: Mapping[str, object]) -> str | None:
+    """The broker's reason (`x-death`) for a message it dead-lettered itself, else None."""
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        return str(deaths[0].get("reason"))
+    return None
+
+
+def reason_of(message: Message) -> str | None:
+    """Why `message` is a dead letter: the broker's reason for one it dead-lettered itself (its
+    `x-nobs-*` values are whatever its publisher wrote), else `x-nobs-reason`."""
+    reason = broker_reason(message.headers)
+    if reason is None and (ours := message.headers.get(wire.REASON)) is not None:
+        reason = str(ours)
+    return reason
+
+
+def matching(
+    *, task: str | None = None, reason: str | None = None, ids: Collection[str] = ()
+) -> Callable[[Message], bool]:
+    """A filter of dead letters: of task `task` (`module:function`), dead-lettered for `reason`,
+    with one of the message ids `ids`; each given one must hold."""
+    wanted_ids = frozenset(ids)
+
+    def matches(message: Message) -> bool:
+        return (
+            (task is None or message.task == task)
+            and (reason is None or reason_of(message) == reason)
+            and (not wanted_ids or message.message_id in wanted_ids)
+        )
+
+    return matches
+
+
+async def _oldest(
+    session: Session,
+    worker: Worker,
+    limit: float,
+    pick: Callable[[Message], _T],
+    where: Callable[[Message], bool] | None = None,
+) -> list[_T]:
+    """`pick` of each of the `limit` oldest dead letters of `worker` (by `dead_at`) that `where`
+    takes, oldest first. Reads the whole DLQ, keeping no more than `limit` of them in memory."""
     kept: list[tuple[float, int, _T]] = []  # the newest kept on top: (-age, -arrival, picked)
     arrivals = itertools.count()
 
     async def keep(delivery: Delivery) -> bool:
+        if where is not None and not where(delivery.message):
+            return False
         entry = (-_age(delivery.message), -next(arrivals), pick(delivery.message))
         if len(kept) < limit:
             heapq.heappush(kept, entry)
@@ -186,7 +228,13 @@ async def find(session: Session, worker: Worker, message_id: str) -> Message | N
 
 
 async def replay(
-    session: Session, worker: Worker, limit: int | None = None, progress: Callable[[int], None] | None = None
+    session: Session,
+    worker: Worker,
+    limit: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    *,
+    where: Callable[[Message], bool] | None = None,
+    planned: Callable[[int], None] | None = None,
 ) -> int:
     """Move the dead letters that are in `worker`'s DLQ now (the `limit` oldest of them, by
     `dead_at`) back to its queue with the attempt count reset, each once; each is acked in the
@@ -195,8 +243,11 @@ async def replay(
     What arrives meanwhile stays in the DLQ: new failures, and copies that a running worker
     failed again. The replay knows the dead letters there at its start by message id and
     dead-letter time (a snapshot, counted: two alike are both replayed) and takes only those,
-    in one read from the head that ends once it has them all."""
-    wanted = Counter(await _oldest(session, worker, math.inf if limit is None else limit, _key))
+    in one read from the head that ends once it has them all. `where` (see `matching`) picks
+    which dead letters; `planned` is told how many the snapshot holds before any moves."""
+    wanted = Counter(await _oldest(session, worker, math.inf if limit is None else limit, _key, where))
+    if planned is not None:
+        planned(wanted.total())
     moved = 0
     read: _Read
 

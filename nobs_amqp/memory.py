@@ -395,7 +395,12 @@ class MemoryTransport:
         if not self.broker.publish(exchange, routing_key, message):
             raise UnroutableError(exchange or routing_key)
 
-    async def consume(self, queue: str, prefetch: int, handler: Handler) -> _MemorySubscription:
+    def fixed_ack_timeout(self) -> float | None:
+        return None  # no delivery acknowledgement timeout here
+
+    async def consume(
+        self, queue: str, prefetch: int, handler: Handler, *, ack_timeout: float | None = None
+    ) -> _MemorySubscription:
         found = self.broker.queues.get(queue)
         if found is None:
             raise UnroutableError(queue)

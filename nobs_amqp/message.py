@@ -33,6 +33,10 @@ WORKER_HOST = "x-nobs-worker-host"
 #: Set by the transport (never trusted from a publisher beyond its own message) when some of a
 #: message's properties could not be decoded: says which and why. Such a message is dead-lettered.
 UNDECODABLE = "x-nobs-undecodable"
+#: W3C trace context (OpenTelemetry's `tracing.Tracing` writes it): carried into retry and
+#: dead-letter copies, so that every attempt of a message is in the trace that queued it.
+TRACE_CONTEXT = ("traceparent", "tracestate")
+_TRACE_VALUE = re.compile(r"[\x20-\x7e]{1,512}")
 
 
 class Reason(StrEnum):
@@ -144,8 +148,13 @@ def new_message(
 
 def _trusted_headers(message: Message) -> dict[str, object]:
     """The headers of ours a copy carries, rebuilt from validated values: never a publisher's
-    other `x-nobs-*` values, nor the broker's `x-death` history."""
-    return {ATTEMPT: message.attempt, ENQUEUED_AT: format_time(message.enqueued_at)}
+    other `x-nobs-*` values, nor the broker's `x-death` history. Trace context, if it looks like it."""
+    headers: dict[str, object] = {ATTEMPT: message.attempt, ENQUEUED_AT: format_time(message.enqueued_at)}
+    for name in TRACE_CONTEXT:
+        value = message.headers.get(name)
+        if isinstance(value, str) and _TRACE_VALUE.fullmatch(value):
+            headers[name] = value
+    return headers
 
 
 def retry_copy(message: Message, delay: int, *, now: datetime) -> Message:

@@ -50,10 +50,12 @@ class TaskRun:
     outcome: str = ""
     #: The dead-letter reason (`Reason` value) when dead-lettered.
     reason: str | None = None
-    #: What the task raised, if it failed.
+    #: What the task raised, if it failed; or why it was not run (a refused message).
     error: BaseException | None = None
     #: How long the task itself ran (0 when it did not run).
     seconds: float = 0.0
+    #: Whole seconds until the next attempt, when retried.
+    delay: int | None = None
 
 
 class Observer:

@@ -17,12 +17,14 @@ from typing import Any
 from . import asgi
 from .consumer import Consumer
 from .errors import ConfigurationError, ProjectNotOpenError, TaskNotAllowedError, UnknownTaskError
+from .logs import TaskLog
 from .observe import Observer
 from .schedule import Schedule
 from .session import Lifespan, Session, connect
 from .signing import Signer, SigningKeys
 from .tasks import Allowlist, TaskFunction, TaskSpec, TaskTable, task_spec
 from .topology import Topology, check_name
+from .tracing import automatic as automatic_tracing
 from .urls import broker_urls as checked_urls
 from .worker import Worker
 
@@ -67,7 +69,11 @@ class Project:
     consuming process share, opened once for all its workers that have no lifespan of their own
     (see `Worker(lifespan=...)`); not the FastAPI lifespan, which is `project.lifespan`.
     `schedules`: tasks enqueued periodically (`Schedule`), by whichever `nobs-amqp schedule`
-    process is active. `observers`: metrics, logs and traces (`observe.Observer`).
+    process is active. `observers`: metrics, logs and traces (`observe.Observer`); every project
+    also logs each finished delivery (`logs.TaskLog`) and, when OpenTelemetry is installed, traces
+    (`tracing.Tracing`) unless `tracing=False`. `broker_consumer_timeout`: RabbitMQ's
+    `consumer_timeout` in seconds, when its rabbitmq.conf changed it (before 3.11.15 a worker cannot
+    set its own; see `Worker(time_limit=...)`).
     """
 
     def __init__(
@@ -85,6 +91,8 @@ class Project:
         worker_lifespan: Lifespan | None = None,
         schedules: Iterable[Schedule] = (),
         observers: Iterable[Observer] = (),
+        broker_consumer_timeout: float = 1800.0,
+        tracing: bool = True,
     ) -> None:
         self.name = check_name("project", name)
         self.workers: dict[str, Worker] = {}
@@ -106,10 +114,17 @@ class Project:
         if publish_timeout <= 0:
             raise ConfigurationError(f"publish_timeout must be more than 0 seconds (got {publish_timeout})")
         self._publish_timeout = publish_timeout
+        if broker_consumer_timeout <= 0:
+            raise ConfigurationError(
+                f"broker_consumer_timeout must be more than 0 seconds (got {broker_consumer_timeout})"
+            )
+        self.broker_consumer_timeout = broker_consumer_timeout
         self._session: Session | None = None
         self.worker_lifespan = worker_lifespan
         #: Metrics, logs and traces (`observe.Observer`), told what every session of the project does.
         self.observers: list[Observer] = list(observers)
+        #: Trace with OpenTelemetry when it can be imported (False: never import it).
+        self.tracing = tracing
         self._specs: dict[TaskFunction, TaskSpec] = {}
         self.schedules: dict[str, Schedule] = {}
         for schedule in schedules:
@@ -164,6 +179,7 @@ class Project:
             name=f"nobs-amqp {self.name}",
             pool_size=self._channel_pool_size,
             publish_timeout=self._publish_timeout,
+            consumer_timeout=self.broker_consumer_timeout,
         )
         await transport.open()
         if self._signing_key is None:
@@ -175,7 +191,8 @@ class Project:
             publish_timeout=self._publish_timeout,
             tasks=self.tasks,
             lifespan=self.worker_lifespan,
-            observers=self.observers,
+            # Outermost first: the task line is logged inside the delivery's span.
+            observers=[*automatic_tracing(self.observers, self.tracing), *self.observers, TaskLog()],
         )
 
     async def close(self) -> None:

@@ -44,11 +44,15 @@ class Destination(Protocol):
     def queue_options(self) -> QueueOptions: ...
 
 
-def connect(urls: Sequence[str], *, name: str, pool_size: int, publish_timeout: float) -> Transport:
+def connect(
+    urls: Sequence[str], *, name: str, pool_size: int, publish_timeout: float, consumer_timeout: float
+) -> Transport:
     """The transport for `urls` (not opened yet): the in-process broker, or RabbitMQ."""
     if in_process(urls[0]):
         return MemoryTransport(urls[0])
-    return AmqpTransport(urls, name=name, pool_size=pool_size, publish_timeout=publish_timeout)
+    return AmqpTransport(
+        urls, name=name, pool_size=pool_size, publish_timeout=publish_timeout, consumer_timeout=consumer_timeout
+    )
 
 
 class Session:

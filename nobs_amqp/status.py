@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -27,6 +28,14 @@ class WorkerStatus:
 class ProjectStatus:
     workers: list[WorkerStatus]
     delayed: int  # waiting in the project's delay ladder (retries and delayed tasks of all its workers)
+
+    def as_dict(self, project: str) -> dict[str, object]:
+        """For `status --json`: plain values only."""
+        return {
+            "project": project,
+            "workers": [dataclasses.asdict(worker) for worker in self.workers],
+            "delayed": self.delayed,
+        }
 
 
 async def management_of(project: Project) -> tuple[Management, str]:

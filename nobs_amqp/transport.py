@@ -77,9 +77,17 @@ class Transport(Protocol):
     async def publish(self, exchange: str, routing_key: str, message: Message) -> None:
         """Publish persistent and mandatory; return once the broker confirmed it."""
 
-    async def consume(self, queue: str, prefetch: int, handler: Handler) -> Subscription:
+    async def consume(
+        self, queue: str, prefetch: int, handler: Handler, *, ack_timeout: float | None = None
+    ) -> Subscription:
         """Deliver messages of `queue` to `handler`, at most `prefetch` unsettled at once.
-        Once its `close()` returns, what it gave back is ready in the queue again."""
+        Once its `close()` returns, what it gave back is ready in the queue again.
+        `ack_timeout`: how long the broker may wait for a delivery's ack before it takes it
+        back (None: the broker's own setting); see `fixed_ack_timeout`."""
+
+    def fixed_ack_timeout(self) -> float | None:
+        """Seconds the broker waits for an ack when a consumer cannot choose (None: it can,
+        through `consume(ack_timeout=...)`, or there is no such timeout)."""
 
     async def message_count(self, queue: str) -> int:
         """Messages ready in `queue` (not counting those delivered and unsettled)."""

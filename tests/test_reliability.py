@@ -303,16 +303,19 @@ async def test_a_lost_ack_does_not_run_the_task_again(vhost_url: str, name: str,
             consumer = _CutBeforeAck(project.session, worker, grace_period=5)
             consumer.proxy = proxy
             run = asyncio.create_task(consumer.run())
-            await asyncio.wait_for(consumer.ready.wait(), 10)
-            await worker.queue(tasks.record, tasks.Job(key=k, fail_times=fail_times))
-            await eventually(lambda: len(tasks.calls(k)) == fail_times + 1, timeout=15)
-            assert _CutBeforeAck.cuts == 1
-            await eventually(lambda: proxy.accepted >= 2, timeout=10)  # reconnected; redelivery comes
-            await eventually(lambda: consumer.duplicates == 1, timeout=15)
-            await eventually(lambda: consumer.processed == fail_times + 1, timeout=15)
-            await asyncio.sleep(0.5)
-            consumer.stop()
-            await run
+            try:
+                await asyncio.wait_for(consumer.ready.wait(), 10)
+                await worker.queue(tasks.record, tasks.Job(key=k, fail_times=fail_times))
+                await eventually(lambda: len(tasks.calls(k)) == fail_times + 1, timeout=15)
+                # the outcome is remembered (and the connection cut) just after the task returns
+                await eventually(lambda: _CutBeforeAck.cuts == 1, timeout=5)
+                await eventually(lambda: proxy.accepted >= 2, timeout=10)  # reconnected; redelivery comes
+                await eventually(lambda: consumer.duplicates == 1, timeout=15)
+                await eventually(lambda: consumer.processed == fail_times + 1, timeout=15)
+                await asyncio.sleep(0.5)
+            finally:
+                consumer.stop()
+                await asyncio.wait_for(run, 30)
         assert len(tasks.calls(k)) == fail_times + 1
         async with Broker(vhost_url) as broker:
             assert await broker.count(f"{name}.dlq") == 0

@@ -10,17 +10,22 @@ The worker's lifespan opens one HTTP client per worker process, before the first
 closes it after the last; every task of that process uses it (`current_task().state`). With
 FASTAPI_EXAMPLE_MAIL_API set, `send_email` posts each email there (a mail provider's API);
 without it, it records the email in an outbox file instead.
+
+With OpenTelemetry installed (`pip install nobs_amqp[otel]` and an SDK you configure), the
+task's own span "send email" nests under the worker's "process emails" span, in the trace of
+the request that queued the email.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import tempfile
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,23 +71,34 @@ def _append(path: Path, line: str) -> None:
         f.write(line + "\n")
 
 
+def _span(name: str) -> AbstractContextManager[object]:
+    """A span of the task's own when OpenTelemetry is installed (else nothing)."""
+    try:
+        from opentelemetry import trace
+    except ImportError:
+        return contextlib.nullcontext()
+    return trace.get_tracer(__name__).start_as_current_span(name)
+
+
 async def send_email(email: Email) -> None:
     task = current_task()
     http: httpx.AsyncClient = task.state["http"]  # opened once by the worker's lifespan
-    if os.environ.get(MAIL_API_ENV):
-        # The message id is the same on every attempt: the provider drops a repeated one.
-        response = await http.post("/send", json=email.model_dump(), headers={"Idempotency-Key": task.message_id})
-        response.raise_for_status()
-    else:
-        await asyncio.sleep(0.01)  # stands in for the provider's API
-        line = json.dumps(
-            {
-                "to": email.to,
-                "subject": email.subject,
-                "pid": os.getpid(),
-                "message_id": task.message_id,
-                "client": id(http),
-            }
-        )
-        await asyncio.to_thread(_append, outbox(), line)
+    with _span("send email"):
+        if os.environ.get(MAIL_API_ENV):
+            # The message id is the same on every attempt: the provider drops a repeated one.
+            headers = {"Idempotency-Key": task.message_id}
+            response = await http.post("/send", json=email.model_dump(), headers=headers)
+            response.raise_for_status()
+        else:
+            await asyncio.sleep(0.01)  # stands in for the provider's API
+            line = json.dumps(
+                {
+                    "to": email.to,
+                    "subject": email.subject,
+                    "pid": os.getpid(),
+                    "message_id": task.message_id,
+                    "client": id(http),
+                }
+            )
+            await asyncio.to_thread(_append, outbox(), line)
     log.info("sent email to %s: %s", email.to, email.subject)
