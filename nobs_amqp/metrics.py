@@ -259,9 +259,14 @@ def exporting(
     observers: list[Observer], *, host: str, port: int | None, directory: str | None, max_blocked: float
 ) -> Iterator[None]:
     """For `consume`: PrometheusMetrics among `observers` (the project's) while the block runs,
-    served on `host:port`, or, in a `--processes` child (`directory` given), reported there."""
-    metrics = PrometheusMetrics(max_blocked=max_blocked)
-    observers.append(metrics)
+    served on `host:port`, or, in a `--processes` child (`directory` given), reported there. The
+    project's own PrometheusMetrics, if it has one, is used (two would count everything twice)."""
+    metrics = next((o for o in observers if isinstance(o, PrometheusMetrics)), None)
+    added = metrics is None
+    if metrics is None:
+        metrics = PrometheusMetrics(max_blocked=max_blocked)
+        observers.append(metrics)
+    metrics.health.max_blocked = max_blocked
     try:
         if directory is not None:
             with metrics.report_to(Path(directory)):
@@ -271,7 +276,8 @@ def exporting(
             with metrics.serve(port=port, host=host):
                 yield
     finally:
-        observers.remove(metrics)
+        if added:
+            observers.remove(metrics)
 
 
 @contextlib.contextmanager

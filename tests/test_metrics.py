@@ -24,8 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nobs_amqp import Project, Worker
 from nobs_amqp.health import STALE_SECONDS, Children
-from nobs_amqp.metrics import PrometheusMetrics
-from nobs_amqp.observe import DRAINING, READY, STOPPED
+from nobs_amqp.metrics import PrometheusMetrics, exporting
+from nobs_amqp.observe import DRAINING, READY, STOPPED, Observer
 from nobs_amqp.testing import drain
 
 from .apps import tasks
@@ -200,6 +200,23 @@ def test_children_health_from_their_reports(tmp_path: Path) -> None:
     assert (report["live"], report["ready"], report["state"]) == (False, False, "unresponsive")
     children.exited(13)
     assert not (tmp_path / "health.13.json").exists() and children.report()["restarts"] == 1
+
+
+def test_consume_serves_the_projects_own_metrics_rather_than_count_twice() -> None:
+    registry = CollectorRegistry()
+    own = PrometheusMetrics(registry=registry)
+    observers: list[Observer] = [own]
+    port = free_port()
+    with exporting(observers, host="127.0.0.1", port=port, directory=None, max_blocked=3):
+        assert observers == [own] and own.health.max_blocked == 3
+        status, body = fetch(port, "/metrics")
+        assert status == 200 and b"nobs_amqp_reconnects_total" in body
+    assert observers == [own]
+    fresh: list[Observer] = []
+    with exporting(fresh, host="127.0.0.1", port=port, directory=None, max_blocked=3):
+        [added] = fresh
+        assert isinstance(added, PrometheusMetrics)
+    assert fresh == []
 
 
 async def test_a_port_in_use_fails_consume_at_start() -> None:
