@@ -55,6 +55,8 @@ except ImportError as exc:  # pragma: no cover - the extra is not installed
 
 #: Where prometheus-client's multiprocess mode keeps each process's values (read when it is imported).
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: The supervisor's folder for its children's metrics and health: `<temp>/nobs-amqp-metrics-<pid>-<random>`.
+FOLDER_PREFIX = "nobs-amqp-metrics-"
 #: The `task` label of a task the project does not know (whatever the message named).
 UNKNOWN = "unknown"
 OTHER = "other"
@@ -287,7 +289,8 @@ def supervising(
     """For `consume --processes N`: a folder for the children's metrics and health reports (set as
     PROMETHEUS_MULTIPROC_DIR for the processes started in the block), served as one on `host:port`.
     Yields the folder and what to call when a child exits and is replaced; removes the folder at the end."""
-    directory = Path(tempfile.mkdtemp(prefix="nobs-amqp-metrics-"))
+    remove_orphan_folders(Path(tempfile.gettempdir()))
+    directory = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-"))
     children = Children(directory, processes, worker=worker, max_blocked=max_blocked)
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
@@ -312,6 +315,20 @@ def supervising(
         else:
             os.environ[MULTIPROCESS_ENV] = previous
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def remove_orphan_folders(parent: Path) -> None:
+    """Remove the folders of supervisors that died without removing theirs (kill -9)."""
+    for folder in parent.glob(f"{FOLDER_PREFIX}*-*"):
+        pid = folder.name[len(FOLDER_PREFIX) :].partition("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # alive, someone else's
+            continue
 
 
 class _Restarts:

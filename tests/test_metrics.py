@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 import urllib.error
@@ -24,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nobs_amqp import Project, Worker
 from nobs_amqp.health import STALE_SECONDS, Children
-from nobs_amqp.metrics import PrometheusMetrics, exporting
+from nobs_amqp.metrics import FOLDER_PREFIX, PrometheusMetrics, exporting, remove_orphan_folders
 from nobs_amqp.observe import DRAINING, READY, STOPPED, Observer
 from nobs_amqp.testing import drain
 
@@ -217,6 +218,20 @@ def test_consume_serves_the_projects_own_metrics_rather_than_count_twice() -> No
         [added] = fresh
         assert isinstance(added, PrometheusMetrics)
     assert fresh == []
+
+
+def test_a_supervisor_removes_the_folders_that_killed_supervisors_left(tmp_path: Path) -> None:
+    gone = _exited_pid()
+    (tmp_path / f"{FOLDER_PREFIX}{gone}-abc").mkdir()
+    (tmp_path / f"{FOLDER_PREFIX}{os.getpid()}-def").mkdir()
+    remove_orphan_folders(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [f"{FOLDER_PREFIX}{os.getpid()}-def"]
+
+
+def _exited_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
 
 
 async def test_a_port_in_use_fails_consume_at_start() -> None:
