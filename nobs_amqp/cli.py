@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import click
 
@@ -143,6 +143,20 @@ main.add_command(deploy)
 )
 @click.option("--reload", "reload_", is_flag=True, help="Restart the worker (it drains first) when a .py file changes.")
 @click.option("--recycle-stuck-threads", type=click.IntRange(min=1), hidden=True)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    help="Serve Prometheus /metrics, /livez and /readyz on this port (pip install 'nobs_amqp[metrics]').",
+)
+@click.option("--metrics-host", default="0.0.0.0", show_default=True, help="The address --metrics-port listens on.")
+@click.option(
+    "--max-blocked",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds the event loop may be blocked (by a task) before /livez fails.",
+)
+@click.option("--metrics-dir", hidden=True)  # a --processes child: report to the supervisor's folder
 @click.pass_context
 def consume(
     ctx: click.Context,
@@ -155,10 +169,16 @@ def consume(
     max_memory: float | None,
     reload_: bool,
     recycle_stuck_threads: int | None,
+    metrics_port: int | None,
+    metrics_host: str,
+    max_blocked: float,
+    metrics_dir: str | None,
 ) -> None:
     """Consume WORKER's queue and run its tasks."""
     if burst and reload_:
         raise click.UsageError("--burst exits once the queue is empty, --reload restarts the worker: use one of them")
+    if metrics_port is not None and reload_:
+        raise click.UsageError("--metrics-port is for deployed workers, --reload for development: use one of them")
     reference = app_reference(ctx.obj)
     project = load_project(reference)
     target = worker_of(project, worker)
@@ -182,7 +202,10 @@ def consume(
                 sys.exit(reloading(command, processes, roots, grace_period=grace_period))
             except NobsAmqpError as exc:
                 raise click.ClickException(str(exc)) from None
-        sys.exit(supervise(command, processes, restart=not burst, grace_period=grace_period))
+        if metrics_port is None:
+            sys.exit(supervise(command, processes, restart=not burst, grace_period=grace_period))
+        served = {"host": metrics_host, "port": metrics_port, "worker": worker, "max_blocked": max_blocked}
+        sys.exit(_supervise_served(command, processes, restart=not burst, grace_period=grace_period, **served))
 
     def build(session: Session) -> Consumer:
         return Consumer(
@@ -197,13 +220,39 @@ def consume(
         )
 
     try:
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        with (
+            _metrics(project, metrics_host, metrics_port, metrics_dir, max_blocked),
+            asyncio.Runner(loop_factory=_loop_factory()) as runner,
+        ):
             consumer = runner.run(_consume(project, build))
     except NobsAmqpError as exc:
         raise click.ClickException(str(exc)) from None
     log.info("worker %s: stopped after %d task(s)", worker, consumer.processed)
     if consumer.recycle_reason is not None:
         sys.exit(RECYCLE_EXIT)
+
+
+def _supervise_served(command: list[str], processes: int, *, restart: bool, grace_period: float, **served: Any) -> int:
+    """`supervise`, with the metrics and health of every worker process served as one (`supervising(**served)`)."""
+    try:
+        from .metrics import supervising  # prometheus-client only when metrics are asked for
+
+        with supervising(processes=processes, **served) as (folder, exited):
+            command = [*command, f"--metrics-dir={folder}"]
+            return supervise(command, processes, restart=restart, grace_period=grace_period, on_exit=exited)
+    except NobsAmqpError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _metrics(
+    project: Project, host: str, port: int | None, folder: str | None, max_blocked: float
+) -> contextlib.AbstractContextManager[object]:
+    """Metrics and health served on `port`, or reported into a supervisor's `folder`; else nothing."""
+    if port is None and folder is None:
+        return contextlib.nullcontext()
+    from .metrics import exporting  # prometheus-client only when metrics are asked for
+
+    return exporting(project.observers, host=host, port=port, directory=folder, max_blocked=max_blocked)
 
 
 @main.command()

@@ -292,7 +292,12 @@ class Consumer:
     async def _on_delivery(self, delivery: Delivery) -> None:
         task = asyncio.create_task(self._process(delivery))
         self._running.add(task)
-        task.add_done_callback(self._running.discard)
+        task.add_done_callback(self._settled)
+        self.session.observers.holding(self.worker.name, len(self._running))
+
+    def _settled(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self.session.observers.holding(self.worker.name, len(self._running))
 
     # -- one delivery ------------------------------------------------------------------------
 
@@ -400,6 +405,7 @@ class Consumer:
             returned,
             self.state,
         )
+        self.session.observers.started(run)
         started = time.perf_counter()
         try:
             with running(context):

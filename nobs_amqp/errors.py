@@ -154,6 +154,16 @@ class LifespanError(NobsAmqpError):
         )
 
 
+class MetricsPortError(ConfigurationError):
+    """The metrics and health endpoint cannot listen where it was asked to (a port in use, say)."""
+
+    def __init__(self, host: str, port: int, detail: str, fix: str) -> None:
+        self.host = host
+        self.port = port
+        self.detail = detail
+        super().__init__(f"cannot serve metrics on {host}:{port}: {detail}; {fix}")
+
+
 class TaskFailure(NobsAmqpError):  # noqa: N818 - a family of reasons, not one error
     """Why a delivery was not run, or failed outside the task's own code (read in the DLQ)."""
 

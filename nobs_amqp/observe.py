@@ -72,6 +72,13 @@ class Observer:
         (with trace headers, say). An exception from the publish passes through."""
         yield message
 
+    def started(self, run: TaskRun) -> None:
+        """The task of `run` is about to be called: it is known (`run.known`) and its payload valid."""
+
+    def holding(self, worker: str, count: int) -> None:
+        """The consumer of `worker` in this process now holds `count` messages: delivered to it and
+        not settled yet (waiting for a slot or being handled), at most its prefetch."""
+
     def consumer_state(self, worker: str, state: str) -> None:
         """A consumer of `worker` in this process became `state` (READY, RECONNECTING, ...)."""
 
@@ -104,6 +111,14 @@ class Observers(Observer):
                 if isinstance(observed, Message):  # else it failed: the message as it was
                     message = observed
             yield message
+
+    def started(self, run: TaskRun) -> None:
+        for observer in self.observers:
+            _call(observer, "started", run)
+
+    def holding(self, worker: str, count: int) -> None:
+        for observer in self.observers:
+            _call(observer, "holding", worker, count)
 
     def consumer_state(self, worker: str, state: str) -> None:
         for observer in self.observers:

@@ -32,12 +32,17 @@ def _stop_with_parent() -> None:
 
 
 def _replace(
-    child: subprocess.Popen[bytes], command: Sequence[str], stopping: Callable[[], bool]
+    child: subprocess.Popen[bytes],
+    command: Sequence[str],
+    stopping: Callable[[], bool],
+    on_exit: Callable[[int], None] | None = None,
 ) -> subprocess.Popen[bytes]:
     """A new worker in place of `child`, which exited (unless a signal came meanwhile)."""
     code = child.returncode
     why = "replaced itself (it leaked memory or threads)" if code == RECYCLE_EXIT else f"exited with {code}"
     log.warning("supervisor: worker pid %d %s; restarting it", child.pid, why)
+    if on_exit is not None:
+        on_exit(child.pid)
     time.sleep(RESTART_PAUSE_SECONDS)
     if stopping():  # a signal came during the pause: nothing to restart
         return child
@@ -47,11 +52,18 @@ def _replace(
     return new
 
 
-def supervise(command: Sequence[str], processes: int, *, restart: bool, grace_period: float) -> int:
+def supervise(
+    command: Sequence[str],
+    processes: int,
+    *,
+    restart: bool,
+    grace_period: float,
+    on_exit: Callable[[int], None] | None = None,
+) -> int:
     """Run `processes` copies of `command` until a signal (or, without `restart`, until all exit).
 
     SIGTERM/SIGINT are passed on to every child, which drains and exits 0; the exit code is
-    0 when every child ended with 0.
+    0 when every child ended with 0. `on_exit(pid)` is called for a child that exited and is replaced.
     """
     children = [spawn(command) for _ in range(processes)]
     log.info("supervisor: started %d worker processes (pids %s)", processes, [c.pid for c in children])
@@ -69,7 +81,7 @@ def supervise(command: Sequence[str], processes: int, *, restart: bool, grace_pe
         while any(c.poll() is None for c in children) or (restart and not stopping):
             for i, child in enumerate(children):
                 if restart and not stopping and child.poll() is not None:
-                    children[i] = _replace(child, command, lambda: stopping)
+                    children[i] = _replace(child, command, lambda: stopping, on_exit)
             time.sleep(POLL_SECONDS)
         deadline = time.monotonic() + grace_period + 10
         for child in children:
