@@ -99,7 +99,11 @@ class _Main(click.Group):
 @click.pass_context
 def main(ctx: click.Context, app: str | None, log_level: str, log_format: logs.LogFormat) -> None:
     """Run and operate nobs_amqp workers on RabbitMQ."""
-    logging.basicConfig(level=log_level.upper(), handlers=[logs.handler(log_format, sys.stderr)])
+    try:
+        handler = logs.handler(log_format, sys.stderr)
+    except NobsAmqpError as exc:
+        raise click.UsageError(str(exc)) from None
+    logging.basicConfig(level=log_level.upper(), handlers=[handler])
     logging.captureWarnings(log_format == "json")
     if log_level != "debug":  # with --log-level debug, everything aio-pika and aiormq say
         logging.getLogger("aio_pika").setLevel(max(logging.WARNING, logging.getLogger().level))

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import IO, Literal
 
+from .errors import ConfigurationError
 from .message import format_time, printable
 from .observe import DEAD_LETTERED, DUPLICATE, REJECTED, REQUEUED, RETRIED, SUCCEEDED, Observer, TaskRun
 
@@ -107,7 +108,12 @@ def formatter(log_format: LogFormat) -> logging.Formatter:
     record's extras (a task line's `TASK_FIELDS`) and a traceback as `exc_info`."""
     if log_format == "text":
         return logging.Formatter(TEXT_FORMAT)
-    from pythonjsonlogger.json import JsonFormatter
+    try:
+        from pythonjsonlogger.json import JsonFormatter
+    except ImportError:
+        raise ConfigurationError(
+            "--log-format json needs python-json-logger: pip install 'nobs_amqp[json-logs]'"
+        ) from None
 
     class _Json(JsonFormatter):
         def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802

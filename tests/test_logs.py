@@ -136,3 +136,13 @@ async def test_a_json_log_of_a_connection_failure_shows_no_password() -> None:
     lines = [json.loads(line) for line in text.splitlines()]
     errors = [line["message"] for line in lines if line["level"] == "ERROR" and line["logger"] == "nobs_amqp"]
     assert any(m.startswith("cannot connect to amqp://guest:***@127.0.0.1:1/") for m in errors), text
+
+
+def test_json_logs_without_the_library_say_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nobs_amqp import ConfigurationError, logs
+
+    monkeypatch.setitem(sys.modules, "pythonjsonlogger", None)
+    monkeypatch.setitem(sys.modules, "pythonjsonlogger.json", None)
+    with pytest.raises(ConfigurationError, match=r"pip install 'nobs_amqp\[json-logs\]'"):
+        logs.formatter("json")
+    assert logs.formatter("text") is not None
