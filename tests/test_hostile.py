@@ -1017,9 +1017,12 @@ async def test_ten_thousand_hostile_messages_cost_nothing_else(
     shared broker the other tests run on (see without_broker_killer)."""
     node_or_skip()
     started = time.monotonic()
+    # The 4.x pass fuzzes half as many: what differs there is the broker, not the worker (and
+    # the whole suite, both passes, must stay within its 15 minutes).
+    count = 11_700 if generation() == 3 else 5_850
     async with Node() as node:
         up = time.monotonic() - started
-        result, consumer, messages = await run_hostile(node.url, "hostile", 11_700, tally, capsys, node_start=up)
+        result, consumer, messages = await run_hostile(node.url, "hostile", count, tally, capsys, node_start=up)
     check(result, consumer, tally, messages)
 
 

@@ -7,14 +7,13 @@ import json
 import textwrap
 import uuid
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 
 from nobs_amqp.management import MANAGEMENT_ENV, Management
 from nobs_amqp.urls import vhost_of, with_vhost
 
-from .support import Broker, eventually, free_port, http_server, run_cli, run_demo
+from .support import Broker, eventually, free_port, http_server, run_cli
 
 CLI_APP = ("--app", "tests.apps.cli_app:project")
 
@@ -248,22 +247,3 @@ async def test_topology_delete_asks_then_removes_the_projects_objects(
 
 
 # -- Friction: the demo runs in a vhost of its own -------------------------------------------------
-
-
-@pytest.mark.timeout(120)
-async def test_demo_runs_in_a_vhost_of_its_own_and_deletes_it(amqp_url: str) -> None:
-    management = Management(amqp_url)
-    vhost = vhost_of(amqp_url)
-
-    async def queues() -> set[str]:
-        return {q["name"] for q in await management.request("GET", f"/api/queues/{quote(vhost, safe='')}")}
-
-    before = await queues()
-    code, output = await run_demo(amqp_url)
-    assert code == 0, output
-    assert "x-nobs-reason: max_attempts" in output
-    assert "/#/queues/nobs-amqp-demo-" in output
-    assert "demo: deleted its vhost 'nobs-amqp-demo-" in output
-    demo_vhosts = [v["name"] for v in management.list_vhosts() if v["name"].startswith("nobs-amqp-demo-")]
-    assert not [v for v in demo_vhosts if v in output], output
-    assert await queues() == before  # nothing made or left where NOBS_AMQP_URL points

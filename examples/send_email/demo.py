@@ -87,10 +87,10 @@ async def _run(url: str) -> int:
             bounced = message_id
     await priority_queue.queue(send_email, SendEmail(email="later@nordmann.no", content="sent 3 s later"), delay=3)
     print("demo: queued send_email to later@nordmann.no with delay=3 s", flush=True)
-    print("demo: the bounce is retried 4 times with growing waits (about 20 s) ...", flush=True)
+    print("demo: the bounce is retried 4 times with growing waits (about 20 s; virtual on memory://) ...", flush=True)
     deadline = time.monotonic() + DEADLINE_SECONDS
-    while (dead := await _find_dead_letter(url, bounced)) is None and time.monotonic() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(1)  # polling the broker: it sends no event for "arrived in a queue"
+    while (dead := await _find_dead_letter(url, bounced)) is None and time.monotonic() < deadline:
+        await _a_second(url)  # polling the broker: it sends no event for "arrived in a queue"
     if dead is None:
         print(f"demo: the failing task did not reach priority_queue.dlq within {DEADLINE_SECONDS} s", flush=True)
         return 1
@@ -104,6 +104,15 @@ async def _run(url: str) -> int:
         print(f"\nSee it in the management UI (guest/guest): {ui} -> 'Get messages'", flush=True)
         print("(the demo deletes its vhost when it ends unless run with --keep, or `make demo KEEP=1`)\n", flush=True)
     return 0
+
+
+async def _a_second(url: str) -> None:
+    """Let a second pass: on memory:// time is virtual, so move it on instead of waiting."""
+    if in_process(url):
+        await MemoryBroker.named(url).advance(1)
+        await asyncio.sleep(0.05)  # the worker runs what fell due
+    else:
+        await asyncio.sleep(1)
 
 
 async def _find_dead_letter(url: str, message_id: str) -> tuple[Mapping[str, object], str] | None:
