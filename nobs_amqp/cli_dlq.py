@@ -123,18 +123,17 @@ def dlq_replay(
     where = dead.matching(task=task, reason=reason, ids=ids) if task or reason or ids else None
     waiting = _dlq_run(app, worker, dead.count)
     total = min(waiting, limit) if limit is not None else waiting
-    planned = total
     with click.progressbar(length=total, label=f"replaying {worker}.dlq", show_pos=True, file=sys.stderr) as bar:
 
         def plan(count: int) -> None:
-            nonlocal planned
-            planned = bar.length = count
+            bar.length = count  # what the snapshot holds: fewer than `total` when filtered
 
         moved = (
             _dlq_run(app, worker, lambda p, w: dead.replay(p, w, total, bar.update, where=where, planned=plan))
             if total
             else 0
         )
+    planned = bar.length if bar.length is not None else total
     chosen = " matching" if where is not None else ""
     click.echo(f"replayed {moved}{chosen} message(s) to {worker}")
     if moved < planned:

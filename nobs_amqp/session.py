@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -209,21 +209,21 @@ class _Shared:
         self._lock = asyncio.Lock()
         self._users = 0
         self._state: Any = None
-        self._close: Callable[[], Any] | None = None
+        self._opened: AsyncExitStack | None = None
 
     @asynccontextmanager
     async def use(self, owner: str, lifespan: Lifespan) -> AsyncIterator[Any]:
         async with self._lock:
-            if self._users == 0:
-                opened = _entered(owner, lifespan)
-                self._state = await opened.__aenter__()
-                self._close = lambda: opened.__aexit__(None, None, None)
+            if self._opened is None:
+                opened = AsyncExitStack()
+                self._state = await opened.enter_async_context(_entered(owner, lifespan))
+                self._opened = opened
             self._users += 1
         try:
             yield self._state
         finally:
             async with self._lock:
                 self._users -= 1
-                if self._users == 0 and self._close is not None:
-                    close, self._close, self._state = self._close, None, None
-                    await close()
+                if self._users == 0 and self._opened is not None:
+                    opened, self._opened, self._state = self._opened, None, None
+                    await opened.aclose()

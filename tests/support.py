@@ -132,10 +132,23 @@ async def run_cli(
     *args: str, env: dict[str, str], stdin: bytes = b"", timeout: float = 30, cwd: Path = ROOT
 ) -> tuple[int, str]:
     """Run `python -m nobs_amqp ARGS` from `cwd` (the repository root); its exit code and output."""
+    return await run_module("nobs_amqp", *args, env=env, stdin=stdin, timeout=timeout, cwd=cwd)
+
+
+async def run_demo(url: str, timeout: float = 100) -> tuple[int, str]:
+    """Run `python -m examples.send_email.demo` against `url`, as `make demo` does; exit code and output."""
+    return await run_module("examples.send_email.demo", env={"NOBS_AMQP_URL": url}, timeout=timeout)
+
+
+async def run_module(
+    module: str, *args: str, env: dict[str, str], stdin: bytes = b"", timeout: float = 30, cwd: Path = ROOT
+) -> tuple[int, str]:
+    """Run `python -m MODULE ARGS` from `cwd` with `env` over this environment; killed after
+    `timeout` seconds. Its exit code and output (stdout and stderr together)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "nobs_amqp",
+        module,
         *args,
         cwd=cwd,
         env={**os.environ, **env},
@@ -145,28 +158,6 @@ async def run_cli(
     )
     try:
         output, _ = await asyncio.wait_for(process.communicate(stdin), timeout)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return process.returncode, output.decode()
-
-
-async def run_demo(url: str, timeout: float = 100) -> tuple[int, str]:
-    """Run `python -m examples.send_email.demo` against `url`, as `make demo` does; exit code and output."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "examples.send_email.demo",
-        cwd=ROOT,
-        env={**os.environ, "NOBS_AMQP_URL": url},
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        output, _ = await asyncio.wait_for(process.communicate(), timeout)
     finally:
         if process.returncode is None:
             process.kill()
