@@ -43,7 +43,7 @@ class Sizes:
     """How big the latency, delay and growth phases are (`make bench`: these defaults)."""
 
     rates: tuple[float, ...] = (200, 1000, 3000)  # latency: tasks per second offered
-    latency_seconds: float = 10.0  # latency: seconds of producing at each rate
+    latency_seconds: float = 5.0  # latency: seconds of producing at each rate
     depths: tuple[int, ...] = (1_000, 100_000)  # memory_depth: queue depths drained
     payload_sizes: tuple[int, ...] = (100, 10_000, 1_000_000)  # payload_size: characters of content
     payload_budget_mb: float = 100.0  # payload_size: at most this many MB of payload per size

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -66,9 +67,16 @@ def lines(ax: Axes, runs: list[dict[str, Any]], cases: str, get: Any, title: str
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_xscale("log")
+    log_x(ax, sorted({float(k) for m in runs for k in m[cases]}))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
+
+
+def log_x(ax: Axes, ticks: list[float]) -> None:
+    """A log x axis labelled at the measured cases only, in plain numbers."""
+    ax.set_xscale("log")
+    ax.set_xticks(ticks, [f"{t:,.0f}" for t in ticks])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
 
 
 def latency(result: dict[str, Any], out: Path, subtitle: str) -> Path:
@@ -145,7 +153,7 @@ def growth(result: dict[str, Any], out: Path, subtitle: str) -> Path:
         ):
             xs, ys = series(scale, "workers", lambda v, key=key: v[key])
             ax.plot(xs, ys, marker="o", label=label)
-        ax.set_xscale("log")
+        log_x(ax, xs)
         ax.set_title("start-up by project size")
         ax.set_xlabel("workers in the project")
         ax.set_ylabel("s")
@@ -159,7 +167,7 @@ def growth(result: dict[str, Any], out: Path, subtitle: str) -> Path:
         for key in ("list", "show", "replay"):
             xs, ys = series(dlq, "dead_letters", lambda v, key=key: v[key]["seconds"])
             ax.plot(xs, ys, marker="o", label=f"nobs-amqp dlq {key}")
-        ax.set_xscale("log")
+        log_x(ax, xs)
         ax.set_yscale("log")
         ax.set_title("dlq commands by DLQ size")
         ax.set_xlabel("dead letters")

@@ -94,8 +94,10 @@ def _failed(measurements: list[dict[str, Any]], phases: Iterable[str]) -> list[s
     ]
 
 
-def _md(head: list[str], rows: list[list[str]], align: str = "--:") -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + [align] * (len(head) - 1)) + "|"]
+def _md(head: list[str], rows: list[list[str]], left: int = 2) -> str:
+    """A Markdown table: the first `left` columns left-aligned, the numbers right-aligned."""
+    align = ["---"] * left + ["--:"] * (len(head) - left)
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -159,7 +161,7 @@ def anchor_table(measurements: list[dict[str, Any]]) -> str | None:
         return None
     head = ["phase", "nobs_amqp msg/s", "Java quorum", "Java classic", "nobs ÷ Java quorum", "nobs ÷ Java classic"]
     head += ["aio-pika ÷ Java classic", "drain first→last task: nobs ÷ Java quorum"]
-    return _md(head, rows)
+    return _md(head, rows, left=1)
 
 
 def _stat(values: list[dict[str, Any]], key: str, scale: float = 1.0) -> float | None:
@@ -230,7 +232,7 @@ def delay_table(measurements: list[dict[str, Any]]) -> str | None:
             )
     head = ["system, mode", "delayed tasks", "late p50 s", "p90 s", "p99 s", "max s", "early", "load tasks/s"]
     head += ["load p50 ms", "load p99 ms"]
-    return _md(head, rows)
+    return _md(head, rows, left=1)
 
 
 def _growth(
@@ -272,6 +274,7 @@ def depth_table(measurements: list[dict[str, Any]]) -> str | None:
         return None
     columns = [
         ("drain msg/s", lambda v: v["rate"], ",.0f", True),
+        ("first→last task msg/s", lambda v: v.get("steady_rate"), ",.0f", True),
         ("worker peak RSS MiB", lambda v: v["peak_rss_mib"], ".1f", True),
         ("CPU s/1000", lambda v: v["cpu_per_1000"], ".2f", False),
     ]
@@ -331,7 +334,9 @@ def tables(result: dict[str, Any]) -> str:
     """Every table of a run, each under a heading, and what failed in the phases without a row."""
     measurements = result["measurements"]
     systems = result["arguments"]["systems"]
-    parts = [("Throughput (× aio-pika: median of per-round ratios)", table(result["summary"]))]
+    parts = [
+        ("Throughput (× aio-pika: median of per-round ratios)", table(result["summary"]) if result["summary"] else None)
+    ]
     anchor = anchor_table(measurements)
     if anchor is None and any(s in result["unavailable"] for s in (JAVA_QUORUM, JAVA_CLASSIC)):
         reason = result["unavailable"].get(JAVA_QUORUM) or result["unavailable"].get(JAVA_CLASSIC)
