@@ -201,7 +201,7 @@ def latency_table(measurements: list[dict[str, Any]], systems: list[str]) -> str
                     system,
                     *(_num(_stat(start, q, 1000), ".1f") for q in ("p50", "p99", "max")),
                     *(_num(_stat(call, q, 1000), ".1f") for q in ("p50", "p99", "max")),
-                    _num(_median([a["throughput"] for a in at]), ",.0f"),
+                    _done(_median([a["throughput"] for a in at]), rate),
                     _num(ratios["p50"], ".2f"),
                     _num(ratios["p99"], ".2f"),
                 ]
@@ -209,6 +209,14 @@ def latency_table(measurements: list[dict[str, Any]], systems: list[str]) -> str
     head = ["offered/s", "system", "enqueue→start p50 ms", "p99 ms", "max ms", "enqueue call p50 ms", "p99 ms"]
     head += ["max ms", "tasks/s done", "p50 × aio-pika", "p99 × aio-pika"]
     return _md(head, rows)
+
+
+SATURATED = 0.9  # tasks done per second below this share of the offered rate: the worker fell behind
+
+
+def _done(throughput: float | None, offered: float) -> str:
+    shown = _num(throughput, ",.0f")
+    return shown + " (behind)" if throughput is not None and throughput < SATURATED * offered else shown
 
 
 def delay_table(measurements: list[dict[str, Any]]) -> str | None:
