@@ -72,6 +72,16 @@ def lines(ax: Axes, runs: list[dict[str, Any]], cases: str, get: Any, title: str
     ax.legend(fontsize=7)
 
 
+def log_y(ax: Axes) -> None:
+    """A log y axis with plain numbers (1, 2, 5, 10, ...), not powers of ten."""
+    ax.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.10g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(
+        matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.10g}" if str(v)[0] in "25" else "")
+    )
+
+
 def log_x(ax: Axes, ticks: list[float]) -> None:
     """A log x axis labelled at the measured cases only, in plain numbers."""
     ax.set_xscale("log")
@@ -91,11 +101,11 @@ def latency(result: dict[str, Any], out: Path, subtitle: str) -> Path:
     for ax, get, title, unit in panels:
         lines(ax, runs, "rates", get, title, "offered load, tasks/s", unit)
         if runs and unit == "ms":
-            ax.set_yscale("log")
+            log_y(ax)
     if runs:
         rates = sorted({float(r) for m in runs for r in m["rates"]})
         axes[1][1].plot(rates, rates, linestyle=":", color="grey", label="offered")
-        axes[1][1].set_yscale("log")
+        log_y(axes[1][1])
         axes[1][1].legend(fontsize=7)
     fig.suptitle(f"Latency and throughput against load ({subtitle})")
     fig.tight_layout()
@@ -142,7 +152,7 @@ def growth(result: dict[str, Any], out: Path, subtitle: str) -> Path:
         axes[0][1], payload, "sizes", lambda v: v["drain_mb_s"], "drain throughput by payload", "payload, bytes", "MB/s"
     )
     if payload:
-        axes[0][1].set_yscale("log")
+        log_y(axes[0][1])
     scale = ok(result, "project_scale")
     ax = axes[1][1]
     if scale:
@@ -168,7 +178,7 @@ def growth(result: dict[str, Any], out: Path, subtitle: str) -> Path:
             xs, ys = series(dlq, "dead_letters", lambda v, key=key: v[key]["seconds"])
             ax.plot(xs, ys, marker="o", label=f"nobs-amqp dlq {key}")
         log_x(ax, xs)
-        ax.set_yscale("log")
+        log_y(ax)
         ax.set_title("dlq commands by DLQ size")
         ax.set_xlabel("dead letters")
         ax.set_ylabel("s (whole command)")
