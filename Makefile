@@ -1,4 +1,4 @@
-.PHONY: demo test test-4 lint venv broker bench
+.PHONY: demo test test-4 lint venv broker bench bench-scale
 
 # Every target sets up what it needs: the virtualenv, and a RabbitMQ that answers.
 VENV := .venv
@@ -48,3 +48,8 @@ demo: venv
 ## make bench: nobs_amqp against raw aio-pika and its peers, each in its own venv (bench/README.md).
 bench: venv broker
 	$(VENV)/bin/python bench/run.py --systems nobs_amqp,aiopika,dramatiq,celery,faststream,taskiq --n 20000 --rounds 3
+
+## make bench-scale: drain rate with 1, 2 and 4 worker processes, on one throwaway node and on a
+## throwaway three-node cluster (bench/scale.py; needs root or the rabbitmq user, like the fault tests).
+bench-scale: venv
+	$(VENV)/bin/python bench/scale.py --n 20000 --rounds 2

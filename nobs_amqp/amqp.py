@@ -29,11 +29,13 @@ from .errors import (
     TopologyMismatchError,
     UnroutableError,
 )
+from .failover import RECONNECT_MAX_SECONDS, FailoverConnection
 from .leases import ExclusiveQueues
 from .management import Management
 from .message import CONTENT_TYPE, Message, wall_clock
-from .topology import ExchangeSpec, QueueSpec, ServerVersion, Topology, difference
+from .topology import INITIAL_GROUP_SIZE, ExchangeSpec, QueueSpec, ServerVersion, Topology, difference
 from .transport import Handler, LeaseState, deadline
+from .urls import describe_error as _describe
 from .urls import redact as redact  # re-exported: examples and status use them from here
 from .urls import vhost_of as vhost_of
 
@@ -46,11 +48,6 @@ DEFAULT_CONSUMER_TIMEOUT = 1800.0
 PER_CONSUMER_TIMEOUT = (3, 11, 15)
 #: How long closing a subscription waits for the broker to show the messages it gave back.
 RETURN_WAIT_SECONDS = 2.0
-#: Reconnection backoff: the first attempt at once, then after as long as the outage has lasted
-#: so far (0.5 s, 1 s, 2 s: doubling), at most RECONNECT_MAX_SECONDS apart (the most a worker waits
-#: after the broker is back).
-RECONNECT_MIN_SECONDS = 0.5
-RECONNECT_MAX_SECONDS = 3.0
 _CONNECTION_ERRORS = (
     ConnectionError,
     aiormq.exceptions.AMQPConnectionError,
@@ -66,29 +63,10 @@ _REFUSALS = (
     aiormq.exceptions.ChannelPreconditionFailed,
 )
 _T = TypeVar("_T")
+#: In that error's detail, the existing queue's value: "but current is '1'", "but current is the
+#: value '1' of type 'long'", or "but current is none".
+_EXISTING_VALUE = re.compile(r"current is (?:the value )?'(\d+)'")
 _INEQUIVALENT = re.compile(r"inequivalent arg '([^']+)' for (queue|exchange) '([^']+)' in vhost '([^']*)': (.*)")
-
-
-class _BackoffConnection(aio_pika.RobustConnection):
-    """aio-pika's robust connection, reconnecting with a backoff instead of a fixed interval.
-
-    aio-pika sleeps `reconnect_interval` after each attempt: here it is how long the outage has
-    lasted so far (so 0.5 s, 1 s, 2 s, then every RECONNECT_MAX_SECONDS); the transport
-    sets `lost_at` when the connection drops and clears it once it is back.
-    """
-
-    lost_at: float | None = None
-
-    @property
-    def reconnect_interval(self) -> float:
-        if self.lost_at is None:
-            return RECONNECT_MIN_SECONDS
-        outage = self.loop.time() - self.lost_at
-        return min(RECONNECT_MAX_SECONDS, max(RECONNECT_MIN_SECONDS, outage))
-
-    @reconnect_interval.setter
-    def reconnect_interval(self, value: float) -> None:
-        """aio-pika sets its fixed interval here (from the URL's reconnect_interval): the backoff replaces it."""
 
 
 class AmqpTransport:
@@ -102,8 +80,10 @@ class AmqpTransport:
         pool_size: int = 4,
         publish_timeout: float = 30.0,
         consumer_timeout: float = DEFAULT_CONSUMER_TIMEOUT,
+        replicas: int = 3,
     ) -> None:
         self._urls = tuple(urls)
+        self._replicas = replicas
         self._name = name
         self._pool_size = pool_size
         self._publish_timeout = publish_timeout
@@ -147,14 +127,15 @@ class AmqpTransport:
         decoding.install()  # a message whose properties pamqp cannot decode must not kill the connection
         failures: list[str] = []
         last: BaseException | None = None
-        for url in self._urls:
+        for index, url in enumerate(self._urls):
             try:
-                self._connection = await aio_pika.connect_robust(
+                connection = await aio_pika.connect_robust(
                     url,
                     client_properties={"connection_name": f"{self._name} {socket.gethostname()} pid {os.getpid()}"},
-                    connection_class=_BackoffConnection,
+                    connection_class=FailoverConnection,
                 )
-                self._url = url
+                connection.follow(self._urls, index)
+                self._connection, self._url = connection, url
                 break
             except (ConnectionError, aiormq.exceptions.AMQPError, OSError) as exc:
                 last = exc
@@ -176,7 +157,7 @@ class AmqpTransport:
         """Said once per outage: aio-pika calls this again for every failed reconnection attempt."""
         if self._connection is None or exc is None:
             return
-        if not isinstance(connection, _BackoffConnection) or connection.lost_at is not None:
+        if not isinstance(connection, FailoverConnection) or connection.lost_at is not None:
             reason = _describe(exc)
             if isinstance(exc, aiormq.exceptions.AMQPChannelError) and reason != self._refusal:
                 self._refusal = reason  # e.g. a queue deleted during the outage: worth saying, once
@@ -187,17 +168,20 @@ class AmqpTransport:
         connection.lost_at = connection.loop.time()
         self._tell(False)
         log.warning(
-            "lost the connection to %s (%s); reconnecting until it is back (backoff up to %.0f s)",
+            "lost the connection to %s (%s); reconnecting to %s until one answers (backoff up to %.0f s)",
             redact(self._url),
             _describe(exc),
+            "it" if len(self._urls) == 1 else f"the next of {len(self._urls)} nodes",
             RECONNECT_MAX_SECONDS,
         )
 
     def _on_reconnect(self, connection: object) -> None:
+        if isinstance(connection, FailoverConnection):
+            self._url = connection.current  # of a cluster, maybe another node than before
         self._read_server_version()
         self._refusal = ""
         self._tell(True)
-        if isinstance(connection, _BackoffConnection) and connection.lost_at is not None:
+        if isinstance(connection, FailoverConnection) and connection.lost_at is not None:
             outage = connection.loop.time() - connection.lost_at
             connection.lost_at = None
             log.warning("reconnected to %s after %.1f s", redact(self._url), outage)
@@ -271,7 +255,7 @@ class AmqpTransport:
                     current.name, exchange_type=current.type, durable=True, arguments=_table(current.arguments)
                 )
             for current in topology.queues:
-                await raw.queue_declare(current.name, durable=True, arguments=_table(current.arguments))
+                raw = await self._declare_queue(raw, current)
             for binding in topology.bindings:
                 if binding.to_exchange:
                     await raw.exchange_bind(binding.destination, binding.source, binding.routing_key)
@@ -282,6 +266,31 @@ class AmqpTransport:
         finally:
             if not raw.is_closed:
                 await raw.close()
+
+    async def _declare_queue(self, raw: aiormq.abc.AbstractChannel, queue: QueueSpec) -> aiormq.abc.AbstractChannel:
+        """Declare `queue`, a quorum one replicated to `replicas` nodes if it is new. One that exists
+        keeps its members (created before, or with another count): it is declared again with the
+        count it has, so its other arguments are still checked. Returns the channel to go on with."""
+        arguments = dict(queue.arguments)
+        if arguments.get("x-queue-type") != "quorum":
+            await raw.queue_declare(queue.name, durable=True, arguments=_table(arguments))
+            return raw
+        try:
+            await raw.queue_declare(
+                queue.name, durable=True, arguments=_table({**arguments, INITIAL_GROUP_SIZE: self._replicas})
+            )
+            return raw
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            found = _INEQUIVALENT.search(str(exc.args[0] if exc.args else exc))
+            if found is None or found.group(1) != INITIAL_GROUP_SIZE:
+                raise
+            has = _EXISTING_VALUE.search(found.group(5))
+        log.debug("queue %s exists with %s replicas: it keeps them", queue.name, has.group(1) if has else "unset")
+        raw = await (await self._connected()).channel(publisher_confirms=False)  # the refusal closed the other
+        if has is not None:
+            arguments[INITIAL_GROUP_SIZE] = int(has.group(1))
+        await raw.queue_declare(queue.name, durable=True, arguments=_table(arguments))
+        return raw
 
     async def _mismatch(
         self, declared: ExchangeSpec | QueueSpec | None, exc: aiormq.exceptions.ChannelPreconditionFailed
@@ -503,8 +512,3 @@ def _login_failure(exc: BaseException) -> str:
             f"in the amqps:// URL and connect by a host name the certificate names"
         )
     return text
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return re.sub(r"(amqps?://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)

@@ -291,10 +291,13 @@ def status(app: str | None, as_json: bool, watch: bool, interval: float, count: 
 
 
 def _echo_status(project: Project, report: ProjectStatus, options: dict[str, str]) -> None:
-    click.echo(f"{'worker':<32} {'ready':>8} {'in flight':>9} {'consumers':>9} {'dead':>8}")
+    click.echo(f"connected to {report.node}")
+    click.echo(f"{'worker':<32} {'ready':>8} {'in flight':>9} {'consumers':>9} {'dead':>8} {'replicas':>8}  leader")
     for w in report.workers:
         note = "" if w.exists else "  (not declared yet)"
-        click.echo(f"{w.name:<32} {w.ready:>8} {w.in_flight:>9} {w.consumers:>9} {w.dead:>8}{note}")
+        replicas = f"{w.online}/{w.members}" if w.members else "-"
+        row = f"{w.name:<32} {w.ready:>8} {w.in_flight:>9} {w.consumers:>9} {w.dead:>8} {replicas:>8}"
+        click.echo(f"{row}  {w.leader or '-'}{note}")
     click.echo(f"waiting in {project.name}.delay.*: {report.delayed} (retries and delayed tasks)")
     for reference, described in options.items():
         click.echo(f"task {reference}: {described} (its own, over its worker's)")

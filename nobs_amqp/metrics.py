@@ -122,6 +122,13 @@ class _Families:
             multiprocess_mode="livemax",
         )
         self.reconnects = counter("reconnects", "Times the connection to the broker came back after a loss.", ())
+        self.node = Gauge(
+            "nobs_amqp_broker_node",
+            "Connections to each broker node (host:port): 1 per process connected to it now, 0 once left.",
+            ("node",),
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
         publish = ("worker", "kind")
         self.published = counter("messages_published", "Messages published and confirmed by the broker.", publish)
         self.publish_errors = counter("publish_errors", "Publishes that failed, by error type.", (*publish, "error"))
@@ -161,6 +168,7 @@ class PrometheusMetrics(Observer):
         self.health = Health(max_blocked=max_blocked)
         self._metrics = _families(self.registry)
         self._running: set[int] = set()
+        self._nodes: set[str] = set()
 
     # -- consumers -------------------------------------------------------------------------
 
@@ -206,6 +214,12 @@ class PrometheusMetrics(Observer):
         if up:
             self._metrics.reconnects.inc()
         self._show_states()
+
+    def broker_node(self, node: str) -> None:
+        for seen in self._nodes - {node}:
+            self._metrics.node.labels(seen).set(0)
+        self._nodes.add(node)
+        self._metrics.node.labels(node).set(1)
 
     def _show_states(self) -> None:
         for worker, state in self.health.states().items():

@@ -85,6 +85,10 @@ class Observer:
     def connection(self, up: bool) -> None:
         """The connection to the broker was lost (False) or is back (True)."""
 
+    def broker_node(self, node: str) -> None:
+        """The connection reached `node` (`host:port`, no credentials): when the session opens,
+        and after each reconnect (of a cluster's URLs, maybe another node than before)."""
+
 
 class Observers(Observer):
     """Several observers as one: each hook calls each of them, in order; one that raises is
@@ -136,6 +140,10 @@ class Observers(Observer):
     def connection(self, up: bool) -> None:
         for observer in self.observers:
             _call(observer, "connection", up)
+
+    def broker_node(self, node: str) -> None:
+        for observer in self.observers:
+            _call(observer, "broker_node", node)
 
 
 def _overrides(observer: Observer, hook: str) -> bool:

@@ -73,7 +73,9 @@ class Project:
     also logs each finished delivery (`logs.TaskLog`) and, when OpenTelemetry is installed, traces
     (`tracing.Tracing`) unless `tracing=False`. `broker_consumer_timeout`: RabbitMQ's
     `consumer_timeout` in seconds, when its rabbitmq.conf changed it (before 3.11.15 a worker cannot
-    set its own; see `Worker(time_limit=...)`).
+    set its own; see `Worker(time_limit=...)`). `replicas`: on a cluster, how many nodes each quorum
+    queue the project creates is replicated to (RabbitMQ's initial group size: at most the
+    cluster's size; odd numbers, 3 or 5, tolerate the loss of 1 or 2 nodes).
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class Project:
         observers: Iterable[Observer] = (),
         broker_consumer_timeout: float = 1800.0,
         tracing: bool = True,
+        replicas: int = 3,
     ) -> None:
         self.name = check_name("project", name)
         self.workers: dict[str, Worker] = {}
@@ -119,6 +122,11 @@ class Project:
                 f"broker_consumer_timeout must be more than 0 seconds (got {broker_consumer_timeout})"
             )
         self.broker_consumer_timeout = broker_consumer_timeout
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+            raise ConfigurationError(
+                f"replicas must be a whole number of nodes, 1 or more (got {replicas!r}); 3 or 5 on a cluster"
+            )
+        self.replicas = replicas
         self._session: Session | None = None
         self.worker_lifespan = worker_lifespan
         #: Metrics, logs and traces (`observe.Observer`), told what every session of the project does.
@@ -180,6 +188,7 @@ class Project:
             pool_size=self._channel_pool_size,
             publish_timeout=self._publish_timeout,
             consumer_timeout=self.broker_consumer_timeout,
+            replicas=self.replicas,
         )
         await transport.open()
         if self._signing_key is None:

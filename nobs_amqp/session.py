@@ -25,7 +25,7 @@ from .signing import Signer
 from .tasks import TaskTable
 from .topology import QueueOptions, Topology, dead_letter_exchange, worker_topology
 from .transport import ConnectionEvents, Transport, one_deadline
-from .urls import in_process
+from .urls import in_process, node_address
 
 log = logging.getLogger("nobs_amqp")
 
@@ -45,13 +45,24 @@ class Destination(Protocol):
 
 
 def connect(
-    urls: Sequence[str], *, name: str, pool_size: int, publish_timeout: float, consumer_timeout: float
+    urls: Sequence[str],
+    *,
+    name: str,
+    pool_size: int,
+    publish_timeout: float,
+    consumer_timeout: float,
+    replicas: int = 3,
 ) -> Transport:
     """The transport for `urls` (not opened yet): the in-process broker, or RabbitMQ."""
     if in_process(urls[0]):
         return MemoryTransport(urls[0])
     return AmqpTransport(
-        urls, name=name, pool_size=pool_size, publish_timeout=publish_timeout, consumer_timeout=consumer_timeout
+        urls,
+        name=name,
+        pool_size=pool_size,
+        publish_timeout=publish_timeout,
+        consumer_timeout=consumer_timeout,
+        replicas=replicas,
     )
 
 
@@ -83,7 +94,18 @@ class Session:
         #: Metrics, logs and traces: told what happens on this connection.
         self.observers = Observers(observers)
         if isinstance(transport, ConnectionEvents):
-            transport.on_connection.append(self.observers.connection)
+            transport.on_connection.append(self._connection)
+        self.observers.broker_node(self.node)
+
+    @property
+    def node(self) -> str:
+        """`host:port` of the broker node the connection reached (of a cluster: the one now)."""
+        return node_address(self.transport.url)
+
+    def _connection(self, up: bool) -> None:
+        self.observers.connection(up)
+        if up:
+            self.observers.broker_node(self.node)
 
     def __repr__(self) -> str:
         return f"Session({self.project!r})"

@@ -22,12 +22,18 @@ class WorkerStatus:
     consumers: int
     dead: int
     exists: bool
+    #: A quorum queue's replicas: the nodes it lives on, how many of them answer, and its leader.
+    members: int = 0
+    online: int = 0
+    leader: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ProjectStatus:
     workers: list[WorkerStatus]
     delayed: int  # waiting in the project's delay ladder (retries and delayed tasks of all its workers)
+    #: `host:port` of the node this status was read through (of a cluster: the one that answered).
+    node: str = ""
 
     def as_dict(self, project: str) -> dict[str, object]:
         """For `status --json`: plain values only."""
@@ -35,6 +41,7 @@ class ProjectStatus:
             "project": project,
             "workers": [dataclasses.asdict(worker) for worker in self.workers],
             "delayed": self.delayed,
+            "node": self.node,
         }
 
 
@@ -73,12 +80,21 @@ async def project_status(project: Project) -> ProjectStatus:
                 _number(main, "consumers"),
                 _number(dead, "messages"),
                 bool(main),
+                *_replicas(main),
             )
         )
     delayed = 0
     for level in range(ladder.LEVELS):
         delayed += _number(await queue(ladder.level_name(project.name, level)), "messages")
-    return ProjectStatus(workers, delayed)
+    return ProjectStatus(workers, delayed, project.session.node)
+
+
+def _replicas(queue: Mapping[str, object]) -> tuple[int, int, str | None]:
+    """Members, members online and leader of a quorum queue (0, 0, None for a classic one)."""
+    members, online, leader = queue.get("members"), queue.get("online"), queue.get("leader")
+    if not isinstance(members, list):
+        return 0, 0, None
+    return len(members), len(online) if isinstance(online, list) else 0, leader if isinstance(leader, str) else None
 
 
 def _number(info: Mapping[str, object], key: str) -> int:

@@ -124,15 +124,22 @@ def worker_topology(worker: str, options: QueueOptions, server: ServerVersion) -
     )
 
 
+#: Arguments that count only when a queue is created: how many nodes a quorum queue starts on.
+#: Its members change with `rabbitmq-queues grow` and `shrink`, never by declaring it again.
+INITIAL_GROUP_SIZE = "x-quorum-initial-group-size"
+CREATION_ONLY = frozenset({INITIAL_GROUP_SIZE})
+
+
 def difference(declared: Mapping[str, object], existing: Mapping[str, object]) -> str:
-    """Every argument that differs, as `key: declared X, existing Y`; empty when equal."""
+    """Every argument that differs, as `key: declared X, existing Y`; empty when equal. Arguments
+    that count only at creation (CREATION_ONLY) are not compared."""
 
     def show(arguments: Mapping[str, object], key: str) -> str:
         return repr(arguments[key]) if key in arguments else "none"
 
     return "; ".join(
         f"{key}: declared {show(declared, key)}, existing {show(existing, key)}"
-        for key in sorted(declared.keys() | existing.keys())
+        for key in sorted((declared.keys() | existing.keys()) - CREATION_ONLY)
         if declared.get(key) != existing.get(key)
     )
 

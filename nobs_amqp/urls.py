@@ -250,6 +250,13 @@ def redact(url: str) -> str:
         return f"{scheme}://***" if scheme in BROKER_SCHEMES else "***"
 
 
+def node_address(url: str) -> str:
+    """`host:port` of the node `url` names (`memory://name` as it is): for logs, status and
+    metrics, never with credentials."""
+    parts = parse(url)
+    return parts.url if parts.scheme == "memory" else parts.address.split("://", 1)[1]
+
+
 def vhost_of(url: str) -> str:
     """The vhost a URL names ("/" when it names none)."""
     return parse(url).vhost
@@ -265,3 +272,9 @@ def http_base(url: str, which: str) -> tuple[str, str | None, str | None]:
     parts = parse(url, which=which, schemes=HTTP_SCHEMES, memory=False)
     path = "" if parts.vhost == "/" else "/" + quote(parts.vhost, safe="/")
     return f"{parts.address}{path}", parts.user, parts.password
+
+
+def describe_error(exc: BaseException) -> str:
+    """`exc` as text for a log line or an error, with the password of any URL in it as `***`."""
+    text = str(exc) or type(exc).__name__
+    return re.sub(r"(amqps?://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)

@@ -54,11 +54,12 @@ async def test_declared_objects_and_arguments(amqp_url: str, name: str) -> None:
         "x-dead-letter-strategy": "at-least-once",
         "x-overflow": "reject-publish",
         "x-delivery-limit": 4,
+        "x-quorum-initial-group-size": 3,  # Project(replicas=3), the default: only at creation
     }
     # RabbitMQ 4.x gives every quorum queue a delivery limit of 20 unless told otherwise; the
     # DLQ must never drop what it holds, so there it is declared unlimited (-1).
     unlimited = {"x-delivery-limit": -1} if await broker_major(management) >= 4 else {}
-    assert dlq["arguments"] == {"x-queue-type": "quorum", **unlimited}
+    assert dlq["arguments"] == {"x-queue-type": "quorum", "x-quorum-initial-group-size": 3, **unlimited}
     assert not dlq["auto_delete"] and "x-expires" not in dlq["arguments"]
     assert level["arguments"]["x-message-ttl"] == 8000
     assert level["arguments"]["x-dead-letter-exchange"] == "nobs-test.delay.02"
