@@ -1,4 +1,4 @@
-.PHONY: demo test test-4 lint venv broker bench bench-scale
+.PHONY: demo test test-4 lint venv broker bench bench-quick bench-scale
 
 # Every target sets up what it needs: the virtualenv, and a RabbitMQ that answers.
 VENV := .venv
@@ -45,9 +45,15 @@ demo: venv
 		NOBS_AMQP_URL=memory:// $(VENV)/bin/python -m examples.send_email.demo; \
 	fi
 
-## make bench: nobs_amqp against raw aio-pika and its peers, each in its own venv (bench/README.md).
+## make bench: nobs_amqp against raw aio-pika, its peers and the Java client anchor, each in its own
+## env, every phase: throughput, latency, the delay ladder, growth (bench/README.md). About 45 minutes
+## on 2 quiet cores; the envs are made on first use. Tables on stdout, plots in bench/plots/.
 bench: venv broker
-	$(VENV)/bin/python bench/run.py --systems nobs_amqp,aiopika,dramatiq,celery,faststream,taskiq --n 20000 --rounds 3
+	$(VENV)/bin/python bench/run.py --phases all --n 20000 --rounds 3
+
+## make bench-quick: every phase once at small sizes, every system (a few minutes).
+bench-quick: venv broker
+	$(VENV)/bin/python bench/run.py --quick
 
 ## make bench-scale: drain rate with 1, 2 and 4 worker processes, on one throwaway node and on a
 ## throwaway three-node cluster (bench/scale.py; needs root or the rabbitmq user, like the fault tests).

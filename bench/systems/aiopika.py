@@ -51,6 +51,7 @@ def produce(args: bc.Args) -> dict[str, object]:
 def noop(payload: dict[str, str]) -> None:
     if bc.fail_once_enabled() and bc.first_time(payload["email"]):
         raise bc.FailOnceError(payload["email"])
+    bc.task_done(payload["email"])
 
 
 async def consume(args: bc.Args) -> None:
@@ -75,8 +76,6 @@ async def consume(args: bc.Args) -> None:
                 noop(json.loads(message.body))
             except bc.FailOnceError:
                 await retries.default_exchange.publish(_message(message.body, attempt + 1), retry_queue)
-            else:
-                bc.task_done()
             await message.ack()
 
         await queue.consume(on_message)

@@ -23,4 +23,4 @@ app.conf.update(
 def send_email(self: Any, email: str, content: str) -> None:
     if bc.fail_once_enabled() and self.request.retries == 0:
         raise self.retry(countdown=bc.RETRY_DELAY)
-    bc.task_done()
+    bc.task_done(email)

@@ -20,4 +20,4 @@ def send_email(email: str, content: str) -> None:
         message = CurrentMessage.get_current_message()
         if message is not None and not message.options.get("retries"):
             raise dramatiq.Retry(delay=int(bc.RETRY_DELAY * 1000))  # retried by the Retries middleware
-    bc.task_done()
+    bc.task_done(email)

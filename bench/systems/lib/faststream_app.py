@@ -18,4 +18,4 @@ channel = Channel(prefetch_count=TUNED_PREFETCH) if bc.tuned() else None
 
 @broker.subscriber(queue, channel=channel)
 async def send_email(email: str, content: str) -> None:
-    bc.task_done()
+    bc.task_done(email)

@@ -24,4 +24,4 @@ broker = AioPikaBroker(
 async def send_email(email: str, content: str, context: Context = TaskiqDepends()) -> None:  # noqa: B008 - taskiq style
     if bc.fail_once_enabled() and not context.message.labels.get("_retries"):
         raise bc.FailOnceError(email)
-    bc.task_done()
+    bc.task_done(email)
