@@ -200,7 +200,6 @@ async def nodes(target: str) -> Any:
     """(URLs of a fresh vhost on every node, beam pids) of one node or a three-node cluster."""
     sys.path.insert(0, str(REPO))
     from tests.cluster import Cluster
-
     from tests.nodes import Node
 
     vhost = f"nobs-scale-{os.getpid()}"

@@ -11,6 +11,12 @@ started), SIGTERM of a worker (it must exit 0), kill -9 of the broker then a sta
 graceful broker restart. At the end it stops producing, lets the workers drain (bounded),
 stops them with SIGTERM and accounts for every confirmed task: ran, or in the DLQ, or lost.
 
+With `--cluster` it runs on three clustered nodes instead (tests/cluster.py): each worker and
+each producer gets every node's URL, its own node first (rotating over the nodes), so they fail
+over when their node goes; the broker faults (kill -9, graceful restart) rotate over the nodes.
+
+    .venv/bin/python bench/soak.py --cluster --minutes 2 --fault-every 10,20
+
 It prints a table and one line `SOAK-FIGURES {json}`, and exits 1 if a confirmed task was
 lost. Everything it starts is its own, ended by pid; the whole run is capped in time. When
 imported (as the worker processes do, `--app soak:project`) it only defines the project.
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -48,7 +55,7 @@ DELIVERY_LIMIT = 4
 LADDER = [f"{PROJECT}.delay.{level:02d}" for level in range(28)]
 
 
-def make(url: str | None = None) -> tuple[Project, Worker]:
+def make(url: str | list[str] | None = None) -> tuple[Project, Worker]:
     worker = Worker(
         QUEUE,
         concurrency=8,
@@ -96,17 +103,18 @@ class Faults:
 class Workers:
     """The `nobs-amqp consume` processes: started, signalled, replaced and ended by pid."""
 
-    def __init__(self, url: str, folder: Path, faults: Faults) -> None:
-        self.url = url
+    def __init__(self, urls: list[str], folder: Path, faults: Faults) -> None:
+        self.urls = urls  # every node's URL: each new worker starts on the next node
         self.folder = folder
         self.faults = faults
         self.procs: list[subprocess.Popen[bytes]] = []
         self.signalled: set[int] = set()  # pids we SIGKILLed or SIGTERMed on purpose
 
     def start(self) -> subprocess.Popen[bytes]:
+        first = self.faults.worker_starts % len(self.urls)
         env = {
             **os.environ,
-            "NOBS_AMQP_URL": self.url,
+            "NOBS_AMQP_URL": ",".join(self.urls[first:] + self.urls[:first]),
             "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "bench")]),
         }
         command = [sys.executable, "-m", "nobs_amqp", "--app", "soak:project", "consume", QUEUE]
@@ -209,13 +217,45 @@ async def produce(
 # -- faults -----------------------------------------------------------------------------------
 
 
-async def inject(node: Any, workers: Workers, faults: Faults, stop: asyncio.Event, rng: random.Random) -> None:
-    """One fault every 15 to 45 s (each kind in turn first, then at random) until `stop`."""
+class Brokers:
+    """The node(s) the soak runs on: one `Node`, or a `Cluster` whose nodes take the faults in turn."""
+
+    def __init__(self, nodes: list[Any], cluster: Any = None) -> None:
+        self.nodes = nodes
+        self.cluster = cluster
+        self.turn = 0
+
+    def urls(self, first: int = 0) -> list[str]:
+        """Every node's URL, node `first` (modulo their number) first."""
+        first %= len(self.nodes)
+        urls = [node.url for node in self.nodes]
+        return urls[first:] + urls[:first]
+
+    async def fault(self, kind: str) -> str:
+        """Kill -9 or stop the next node, then start it again (and wait for its cluster); its label."""
+        index = self.turn % len(self.nodes)
+        self.turn += 1
+        node = self.nodes[index]
+        await (node.kill9() if kind == "broker_kill9" else node.stop())
+        await (self.cluster.start(index) if self.cluster is not None else node.start())
+        return f"{kind} node {index + 1}" if self.cluster is not None else kind
+
+    async def start_all(self) -> None:
+        """Start any node a fault left down."""
+        for index, node in enumerate(self.nodes):
+            if not node.running:
+                await (self.cluster.start(index) if self.cluster is not None else node.start())
+
+
+async def inject(
+    brokers: Brokers, workers: Workers, faults: Faults, stop: asyncio.Event, rng: random.Random, every: list[float]
+) -> None:
+    """One fault every `every` (min, max) seconds (each kind in turn first, then at random) until `stop`."""
     order = [*FAULTS]
     rng.shuffle(order)
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), rng.uniform(15, 45))
+            await asyncio.wait_for(stop.wait(), rng.uniform(*every))
         if stop.is_set():
             return
         kind = order.pop() if order else rng.choice(FAULTS)
@@ -227,12 +267,8 @@ async def inject(node: Any, workers: Workers, faults: Faults, stop: asyncio.Even
             await workers.sigterm(rng)
         else:
             down = time.time()
-            if kind == "broker_kill9":
-                await node.kill9()
-            else:
-                await node.stop()
-            await node.start()
-            faults.broker_back.append((kind, down, time.time()))
+            label = await brokers.fault(kind)
+            faults.broker_back.append((label, down, time.time()))
         workers.replace_dead()
 
 
@@ -328,6 +364,15 @@ def first_after(moments: list[float], after: float) -> float | None:
     return round(min(later) - after, 2) if later else None
 
 
+def longest_pause(moments: list[float], begin: float, end: float) -> float | None:
+    """The longest time without an event that overlaps [begin, end]; None if none came after `begin`
+    (on a cluster, how long producing or running stalled while a node was down: the failover)."""
+    ordered = sorted(moments)
+    if not ordered or ordered[-1] <= begin:
+        return None
+    return round(max((b - a for a, b in itertools.pairwise(ordered) if b > begin and a < end), default=0.0), 2)
+
+
 def recoveries(faults: Faults, ledger: Ledger, runs: dict[str, list[float]]) -> list[dict[str, Any]]:
     confirms = list(ledger.confirmed.values())
     completions = [t for times in runs.values() for t in times]
@@ -337,6 +382,8 @@ def recoveries(faults: Faults, ledger: Ledger, runs: dict[str, list[float]]) -> 
             "broker_down_s": round(up - down, 2),
             "first_publish_after_s": first_after(confirms, up),
             "first_run_after_s": first_after(completions, up),
+            "longest_publish_pause_s": longest_pause(confirms, down, up),
+            "longest_run_pause_s": longest_pause(completions, down, up),
         }
         for kind, down, up in faults.broker_back
     ]
@@ -403,7 +450,8 @@ def table(f: dict[str, Any]) -> str:
         (
             f"recovery after {r['fault']}",
             f"down {r['broker_down_s']} s, first publish +{r['first_publish_after_s']} s, "
-            f"first run +{r['first_run_after_s']} s",
+            f"first run +{r['first_run_after_s']} s; longest pause: publishing {r['longest_publish_pause_s']} s, "
+            f"running {r['longest_run_pause_s']} s",
         )
         for r in f["broker_recoveries"]
     ]
@@ -414,46 +462,73 @@ def table(f: dict[str, Any]) -> str:
 # -- the run ----------------------------------------------------------------------------------
 
 
-async def soak(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+async def open_brokers(args: argparse.Namespace, stack: contextlib.AsyncExitStack) -> Brokers:
+    """One throwaway node, or with --cluster three clustered ones; ended with `stack`."""
     sys.path.insert(0, str(REPO))
-    from tests.nodes import Node
+    if not args.cluster:
+        from tests.nodes import Node
 
+        return Brokers([await stack.enter_async_context(Node())])
+    from tests.cluster import DLX_CONFIRM_TIMEOUT_MS, Cluster
+
+    # 0: RabbitMQ's own 3 min, to see how long the ladder waits after a leader change by default.
+    timeout = DLX_CONFIRM_TIMEOUT_MS if args.dlx_confirm_timeout_ms is None else args.dlx_confirm_timeout_ms or None
+    cluster = await stack.enter_async_context(Cluster(dlx_confirm_timeout_ms=timeout))
+    return Brokers(cluster.nodes, cluster)
+
+
+async def soak(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     rng = random.Random(args.seed)
     ledger, faults = Ledger(), Faults()
     times: dict[str, float] = {}
-    async with Node() as node:
-        workers = Workers(node.url, folder, faults)
-        try:
-            producer, worker = make(node.url)
-            async with producer:
-                await producer.session.declare(worker, delayed=True)
-                for _ in range(args.workers):
-                    workers.start()
-                stop = asyncio.Event()
-                started = time.monotonic()
-                background = [
-                    asyncio.create_task(inject(node, workers, faults, stop, rng)),
-                    asyncio.create_task(supervise(workers, stop)),
-                    *(
-                        asyncio.create_task(produce(worker, folder, ledger, stop, random.Random(rng.random()), f"p{i}"))
-                        for i in range(args.producers)
-                    ),
-                ]
-                await asyncio.sleep(args.minutes * 60)
-                stop.set()
-                await asyncio.wait_for(asyncio.gather(*background), 180)
-                times["produce"] = time.monotonic() - started
-                print(f"  {time.strftime('%H:%M:%S')} producing stopped; draining", flush=True)
-                await node.start()  # in case a fault left it down
-                watcher = asyncio.create_task(supervise(workers, asyncio.Event()))
-                times["drain"] = await drain(node.url, folder, ledger, args.drain_seconds)
-                watcher.cancel()
-                await asyncio.gather(watcher, return_exceptions=True)
-            faults.final_exit_codes = await workers.stop_all()
-            dead = await read_dlq(node.url)
-        finally:
-            workers.kill_all()
-    return figures(ledger, faults, read_runs(folder), dead, times)
+    async with contextlib.AsyncExitStack() as stack:
+        brokers = await open_brokers(args, stack)
+        workers = Workers(brokers.urls(), folder, faults)
+        stack.callback(workers.kill_all)
+        # On a cluster each producer has a connection of its own, to its own node first.
+        producers = [make(brokers.urls(i)) for i in range(args.producers if args.cluster else 1)]
+        for producer, _ in producers:
+            await stack.enter_async_context(producer)
+        await producers[0][0].session.declare(producers[0][1], delayed=True)
+        for _ in range(args.workers):
+            workers.start()
+        stop = asyncio.Event()
+        started = time.monotonic()
+        background = [
+            asyncio.create_task(inject(brokers, workers, faults, stop, rng, args.fault_every)),
+            asyncio.create_task(supervise(workers, stop)),
+            *(
+                asyncio.create_task(
+                    produce(
+                        producers[i % len(producers)][1], folder, ledger, stop, random.Random(rng.random()), f"p{i}"
+                    )
+                )
+                for i in range(args.producers)
+            ),
+        ]
+        await asyncio.sleep(args.minutes * 60)
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*background), 180)
+        times["produce"] = time.monotonic() - started
+        print(f"  {time.strftime('%H:%M:%S')} producing stopped; draining", flush=True)
+        await brokers.start_all()  # in case a fault left one down
+        watcher = asyncio.create_task(supervise(workers, asyncio.Event()))
+        times["drain"] = await drain(brokers.urls()[0], folder, ledger, args.drain_seconds)
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+        faults.final_exit_codes = await workers.stop_all()
+        dead = await read_dlq(brokers.urls()[0])
+    result = figures(ledger, faults, read_runs(folder), dead, times)
+    result["nodes"] = len(brokers.nodes)
+    return result
+
+
+def fault_every(text: str) -> list[float]:
+    """`MIN,MAX` seconds between faults."""
+    low, high = (float(part) for part in text.split(","))
+    if not 0 < low <= high:
+        raise argparse.ArgumentTypeError("give MIN,MAX seconds with 0 < MIN <= MAX")
+    return [low, high]
 
 
 def main() -> int:
@@ -464,6 +539,17 @@ def main() -> int:
     parser.add_argument("--drain-seconds", type=float, default=180.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the run folder (worker logs, run files)")
+    parser.add_argument("--cluster", action="store_true", help="three clustered nodes; node faults rotate over them")
+    parser.add_argument(
+        "--fault-every", type=fault_every, default=[15.0, 45.0], metavar="MIN,MAX", help="seconds (default 15,45)"
+    )
+    parser.add_argument(
+        "--dlx-confirm-timeout-ms",
+        type=int,
+        default=None,
+        help="--cluster: the nodes' dead_letter_worker_publisher_confirm_timeout (default: tests/cluster.py's; "
+        "0: RabbitMQ's 3 min)",
+    )
     args = parser.parse_args()
     args.seed = args.seed if args.seed is not None else random.randrange(10**6)
     cap = args.minutes * 60 + args.drain_seconds + 420  # node starts and restarts, shutdowns
@@ -471,7 +557,8 @@ def main() -> int:
     (folder / "logs").mkdir()
     # The producer's reconnect warnings go to a file beside the workers' logs, not the terminal.
     logging.basicConfig(level=logging.WARNING, filename=folder / "logs" / "producer.log")
-    print(f"soak: seed {args.seed}, {args.minutes} min, {args.workers} workers, folder {folder}", flush=True)
+    where = "a three-node cluster" if args.cluster else "one node"
+    print(f"soak: seed {args.seed}, {args.minutes} min, {args.workers} workers on {where}, folder {folder}", flush=True)
     try:
         result = asyncio.run(asyncio.wait_for(soak(args, folder), cap))
     finally:
