@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -216,9 +217,16 @@ class AmqpTransport:
             raise ConnectionError("the connection to the broker is being reestablished")
         return transport.connection
 
-    async def _until_reachable(self, destination: str, attempt: Callable[[], Awaitable[_T]]) -> _T:
-        """`attempt()`, again and again while the broker is unreachable, until the deadline of the
-        queue() in progress (else `publish_timeout` from now); then BrokerUnavailableError."""
+    async def _until_reachable(
+        self,
+        destination: str,
+        attempt: Callable[[], Awaitable[_T]],
+        renew: Callable[[], Awaitable[None]] | None = None,
+    ) -> _T:
+        """`attempt()`, again and again while the broker is unreachable or refuses messages for now
+        (basic.nack: a quorum queue electing a leader, or full), until the deadline of the queue()
+        in progress (else `publish_timeout` from now); then BrokerUnavailableError. After a nack,
+        `renew()` first. A message sent again may be there twice (at least once, never lost)."""
         loop = asyncio.get_running_loop()
         until = deadline() or loop.time() + self._publish_timeout
         pause = 0.05
@@ -226,18 +234,30 @@ class AmqpTransport:
             try:
                 async with asyncio.timeout_at(until):
                     return await attempt()
-            except _REFUSALS:
+            except (*_REFUSALS, aiormq.exceptions.PublishError):  # refused, or returned: the answer
                 raise
-            except _CONNECTION_ERRORS as exc:
+            except (*_CONNECTION_ERRORS, aiormq.exceptions.DeliveryError) as exc:
+                nacked = isinstance(exc, aiormq.exceptions.DeliveryError)
                 if loop.time() + pause >= until:
-                    raise BrokerUnavailableError(
-                        destination,
-                        f"the broker stayed unreachable for {self._publish_timeout:.0f} s (publish_timeout); "
-                        f"check that RabbitMQ is up and reachable, then queue it again",
-                    ) from exc
-                log.debug("%s: the broker is unreachable (%s); retrying", destination, _describe(exc))
+                    raise BrokerUnavailableError(destination, self._unavailable(nacked=nacked)) from exc
+                why = "refuses messages (basic.nack)" if nacked else f"is unreachable ({_describe(exc)})"
+                log.debug("%s: the broker %s; retrying", destination, why)
+                if nacked and renew is not None:
+                    await renew()
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 1.0)
+
+    def _unavailable(self, *, nacked: bool) -> str:
+        if nacked:
+            return (
+                f"the broker refused it (basic.nack) until publish_timeout ({self._publish_timeout:.0f} s) ran out: "
+                f"its queue is full (a max-length with reject-publish) or has no leader (on a cluster, most of "
+                f"its nodes are down); queue it again once the queue takes messages"
+            )
+        return (
+            f"the broker stayed unreachable for {self._publish_timeout:.0f} s (publish_timeout); "
+            f"check that RabbitMQ is up and reachable, then queue it again"
+        )
 
     # -- declare -----------------------------------------------------------------------------
 
@@ -328,18 +348,26 @@ class AmqpTransport:
         )
         destination = exchange or routing_key
 
+        used: list[aiormq.abc.AbstractChannel] = []
+
         async def attempt() -> object:
             raw = await channel.get_underlay_channel()
+            used[:] = [raw]
             return await raw.basic_publish(
                 message.body, exchange=exchange, routing_key=routing_key, properties=properties, mandatory=True
             )
 
+        async def renew() -> None:
+            """RabbitMQ 3.10 goes on nacking a channel that was nacked while a quorum queue elected
+            its leader (a node died); a new channel is not: close it, aio-pika opens another."""
+            if used and not used[0].is_closed:
+                with contextlib.suppress(*_CONNECTION_ERRORS):
+                    await used[0].close()
+
         try:
-            confirmation = await self._until_reachable(destination, attempt)
+            confirmation = await self._until_reachable(destination, attempt, renew)
         except aiormq.exceptions.PublishError as exc:
             raise UnroutableError(destination) from exc
-        except aiormq.exceptions.DeliveryError as exc:
-            raise PublishError(destination, "the broker refused it (basic.nack)") from exc
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
             raise NotFoundError(destination, _describe(exc)) from exc
         except aiormq.exceptions.ChannelAccessRefused as exc:

@@ -458,3 +458,29 @@ async def test_a_rolling_restart_loses_nothing(
     check_outcome(scenario, dead, result)
     # README: "a crash at any point at worst runs a task twice"; each task meets one restart at most.
     assert result["max_runs_of_a_task"] <= 2, result
+
+
+@pytest.mark.timeout(60)
+async def test_every_quorum_queue_the_project_declares_is_replicated(cluster: Cluster, vhost: str) -> None:
+    """Worker queues, DLQs, the delay ladder and its unroutable queue: on all three nodes with the
+    default `replicas=3`; `replicas=1` puts a new queue on one node only."""
+    three = Worker(f"replicated-{uuid.uuid4().hex[:6]}")
+    project = Project(name="nobs-replicated", workers=[three], url=cluster.urls_for(vhost), packages=["tests.apps"])
+    async with project:
+        await project.session.declare(three, delayed=True)
+        queues = [queue.name for queue in project.topology().queues]
+    one = Worker(f"single-{uuid.uuid4().hex[:6]}")
+    small = Project(
+        name="nobs-single", workers=[one], url=cluster.urls_for(vhost, first=2), packages=["tests.apps"], replicas=1
+    )
+    async with small:
+        await small.session.declare(one, delayed=False)
+    assert {three.name, f"{three.name}.dlq", "nobs-replicated.delay.00", "nobs-replicated.delay.27"} <= set(queues)
+    everywhere = sorted(cluster.names())
+    for name in queues:
+        info = await cluster.queue(vhost, name)
+        assert info["type"] == "quorum", (name, info["type"])
+        assert sorted(info["members"]) == everywhere, (name, info["members"])
+        assert info["arguments"]["x-quorum-initial-group-size"] == 3, (name, info["arguments"])
+    for name in (one.name, f"{one.name}.dlq"):
+        assert len((await cluster.queue(vhost, name))["members"]) == 1, name

@@ -14,12 +14,13 @@ import inspect
 import logging
 import time
 import uuid
+from urllib.parse import quote
 
 import aio_pika
 import pytest
 from prometheus_client import CollectorRegistry
 
-from nobs_amqp import ConfigurationError, Project, TopologyMismatchError, Worker
+from nobs_amqp import BrokerUnavailableError, ConfigurationError, Project, TopologyMismatchError, Worker
 from nobs_amqp.consumer import Consumer
 from nobs_amqp.failover import (
     ATTEMPT_METHOD,
@@ -187,3 +188,59 @@ async def test_new_quorum_queues_get_the_replica_count_and_existing_ones_keep_th
             await (await broker.channel()).queue_delete(queue)
         for exchange in (f"{older}.dlx", f"{other}.dlx"):
             await (await broker.channel()).exchange_delete(exchange)
+
+
+# -- a queue that refuses messages for now (basic.nack) ----------------------------------------
+
+
+@pytest.mark.timeout(60)
+async def test_a_nacked_publish_is_sent_again_until_the_queue_takes_it_then_raises_unavailable(
+    amqp_url: str, name: str, broker: Broker
+) -> None:
+    """A quorum queue nacks publishes while it elects a leader (a node of its cluster died) or while
+    it is full: queue() sends again until the deadline instead of failing at the first nack."""
+    vhost, management = vhost_of(amqp_url), Management(amqp_url)
+    policy = f"/api/policies/{quote(vhost, safe='')}/{name}-full"
+    await management.request(
+        "PUT",
+        policy,
+        {"pattern": f"^{name}$", "definition": {"max-length": 1, "overflow": "reject-publish"}, "apply-to": "queues"},
+    )
+    try:
+        worker = Worker(name)
+        async with Project(name=PROJECT, workers=[worker], url=amqp_url, packages=["tests"], publish_timeout=20):
+            await worker.queue(tasks.record, tasks.Job(key="first"))
+
+            async def full() -> bool:
+                return (await _members(amqp_url, name)).get("effective_policy_definition", {}).get("max-length") == 1  # type: ignore[union-attr]
+
+            await eventually(full, timeout=10)
+            # Over its limit (a quorum queue takes one message past it), queue() is nacked, and
+            # sends again for as long as the queue stays full.
+            pending = None
+            for i in range(3):
+                sending = asyncio.create_task(worker.queue(tasks.record, tasks.Job(key=f"fill-{i}")))
+                await asyncio.sleep(1.0)
+                if not sending.done():
+                    pending = sending
+                    break
+                await sending
+            assert pending is not None, "the full queue never refused a message"
+            await broker.take(name, n=await broker.count(name))  # room again
+            message_id = await asyncio.wait_for(pending, 10)
+            [last] = await broker.take(name)
+            assert last.message_id == message_id
+
+        # Full for longer than the deadline: BrokerUnavailableError, saying why.
+        again = Worker(name)
+        async with Project(name=PROJECT, workers=[again], url=amqp_url, packages=["tests"], publish_timeout=1.5):
+            raised = []
+            for i in range(3):
+                try:
+                    await again.queue(tasks.record, tasks.Job(key=f"over-{i}"))
+                except BrokerUnavailableError as exc:
+                    raised.append(str(exc))
+                    break
+        assert raised and "basic.nack" in raised[0] and "full" in raised[0] and "no leader" in raised[0], raised
+    finally:
+        await management.request("DELETE", policy)
