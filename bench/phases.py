@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "systems" / "lib"))
+from benchcommon import percentiles  # the adapters' own library: one definition for both sides
 from envs import Env
 from mgmt import Management, ManagementError
 from proctree import TreeSampler
@@ -268,25 +271,6 @@ def memory_depth(ctx: Context) -> dict[str, Any]:
 
 
 # -- a worker kept running across several producer runs (latency, delay_accuracy) ----------------
-
-
-def percentiles(values: list[float]) -> dict[str, Any]:
-    """count, p50, p90, p99, max and mean of `values` (nearest rank), as benchcommon computes them."""
-    ordered = sorted(values)
-    if not ordered:
-        return {"count": 0, "p50": None, "p90": None, "p99": None, "max": None, "mean": None}
-
-    def rank(q: float) -> float:
-        return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
-
-    return {
-        "count": len(ordered),
-        "p50": rank(0.50),
-        "p90": rank(0.90),
-        "p99": rank(0.99),
-        "max": ordered[-1],
-        "mean": sum(ordered) / len(ordered),
-    }
 
 
 class Running:
