@@ -15,11 +15,13 @@ from typing import Any, TypeVar, cast
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
 from . import decoding
 from .acks import Acker
+from .delivery import AmqpDelivery, DirectQueue
 from .errors import (
     BrokerConnectionError,
     BrokerUnavailableError,
@@ -353,14 +355,14 @@ class AmqpTransport:
     ) -> _AmqpSubscription:
         channel = await self._require().channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=prefetch)
-        declared = await channel.declare_queue(queue, passive=True)
+        channel.QUEUE_CLASS = DirectQueue  # this channel's queues only
+        declared = cast(DirectQueue, await channel.declare_queue(queue, passive=True))
 
         subscription = _AmqpSubscription(channel, declared, prefetch, lambda: self.message_count(queue))
 
-        async def on_message(incoming: AbstractIncomingMessage) -> None:
-            await handler(
-                _AmqpDelivery(incoming, queue, subscription.acker(incoming.channel, incoming.delivery_tag or 0))
-            )
+        async def on_message(delivered: DeliveredMessage) -> None:
+            tag = cast(Basic.Deliver, delivered.delivery).delivery_tag or 0
+            await handler(AmqpDelivery(delivered, queue, tag, subscription.acker(delivered.channel, tag)))
 
         arguments: dict[str, Any] = {}
         if ack_timeout is not None and self.fixed_ack_timeout() is None:
@@ -460,37 +462,8 @@ class _AmqpSubscription:
             log.debug("cannot count %s after giving messages back: %s", self._queue.name, _describe(exc))
 
 
-class _AmqpDelivery:
-    __slots__ = ("_acker", "_tag", "message", "queue", "redelivered")
-
-    def __init__(self, incoming: AbstractIncomingMessage, queue: str, acker: Acker) -> None:
-        self._acker = acker
-        self._tag = incoming.delivery_tag or 0
-        self.queue = queue
-        self.redelivered = bool(incoming.redelivered)
-        self.message = Message(
-            body=incoming.body,
-            task=incoming.type or "",
-            message_id=incoming.message_id or "",
-            app_id=incoming.app_id or "",
-            timestamp=incoming.timestamp if isinstance(incoming.timestamp, datetime) else wall_clock(),
-            headers=_plain_headers(incoming.headers),
-            priority=incoming.priority or None,
-        )
-
-    async def ack(self) -> None:
-        self._acker.ack(self._tag)
-
-    async def nack(self, *, requeue: bool) -> None:
-        await self._acker.nack(self._tag, requeue=requeue)
-
-
 def _table(arguments: Mapping[str, object]) -> aiormq.abc.ArgumentsType:
     return cast(aiormq.abc.ArgumentsType, dict(arguments))
-
-
-def _plain_headers(headers: dict[str, Any]) -> dict[str, object]:
-    return {k: v.decode(errors="replace") if isinstance(v, bytes) else v for k, v in headers.items()}
 
 
 def _login_failure(exc: BaseException) -> str:

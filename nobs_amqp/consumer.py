@@ -60,7 +60,7 @@ from .outcome import (
     decide,
 )
 from .retry import Reject, Retry
-from .runner import LoopWatchdog, TaskRunner, resident_mb
+from .runner import Label, LoopWatchdog, TaskRunner, resident_mb
 from .session import Session
 from .settled import Identity, SettledAttempts
 from .tasks import TaskTable
@@ -308,6 +308,7 @@ class Consumer:
                 return
             message = delivery.message
             identity = message.identity
+            observers = self.session.observers
             # Only the broker's word (a redelivery) makes a copy a duplicate: a publisher that
             # reuses message ids gets each of its messages run.
             if identity is not None and delivery.redelivered and await self._seen(identity):
@@ -315,17 +316,28 @@ class Consumer:
                 duplicate = TaskRun(
                     self.worker.name, message.task, message.message_id, message.attempt, outcome=DUPLICATE
                 )
-                with self.session.observers.handling(duplicate):
-                    await _quietly(delivery.ack())
+                with observers.handling(duplicate):
+                    try:
+                        await _quietly(delivery.ack())
+                    finally:
+                        observers.finished(duplicate)
                 return
             run = TaskRun(self.worker.name, message.task, message.message_id, message.attempt, message.headers)
-            with self._attempts.running(identity), self.session.observers.handling(run):
-                await self._settle_one(delivery, run)
+            started = self._attempts.start(identity)
+            try:
+                with observers.handling(run):
+                    try:
+                        await self._settle_one(delivery, run, identity)
+                    finally:
+                        observers.finished(run)
+            finally:
+                if started:
+                    self._attempts.end(identity)
             self.processed += 1
 
-    async def _settle_one(self, delivery: Delivery, run: TaskRun) -> None:
+    async def _settle_one(self, delivery: Delivery, run: TaskRun, identity: Identity | None) -> None:
         try:
-            await self._handle(delivery, run)
+            await self._handle(delivery, run, identity)
         except asyncio.CancelledError:
             run.outcome = REQUEUED
             await _quietly(delivery.nack(requeue=True))  # shutdown past the grace period
@@ -344,7 +356,7 @@ class Consumer:
     def _remember(self, identity: Identity | None) -> None:
         self._attempts.remember(identity)
 
-    async def _handle(self, delivery: Delivery, run: TaskRun) -> None:
+    async def _handle(self, delivery: Delivery, run: TaskRun, identity: Identity | None) -> None:
         message = delivery.message
         outcome = self._decide(await self._execute(delivery, run))
         if isinstance(outcome, RetryLater):
@@ -355,7 +367,7 @@ class Consumer:
             await delivery.nack(requeue=False)  # the broker's own dead-lettering, to W.dlx
             return
         _record(run, outcome)
-        self._remember(message.identity)
+        self._remember(identity)
         await delivery.ack()
 
     def _decide(self, happened: Happened) -> Outcome:
@@ -392,8 +404,8 @@ class Consumer:
             return Refused(undecodable_body)
         except ValidationError as exc:
             return Refused(exc)
-        log.debug("task %s id %s attempt %d: start", message.task, printable(message.message_id), message.attempt)
-        label = f"task {message.task} id {printable(message.message_id)}"
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("task %s id %s attempt %d: start", message.task, printable(message.message_id), message.attempt)
         options = spec.options
         time_limit = options.time_limit or self.worker.time_limit
         context = TaskContext(
@@ -409,7 +421,13 @@ class Consumer:
         started = time.perf_counter()
         try:
             with running(context):
-                await self.runner.call(spec.fn, payload, is_async=spec.is_async, limit=time_limit, label=label)
+                await self.runner.call(
+                    spec.fn,
+                    payload,
+                    is_async=spec.is_async,
+                    limit=time_limit,
+                    label=Label(message.task, message.message_id),
+                )
         except Exception as exc:  # noqa: BLE001 - any task failure is settled by the policy
             if self.fail_fast and self._failure is None and not isinstance(exc, Retry | Reject):
                 self._failure = exc

@@ -10,10 +10,8 @@ object a line through python-json-logger.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import IO, Literal
 
@@ -55,15 +53,11 @@ _LEVELS = {
 class TaskLog(Observer):
     """Logs how each delivery ended, once, with its fields as `extra`."""
 
-    @contextlib.contextmanager
-    def handling(self, run: TaskRun) -> Iterator[None]:
-        try:
-            yield
-        finally:
-            level = _LEVELS.get(run.outcome, logging.WARNING)
-            if log.isEnabledFor(level):
-                line, fields = task_line(run)
-                log.log(level, "%s", line, extra=fields)
+    def finished(self, run: TaskRun) -> None:
+        level = _LEVELS.get(run.outcome, logging.WARNING)
+        if log.isEnabledFor(level):
+            line, fields = task_line(run)
+            log.log(level, "%s", line, extra=fields)
 
 
 def task_line(run: TaskRun) -> tuple[str, dict[str, object]]:
