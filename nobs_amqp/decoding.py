@@ -13,6 +13,7 @@ dead-letters such a message).
 from __future__ import annotations
 
 import datetime
+import struct
 
 from pamqp import base, common, decode
 from pamqp.commands import Basic
@@ -51,15 +52,116 @@ def unmarshal(flags: int, data: bytes) -> Basic.Properties:
 
 
 def _unmarshal(self: Basic.Properties, flags: int, data: bytes) -> None:
-    try:
-        _PAMQP_UNMARSHAL(self, flags, data)
-        problems: list[str] = []
-    except Exception:  # noqa: BLE001 - any failure: decode again, one property at a time
-        problems = _decode_each(self, flags, data)
+    problems: list[str] = []
+    if not _fast(self, flags, data):
+        try:
+            _PAMQP_UNMARSHAL(self, flags, data)
+        except Exception:  # noqa: BLE001 - any failure: decode again, one property at a time
+            problems = _decode_each(self, flags, data)
     problems += _refused_by_aio_pika(self)
     if problems:
         note = "undecodable properties: " + "; ".join(problems)
         self.headers = {**(self.headers or {}), UNDECODABLE: _cap(note, MAX_NOTE)}
+
+
+# -- the fast path: what pamqp decodes, the same, for properties of the usual shapes -------------
+
+_UINT32 = struct.Struct(">I")
+_TIMESTAMP_VALUE = struct.Struct(">Q")
+# Field value tags of the usual header values, as pamqp decodes them.
+_NUMBERS = {
+    ord("b"): struct.Struct(">b"), ord("B"): struct.Struct(">B"), ord("s"): struct.Struct(">h"),
+    ord("u"): struct.Struct(">H"), ord("I"): struct.Struct(">l"), ord("i"): struct.Struct(">L"),
+    ord("l"): struct.Struct(">q"), ord("L"): struct.Struct(">q"),
+}  # fmt: skip
+_LONGSTR, _BOOLEAN, _VOID = ord("S"), ord("t"), ord("V")
+
+
+class _UnusualShapeError(Exception):
+    """Not a shape the fast path decodes: pamqp's own decoding takes it."""
+
+
+def _shortstr(data: bytes, offset: int) -> tuple[int, object]:
+    stop = offset + 1 + data[offset]
+    if stop > len(data):
+        raise _UnusualShapeError
+    return stop, data[offset + 1 : stop].decode()
+
+
+def _octet(data: bytes, offset: int) -> tuple[int, object]:
+    return offset + 1, data[offset]
+
+
+def _timestamp(data: bytes, offset: int) -> tuple[int, object]:
+    seconds: float = _TIMESTAMP_VALUE.unpack_from(data, offset)[0]
+    if seconds > 0xFFFFFFFF:  # pamqp's reading: probably milliseconds
+        seconds /= 1000.0
+    return offset + 8, datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC)
+
+
+def _table(data: bytes, offset: int) -> tuple[int, object]:
+    """A header table of plain values (strings, integers, booleans, voids), as pamqp decodes it."""
+    stop = offset + 4 + _UINT32.unpack_from(data, offset)[0]
+    if stop > len(data):
+        raise _UnusualShapeError
+    table: dict[str, object] = {}
+    at = offset + 4
+    while at < stop:
+        key_end = at + 1 + data[at]
+        if key_end >= stop:
+            raise _UnusualShapeError
+        key = data[at + 1 : key_end].decode()
+        tag = data[key_end]
+        at, table[key] = _table_value(data, key_end + 1, tag)
+        if at > stop:
+            raise _UnusualShapeError
+    return stop, table
+
+
+def _table_value(data: bytes, at: int, tag: int) -> tuple[int, object]:
+    if tag == _LONGSTR:
+        end = at + 4 + _UINT32.unpack_from(data, at)[0]
+        raw = data[at + 4 : end]
+        try:
+            return end, raw.decode()
+        except UnicodeDecodeError:
+            return end, raw
+    number = _NUMBERS.get(tag)
+    if number is not None:
+        return at + number.size, number.unpack_from(data, at)[0]
+    if tag == _BOOLEAN:
+        return at + 1, bool(data[at])
+    if tag == _VOID:
+        return at, None
+    raise _UnusualShapeError
+
+
+_DECODERS = {"shortstr": _shortstr, "octet": _octet, "table": _table, "timestamp": _timestamp}
+_LAYOUT = tuple(
+    (name, Basic.Properties.flags[name], _DECODERS[getattr(Basic.Properties, "_" + name)])
+    for name in Basic.Properties.__slots__
+)
+
+
+def _fast(properties: Basic.Properties, flags: int, data: bytes) -> bool:
+    """Decode `data` as pamqp would, for properties of the shapes messages normally have: short
+    strings, octets, a timestamp, a header table of plain values, all of them whole. True when it
+    did; False (and `properties` untouched) for anything else, which pamqp's own decoding (and,
+    if that fails, the total one) then handles."""
+    if flags & 0x3 or not -0x8000 <= flags < 0x8000:  # one flag word (pamqp reads it signed), no more
+        return False
+    decoded: list[tuple[str, object]] = []
+    offset = 0
+    try:
+        for name, bit, decoder in _LAYOUT:
+            if flags & bit:
+                offset, value = decoder(data, offset)
+                decoded.append((name, value))
+    except (_UnusualShapeError, IndexError, ValueError, OverflowError, OSError, struct.error):
+        return False  # UnicodeDecodeError is a ValueError
+    for name, value in decoded:
+        setattr(properties, name, value)
+    return True
 
 
 def _unmarshal_content_header(self: ContentHeader, data: bytes) -> None:

@@ -57,7 +57,12 @@ class TaskLog(Observer):
         level = _LEVELS.get(run.outcome, logging.WARNING)
         if log.isEnabledFor(level):
             line, fields = task_line(run)
-            log.log(level, "%s", line, extra=fields)
+            # log.log(level, "%s", line, extra=fields), without looking for the caller up the stack
+            # each time: it is this method (the record says so, as findCaller would).
+            log.handle(log.makeRecord(log.name, level, _FILE, _LINE, "%s", (line,), None, "finished", fields))
+
+
+_FILE, _LINE = TaskLog.finished.__code__.co_filename, TaskLog.finished.__code__.co_firstlineno
 
 
 def task_line(run: TaskRun) -> tuple[str, dict[str, object]]:

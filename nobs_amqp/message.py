@@ -127,6 +127,8 @@ def printable(value: object, limit: int = 300) -> str:
     text = value if isinstance(value, str) else _text(value, limit + 1)
     if len(text) > limit:
         text = text[:limit] + "..."
+    if text.isprintable():  # none of _UNPRINTABLE's characters (they are all unprintable)
+        return text
     return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
 
 
