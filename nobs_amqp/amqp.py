@@ -31,9 +31,10 @@ from .errors import (
     TopologyMismatchError,
     UnroutableError,
 )
+from .frames import Publisher
 from .leases import ExclusiveQueues
 from .management import Management
-from .message import CONTENT_TYPE, Message, wall_clock
+from .message import Message, wall_clock
 from .topology import ExchangeSpec, QueueSpec, ServerVersion, Topology, difference
 from .transport import Handler, LeaseState, deadline
 from .urls import redact as redact  # re-exported: examples and status use them from here
@@ -41,7 +42,6 @@ from .urls import vhost_of as vhost_of
 
 log = logging.getLogger("nobs_amqp")
 
-PERSISTENT = 2
 #: RabbitMQ's `consumer_timeout` unless its configuration says otherwise (30 min).
 DEFAULT_CONSUMER_TIMEOUT = 1800.0
 #: From this version on, a consumer sets its own delivery acknowledgement timeout.
@@ -112,6 +112,7 @@ class AmqpTransport:
         self._consumer_timeout = consumer_timeout
         self._connection: AbstractRobustConnection | None = None
         self._channels: list[AbstractRobustChannel] = []
+        self._publishers: list[Publisher | None] = [None] * pool_size
         self._side: aiormq.abc.AbstractChannel | None = None
         self._next = itertools.cycle(range(pool_size))
         self._url = self._urls[0]
@@ -306,26 +307,18 @@ class AmqpTransport:
     # -- publish -----------------------------------------------------------------------------
 
     async def publish(self, exchange: str, routing_key: str, message: Message) -> None:
-        channel = self._channels[next(self._next)] if self._channels else None
+        index = next(self._next)
+        channel = self._channels[index] if self._channels else None
         if channel is None:
             raise RuntimeError("transport is not open")
-        properties = Basic.Properties(
-            content_type=CONTENT_TYPE,
-            delivery_mode=PERSISTENT,
-            message_id=message.message_id,
-            timestamp=message.timestamp,
-            message_type=message.task,
-            app_id=message.app_id,
-            headers=dict(message.headers),  # type: ignore[arg-type]
-            priority=message.priority,
-        )
         destination = exchange or routing_key
 
         async def attempt() -> object:
-            raw = await channel.get_underlay_channel()
-            return await raw.basic_publish(
-                message.body, exchange=exchange, routing_key=routing_key, properties=properties, mandatory=True
-            )
+            raw = cast(aiormq.Channel, await channel.get_underlay_channel())
+            publisher = self._publishers[index]
+            if publisher is None or publisher.channel is not raw:  # a new channel after a reconnection
+                publisher = self._publishers[index] = Publisher(raw)
+            return await publisher.publish(exchange, routing_key, message)
 
         try:
             confirmation = await self._until_reachable(destination, attempt)

@@ -110,6 +110,11 @@ class Observers(Observer):
     def __bool__(self) -> bool:
         return bool(self.observers)
 
+    @property
+    def wrap_publishes(self) -> bool:
+        """Whether any observer wraps publishes (else `publishing` may be skipped)."""
+        return bool(self._publishers)
+
     def handling(self, run: TaskRun) -> contextlib.AbstractContextManager[None]:
         return self._handling(run) if self._handlers else _NOTHING
 

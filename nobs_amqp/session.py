@@ -136,6 +136,11 @@ class Session:
             await self._publish(worker.name, dead_letter_exchange(worker.name), "", message)
 
     async def _publish(self, worker: str, exchange: str, key: str, message: Message) -> None:
+        if not self.observers.wrap_publishes:
+            if self.signer is not None:
+                message = self.signer.sign(message)
+            await self.transport.publish(exchange, key, message)
+            return
         with self.observers.publishing(worker, message) as observed:
             if self.signer is not None:
                 observed = self.signer.sign(observed)
