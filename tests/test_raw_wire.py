@@ -226,6 +226,24 @@ def test_the_fast_path_decodes_exactly_as_pamqp_or_not_at_all() -> None:
         (b"raw", b"S" + longstr(b"\xff\xfe")),
         (b"flag", b"t\x01"), (b"none", b"V"), (b"big", b"i" + struct.pack(">I", 2**32 - 1)),
     ))]  # fmt: skip
+    x_death = Basic.Properties(
+        headers={
+            "x-nobs-attempt": 2,
+            "x-death": [
+                {
+                    "count": 1,
+                    "reason": "expired",
+                    "queue": "p.delay.00",
+                    "time": datetime(2024, 11, 29, tzinfo=UTC),
+                    "exchange": "p.delay.00",
+                    "routing-keys": ["1.w"],
+                    "original-expiration": None,
+                }
+            ],
+        },
+        message_id="m",
+    )
+    valid.append(x_death.marshal())
     taken = 0
     for i in range(6000):
         block = bytearray(rng.choice(valid))
@@ -242,8 +260,35 @@ def test_the_fast_path_decodes_exactly_as_pamqp_or_not_at_all() -> None:
         taken += 1
         assert fresh == pamqp_decode(bytes(block)), bytes(block)
     assert taken > 1000, taken
-    for block in valid[-2:]:
+    for block in valid[-3:]:
         assert decoding._fast(Basic.Properties(), *split(block))
+
+
+@pytest.mark.timeout(30)
+def test_deliver_frames_decode_exactly_as_pamqp_decodes_them() -> None:
+    decoding.install()
+    rng = random.Random(3)
+    for i in range(3000):
+        frame = Basic.Deliver(
+            consumer_tag=f"ctag-{rng.random()}"[: rng.randrange(0, 30)],
+            delivery_tag=rng.choice([1, 2**63 - 1, rng.randrange(2**63)]),
+            redelivered=rng.random() < 0.5,
+            exchange=rng.choice(["", "p.delay.00", "x" * 127]),
+            routing_key=rng.choice(["", "w", "0.1.w"]),
+        )
+        data = bytearray(frame.marshal())
+        if i % 2:  # mangled, cut short
+            data[rng.randrange(len(data))] = rng.randrange(256)
+            data = data[: rng.randrange(len(data) + 1)]
+        ours, theirs = Basic.Deliver(), Basic.Deliver()
+        try:
+            base.Frame.unmarshal(theirs, bytes(data))
+        except Exception as exc:  # noqa: BLE001 - then ours raises the same
+            with pytest.raises(type(exc)):
+                ours.unmarshal(bytes(data))
+            continue
+        ours.unmarshal(bytes(data))
+        assert [getattr(ours, n) for n in ours.__slots__] == [getattr(theirs, n) for n in theirs.__slots__]
 
 
 @pytest.mark.timeout(30)
