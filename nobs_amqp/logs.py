@@ -58,8 +58,13 @@ class TaskLog(Observer):
         if log.isEnabledFor(level):
             line, fields = task_line(run)
             # log.log(level, "%s", line, extra=fields), without looking for the caller up the stack
-            # each time: it is this method (the record says so, as findCaller would).
-            log.handle(log.makeRecord(log.name, level, _FILE, _LINE, "%s", (line,), None, "finished", fields))
+            # each time (it is this method: the record says so, as findCaller would) nor checking
+            # the extra fields one by one.
+            record = log.makeRecord(log.name, level, _FILE, _LINE, "%s", (line,), None, "finished")
+            if clash := fields.keys() & record.__dict__.keys():  # a record factory of the application's
+                raise KeyError(f"Attempt to overwrite {clash.pop()!r} in LogRecord")
+            record.__dict__.update(fields)
+            log.handle(record)
 
 
 _FILE, _LINE = TaskLog.finished.__code__.co_filename, TaskLog.finished.__code__.co_firstlineno

@@ -92,9 +92,12 @@ class Message:
     def identity(self) -> tuple[str, int, str] | None:
         """What tells one attempt of a message from any other: (id, attempt, first enqueued).
         A replay gets a new enqueue time, so it is a new attempt 1; None without an id."""
-        if not self.message_id:
-            return None
-        return (self.message_id, self.attempt, format_time(self.enqueued_at))
+        return identity_of(self.message_id, self.attempt, self.enqueued_at)
+
+
+def identity_of(message_id: str, attempt: int, enqueued_at: datetime) -> tuple[str, int, str] | None:
+    """`Message.identity` from its parts (for a caller that has them already)."""
+    return (message_id, attempt, format_time(enqueued_at)) if message_id else None
 
 
 def wall_clock() -> datetime:
