@@ -18,7 +18,6 @@ from typing import Any, Protocol
 from . import delay as ladder
 from .amqp import AmqpTransport
 from .errors import LifespanError
-from .memory import MemoryTransport
 from .message import Message
 from .observe import Observer, Observers
 from .signing import Signer
@@ -49,6 +48,8 @@ def connect(
 ) -> Transport:
     """The transport for `urls` (not opened yet): the in-process broker, or RabbitMQ."""
     if in_process(urls[0]):
+        from .memory import MemoryTransport  # here: a worker on RabbitMQ never loads the memory broker
+
         return MemoryTransport(urls[0])
     return AmqpTransport(
         urls, name=name, pool_size=pool_size, publish_timeout=publish_timeout, consumer_timeout=consumer_timeout
