@@ -314,11 +314,7 @@ class AmqpTransport:
         destination = exchange or routing_key
 
         async def attempt() -> object:
-            raw = cast(aiormq.Channel, await channel.get_underlay_channel())
-            publisher = self._publishers[index]
-            if publisher is None or publisher.channel is not raw:  # a new channel after a reconnection
-                publisher = self._publishers[index] = Publisher(raw)
-            return await publisher.publish(exchange, routing_key, message)
+            return await (await self._publisher(index, channel)).publish(exchange, routing_key, message)
 
         try:
             confirmation = await self._until_reachable(destination, attempt)
@@ -334,6 +330,15 @@ class AmqpTransport:
             raise PublishError(destination, f"the broker closed the channel: {_describe(exc)}") from exc
         if not isinstance(confirmation, Basic.Ack):
             raise PublishError(destination, f"unexpected confirmation {confirmation!r}")
+
+    async def _publisher(self, index: int, channel: AbstractRobustChannel) -> Publisher:
+        """The publisher of pool channel `index`, on its current aiormq channel."""
+        publisher = self._publishers[index]
+        if publisher is None or publisher.channel.is_closed:
+            raw = cast(aiormq.Channel, await channel.get_underlay_channel())
+            if publisher is None or publisher.channel is not raw:  # a new channel after a reconnection
+                publisher = self._publishers[index] = Publisher(raw)
+        return publisher
 
     # -- consume -----------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from datetime import UTC, datetime
 from typing import IO, Literal
 
@@ -111,7 +112,7 @@ def formatter(log_format: LogFormat) -> logging.Formatter:
     """Today's text lines, or one JSON object a line: time, level, logger, message, then the
     record's extras (a task line's `TASK_FIELDS`) and a traceback as `exc_info`."""
     if log_format == "text":
-        return logging.Formatter(TEXT_FORMAT)
+        return _TextFormatter(TEXT_FORMAT)
     try:
         from pythonjsonlogger.json import JsonFormatter
     except ImportError:
@@ -124,6 +125,23 @@ def formatter(log_format: LogFormat) -> logging.Formatter:
             return format_time(datetime.fromtimestamp(record.created, UTC))
 
     return _Json(list(JSON_FIELDS), rename_fields=JSON_FIELDS, json_ensure_ascii=False)
+
+
+class _TextFormatter(logging.Formatter):
+    """logging.Formatter, with `asctime` made once per second rather than once per line (a worker
+    logs a line per task): the same text."""
+
+    _second: int | None = None
+    _text = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        msec_format = self.default_msec_format
+        if datefmt or not msec_format or self.converter is not time.localtime:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:
+            self._second, self._text = second, time.strftime(self.default_time_format, time.localtime(second))
+        return msec_format % (self._text, record.msecs)
 
 
 def handler(log_format: LogFormat, stream: IO[str] | None = None) -> logging.Handler:
