@@ -9,7 +9,7 @@ each undecodable value skipped by its wire width and left out, and the message m
 with the `x-nobs-undecodable` header, which says what failed and why (the consumer
 dead-letters such a message).
 
-It is also faster: properties of the usual shapes, and `Basic.Deliver` frames, are decoded by
+It is also faster: properties of the usual shapes, `Basic.Deliver` and `Basic.Ack` frames are decoded by
 a fast path here that gives exactly what pamqp gives (pamqp's generic decoders, a dispatch and
 a copy of the rest of the data per value, are most of a worker's decoding time); anything else
 goes to pamqp as before.
@@ -47,11 +47,23 @@ _LOOKS_LIKE = (("milliseconds", 10**3), ("microseconds", 10**6), ("nanoseconds",
 
 
 def install() -> None:
-    """Make every `Basic.Properties` decode totally in this process, and `Basic.Deliver` through
-    the fast path (idempotent)."""
+    """Make every `Basic.Properties` decode totally in this process, and `Basic.Deliver` and
+    `Basic.Ack` (the publisher confirm) through the fast path (idempotent)."""
     Basic.Properties.unmarshal = _unmarshal  # type: ignore[method-assign,assignment]
     ContentHeader.unmarshal = _unmarshal_content_header  # type: ignore[method-assign]
     Basic.Deliver.unmarshal = _unmarshal_deliver  # type: ignore[method-assign,assignment]
+    Basic.Ack.unmarshal = _unmarshal_ack  # type: ignore[method-assign,assignment]
+
+
+def _unmarshal_ack(self: Basic.Ack, data: bytes) -> None:
+    """A Basic.Ack (a publisher confirm: delivery tag, multiple) as pamqp decodes it."""
+    try:
+        delivery_tag, bits = _DELIVER_FIXED.unpack_from(data)
+    except struct.error:
+        _PAMQP_METHOD_UNMARSHAL(self, data)
+        return
+    self.delivery_tag = delivery_tag
+    self.multiple = bits & 1 != 0
 
 
 def _unmarshal_deliver(self: Basic.Deliver, data: bytes) -> None:

@@ -292,6 +292,26 @@ def test_deliver_frames_decode_exactly_as_pamqp_decodes_them() -> None:
 
 
 @pytest.mark.timeout(30)
+def test_publisher_confirms_decode_exactly_as_pamqp_decodes_them() -> None:
+    decoding.install()
+    rng = random.Random(5)
+    for i in range(2000):
+        data = bytearray(Basic.Ack(delivery_tag=rng.randrange(2**63), multiple=rng.random() < 0.5).marshal())
+        if i % 2:
+            data[rng.randrange(len(data))] = rng.randrange(256)
+            data = data[: rng.randrange(len(data) + 1)]
+        ours, theirs = Basic.Ack(), Basic.Ack()
+        try:
+            base.Frame.unmarshal(theirs, bytes(data))
+        except Exception as exc:  # noqa: BLE001 - then ours raises the same
+            with pytest.raises(type(exc)):
+                ours.unmarshal(bytes(data))
+            continue
+        ours.unmarshal(bytes(data))
+        assert (ours.delivery_tag, ours.multiple) == (theirs.delivery_tag, theirs.multiple)
+
+
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize("case", [c for c in CASES if c.outcome == "decode_error"], ids=lambda c: c.id)
 def test_undecodable_properties_are_left_out_and_marked(case: Case) -> None:
     block = message_properties("m-1", **case.override)
