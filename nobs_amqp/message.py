@@ -205,18 +205,18 @@ def _text(value: object, limit: int) -> str:
 
 def _short(value: str) -> str:
     """`value` as an AMQP short string can carry it: UTF-8, at most 255 bytes."""
+    if len(value) <= 255 and value.isascii():  # as it is (the usual case)
+        return value
     return value.encode("utf-8", "backslashreplace")[:255].decode("utf-8", "ignore")
 
 
 def _clean(message: Message) -> Message:
     """A copy safe to publish whatever the original carried: properties a client can encode."""
-    return replace(
-        message,
-        task=_short(message.task),
-        message_id=_short(message.message_id),
-        app_id=_short(message.app_id),
-        priority=message.priority if message.priority is not None and 0 <= message.priority <= 255 else None,
-    )
+    task, message_id, app_id = _short(message.task), _short(message.message_id), _short(message.app_id)
+    priority = message.priority if message.priority is not None and 0 <= message.priority <= 255 else None
+    if (task, message_id, app_id, priority) == (message.task, message.message_id, message.app_id, message.priority):
+        return message
+    return replace(message, task=task, message_id=message_id, app_id=app_id, priority=priority)
 
 
 _OWN_FRAMES = (str(Path(__file__).parent), str(Path(asyncio.__file__).parent), str(Path(concurrent.__file__).parent))
