@@ -413,17 +413,12 @@ class Consumer:
         context = TaskContext(
             message.message_id, message.task, self.worker.name, run.attempt, enqueued_at, returned, self.state
         )
+        label = Label(message.task, message.message_id)
         self.session.observers.started(run)
         started = time.perf_counter()
         try:
             with running(context):
-                await self.runner.call(
-                    spec.fn,
-                    payload,
-                    is_async=spec.is_async,
-                    limit=time_limit,
-                    label=Label(message.task, message.message_id),
-                )
+                await self.runner.call(spec.fn, payload, is_async=spec.is_async, limit=time_limit, label=label)
         except Exception as exc:  # noqa: BLE001 - any task failure is settled by the policy
             if self.fail_fast and self._failure is None and not isinstance(exc, Retry | Reject):
                 self._failure = exc
