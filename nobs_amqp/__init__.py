@@ -1,5 +1,7 @@
 """nobs_amqp: background tasks for Python services on RabbitMQ."""
 
+from typing import TYPE_CHECKING, Any
+
 from .context import TaskContext, current_task
 from .errors import (
     BrokerConnectionError,
@@ -20,9 +22,11 @@ from .errors import (
 )
 from .project import Project
 from .retry import Reject, Retry, task
-from .schedule import Schedule
-from .scheduler import Scheduler
 from .worker import Worker
+
+if TYPE_CHECKING:
+    from .schedule import Schedule
+    from .scheduler import Scheduler
 
 __version__ = "0.1.0"
 
@@ -52,3 +56,16 @@ __all__ = [
     "current_task",
     "task",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Schedule and Scheduler, imported when first named: a worker without schedules never loads them."""
+    if name == "Schedule":
+        from .schedule import Schedule
+
+        return Schedule
+    if name == "Scheduler":
+        from .scheduler import Scheduler
+
+        return Scheduler
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -83,7 +83,8 @@ class Acker:
             while self._frames:
                 is_ack, tag, flag = self._frames.popleft()
                 if is_ack:
-                    await self.channel.basic_ack(tag, multiple=flag)
+                    # Into the connection's write queue, in order; not waiting for the socket to drain.
+                    await self.channel.basic_ack(tag, multiple=flag, wait=False)
                 else:
                     await self.channel.basic_nack(tag, requeue=flag)
         except Exception as exc:  # noqa: BLE001 - any way the channel died: the broker redelivers
@@ -91,7 +92,8 @@ class Acker:
             self._frames.clear()
 
     async def flush(self) -> None:
-        """Send what is pending now and wait until it is written."""
+        """Send what is pending now, and wait until it is in the connection's write queue (behind
+        it, a channel close goes out after it)."""
         if self._timer is not None:
             self._timer.cancel()
             self._flush()

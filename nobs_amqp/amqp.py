@@ -16,11 +16,13 @@ from typing import Any, TypeVar, cast
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
 from . import decoding
 from .acks import Acker
+from .delivery import AmqpDelivery, DirectQueue
 from .errors import (
     BrokerConnectionError,
     BrokerUnavailableError,
@@ -31,9 +33,10 @@ from .errors import (
     UnroutableError,
 )
 from .failover import RECONNECT_MAX_SECONDS, FailoverConnection
+from .frames import Publisher
 from .leases import ExclusiveQueues
 from .management import Management
-from .message import CONTENT_TYPE, Message, wall_clock
+from .message import Message, wall_clock
 from .topology import INITIAL_GROUP_SIZE, ExchangeSpec, QueueSpec, ServerVersion, Topology, difference
 from .transport import Handler, LeaseState, deadline
 from .urls import describe_error as _describe
@@ -42,7 +45,6 @@ from .urls import vhost_of as vhost_of
 
 log = logging.getLogger("nobs_amqp")
 
-PERSISTENT = 2
 #: RabbitMQ's `consumer_timeout` unless its configuration says otherwise (30 min).
 DEFAULT_CONSUMER_TIMEOUT = 1800.0
 #: From this version on, a consumer sets its own delivery acknowledgement timeout.
@@ -91,6 +93,7 @@ class AmqpTransport:
         self._consumer_timeout = consumer_timeout
         self._connection: AbstractRobustConnection | None = None
         self._channels: list[AbstractRobustChannel] = []
+        self._publishers: list[Publisher | None] = [None] * pool_size
         self._side: aiormq.abc.AbstractChannel | None = None
         self._next = itertools.cycle(range(pool_size))
         self._url = self._urls[0]
@@ -333,29 +336,18 @@ class AmqpTransport:
     # -- publish -----------------------------------------------------------------------------
 
     async def publish(self, exchange: str, routing_key: str, message: Message) -> None:
-        channel = self._channels[next(self._next)] if self._channels else None
+        index = next(self._next)
+        channel = self._channels[index] if self._channels else None
         if channel is None:
             raise RuntimeError("transport is not open")
-        properties = Basic.Properties(
-            content_type=CONTENT_TYPE,
-            delivery_mode=PERSISTENT,
-            message_id=message.message_id,
-            timestamp=message.timestamp,
-            message_type=message.task,
-            app_id=message.app_id,
-            headers=dict(message.headers),  # type: ignore[arg-type]
-            priority=message.priority,
-        )
         destination = exchange or routing_key
 
         used: list[aiormq.abc.AbstractChannel] = []
 
         async def attempt() -> object:
-            raw = await channel.get_underlay_channel()
-            used[:] = [raw]
-            return await raw.basic_publish(
-                message.body, exchange=exchange, routing_key=routing_key, properties=properties, mandatory=True
-            )
+            publisher = await self._publisher(index, channel)
+            used[:] = [publisher.channel]
+            return await publisher.publish(exchange, routing_key, message)
 
         async def renew() -> None:
             """RabbitMQ 3.10 goes on nacking a channel that was nacked while a quorum queue elected
@@ -377,6 +369,15 @@ class AmqpTransport:
         if not isinstance(confirmation, Basic.Ack):
             raise PublishError(destination, f"unexpected confirmation {confirmation!r}")
 
+    async def _publisher(self, index: int, channel: AbstractRobustChannel) -> Publisher:
+        """The publisher of pool channel `index`, on its current aiormq channel."""
+        publisher = self._publishers[index]
+        if publisher is None or publisher.channel.is_closed:
+            raw = cast(aiormq.Channel, await channel.get_underlay_channel())
+            if publisher is None or publisher.channel is not raw:  # a new channel after a reconnection
+                publisher = self._publishers[index] = Publisher(raw)
+        return publisher
+
     # -- consume -----------------------------------------------------------------------------
 
     def fixed_ack_timeout(self) -> float | None:
@@ -390,14 +391,14 @@ class AmqpTransport:
     ) -> _AmqpSubscription:
         channel = await self._require().channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=prefetch)
-        declared = await channel.declare_queue(queue, passive=True)
+        channel.QUEUE_CLASS = DirectQueue  # this channel's queues only
+        declared = cast(DirectQueue, await channel.declare_queue(queue, passive=True))
 
         subscription = _AmqpSubscription(channel, declared, prefetch, lambda: self.message_count(queue))
 
-        async def on_message(incoming: AbstractIncomingMessage) -> None:
-            await handler(
-                _AmqpDelivery(incoming, queue, subscription.acker(incoming.channel, incoming.delivery_tag or 0))
-            )
+        async def on_message(delivered: DeliveredMessage) -> None:
+            tag = cast(Basic.Deliver, delivered.delivery).delivery_tag or 0
+            await handler(AmqpDelivery(delivered, queue, tag, subscription.acker(delivered.channel, tag)))
 
         arguments: dict[str, Any] = {}
         if ack_timeout is not None and self.fixed_ack_timeout() is None:
@@ -497,37 +498,8 @@ class _AmqpSubscription:
             log.debug("cannot count %s after giving messages back: %s", self._queue.name, _describe(exc))
 
 
-class _AmqpDelivery:
-    __slots__ = ("_acker", "_tag", "message", "queue", "redelivered")
-
-    def __init__(self, incoming: AbstractIncomingMessage, queue: str, acker: Acker) -> None:
-        self._acker = acker
-        self._tag = incoming.delivery_tag or 0
-        self.queue = queue
-        self.redelivered = bool(incoming.redelivered)
-        self.message = Message(
-            body=incoming.body,
-            task=incoming.type or "",
-            message_id=incoming.message_id or "",
-            app_id=incoming.app_id or "",
-            timestamp=incoming.timestamp if isinstance(incoming.timestamp, datetime) else wall_clock(),
-            headers=_plain_headers(incoming.headers),
-            priority=incoming.priority or None,
-        )
-
-    async def ack(self) -> None:
-        self._acker.ack(self._tag)
-
-    async def nack(self, *, requeue: bool) -> None:
-        await self._acker.nack(self._tag, requeue=requeue)
-
-
 def _table(arguments: Mapping[str, object]) -> aiormq.abc.ArgumentsType:
     return cast(aiormq.abc.ArgumentsType, dict(arguments))
-
-
-def _plain_headers(headers: dict[str, Any]) -> dict[str, object]:
-    return {k: v.decode(errors="replace") if isinstance(v, bytes) else v for k, v in headers.items()}
 
 
 def _login_failure(exc: BaseException) -> str:

@@ -4,30 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import json
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from . import logs
 from . import message as wire
 from .cli_common import APP_ENV, APP_ROOTS, app_reference, load_project, refuse_memory, run_open, worker_of
-from .cli_deploy import deploy
-from .cli_dlq import dlq
-from .cli_topology import topology
 from .consumer import Consumer
 from .errors import NobsAmqpError, UnknownTaskError
 from .project import Project
-from .reload import reloading, source_roots
-from .scheduler import Scheduler
 from .session import Session
-from .status import ProjectStatus, project_status, task_options
 from .supervisor import RECYCLE_EXIT, supervise
+
+if TYPE_CHECKING:
+    from .status import ProjectStatus
 
 __all__ = ["APP_ENV", "app_reference", "load_project", "main"]
 
@@ -40,6 +38,8 @@ log = logging.getLogger("nobs_amqp")
 
 #: Options of the whole command that may also come after a subcommand (there, they win).
 _ANYWHERE = ("--app", "--log-level", "--log-format")
+#: Command groups in modules of their own, imported when they are used (a worker never loads them).
+_ELSEWHERE = {"deploy": "cli_deploy", "dlq": "cli_dlq", "topology": "cli_topology"}
 
 
 class _Main(click.Group):
@@ -57,9 +57,18 @@ class _Main(click.Group):
             log.error("%s", exc.format_message())
             ctx.exit(exc.exit_code)
 
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_ELSEWHERE})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in _ELSEWHERE:
+            command: click.Command = getattr(importlib.import_module(f".{_ELSEWHERE[cmd_name]}", __package__), cmd_name)
+            return command
+        return super().get_command(ctx, cmd_name)
+
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         start = 0
-        while start < len(args) and args[start] not in self.commands:
+        while start < len(args) and args[start] not in self.commands and args[start] not in _ELSEWHERE:
             start += 2 if args[start] in _ANYWHERE else 1
         front, moved, rest = args[:start], [], []
         tail = args[start:]
@@ -113,11 +122,6 @@ def main(ctx: click.Context, app: str | None, log_level: str, log_format: logs.L
         for library in ("aio_pika.robust_connection", "aio_pika.tools", "aiormq.connection"):
             logging.getLogger(library).setLevel(logging.CRITICAL)
     ctx.obj = app
-
-
-main.add_command(dlq)
-main.add_command(topology)
-main.add_command(deploy)
 
 
 @main.command()
@@ -202,6 +206,8 @@ def consume(
         command += ["--burst"] if burst else []
         if reload_:
             try:
+                from .reload import reloading, source_roots  # watchfiles, for --reload only
+
                 roots = source_roots(project, reference, APP_ROOTS)
                 sys.exit(reloading(command, processes, roots, grace_period=grace_period))
             except NobsAmqpError as exc:
@@ -267,6 +273,8 @@ def _metrics(
 @click.pass_obj
 def status(app: str | None, as_json: bool, watch: bool, interval: float, count: int | None) -> None:
     """Per worker: messages ready, in flight, consumers, dead letters; and retries waiting."""
+    from .status import project_status, task_options
+
     project = load_project(app_reference(app))
     refuse_memory(project, "status")
     options = task_options(project)
@@ -366,6 +374,8 @@ async def _schedule(project: Project) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum.name)
+    from .scheduler import Scheduler
+
     async with project:
         await Scheduler(project).run(stop)
 

@@ -6,7 +6,6 @@ import asyncio
 import importlib
 import os
 import sys
-import tomllib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -36,6 +35,8 @@ def app_reference(option: str | None) -> str:
     for folder in (Path.cwd(), *Path.cwd().parents):
         pyproject = folder / "pyproject.toml"
         if pyproject.is_file():
+            import tomllib  # only when the app is named there
+
             with pyproject.open("rb") as f:
                 app = tomllib.load(f).get("tool", {}).get("nobs-amqp", {}).get("app")
             if isinstance(app, str):

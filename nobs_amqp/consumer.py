@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 
 import orjson
 from pydantic import ValidationError
@@ -60,7 +61,7 @@ from .outcome import (
     decide,
 )
 from .retry import Reject, Retry
-from .runner import LoopWatchdog, TaskRunner, resident_mb
+from .runner import Label, LoopWatchdog, TaskRunner, resident_mb
 from .session import Session
 from .settled import Identity, SettledAttempts
 from .tasks import TaskTable
@@ -307,25 +308,38 @@ class Consumer:
                 await _quietly(delivery.nack(requeue=True))
                 return
             message = delivery.message
-            identity = message.identity
+            attempt, enqueued_at = message.attempt, message.enqueued_at  # read from headers once
+            identity = wire.identity_of(message.message_id, attempt, enqueued_at)
+            observers = self.session.observers
             # Only the broker's word (a redelivery) makes a copy a duplicate: a publisher that
             # reuses message ids gets each of its messages run.
             if identity is not None and delivery.redelivered and await self._seen(identity):
                 self.duplicates += 1
-                duplicate = TaskRun(
-                    self.worker.name, message.task, message.message_id, message.attempt, outcome=DUPLICATE
-                )
-                with self.session.observers.handling(duplicate):
-                    await _quietly(delivery.ack())
+                duplicate = TaskRun(self.worker.name, message.task, message.message_id, attempt, outcome=DUPLICATE)
+                with observers.handling(duplicate):
+                    try:
+                        await _quietly(delivery.ack())
+                    finally:
+                        observers.finished(duplicate)
                 return
-            run = TaskRun(self.worker.name, message.task, message.message_id, message.attempt, message.headers)
-            with self._attempts.running(identity), self.session.observers.handling(run):
-                await self._settle_one(delivery, run)
+            run = TaskRun(self.worker.name, message.task, message.message_id, attempt, message.headers)
+            started = self._attempts.start(identity)
+            try:
+                with observers.handling(run):
+                    try:
+                        await self._settle_one(delivery, run, identity, enqueued_at)
+                    finally:
+                        observers.finished(run)
+            finally:
+                if started:
+                    self._attempts.end(identity)
             self.processed += 1
 
-    async def _settle_one(self, delivery: Delivery, run: TaskRun) -> None:
+    async def _settle_one(
+        self, delivery: Delivery, run: TaskRun, identity: Identity | None, enqueued_at: datetime
+    ) -> None:
         try:
-            await self._handle(delivery, run)
+            await self._handle(delivery, run, identity, enqueued_at)
         except asyncio.CancelledError:
             run.outcome = REQUEUED
             await _quietly(delivery.nack(requeue=True))  # shutdown past the grace period
@@ -344,9 +358,9 @@ class Consumer:
     def _remember(self, identity: Identity | None) -> None:
         self._attempts.remember(identity)
 
-    async def _handle(self, delivery: Delivery, run: TaskRun) -> None:
+    async def _handle(self, delivery: Delivery, run: TaskRun, identity: Identity | None, enqueued_at: datetime) -> None:
         message = delivery.message
-        outcome = self._decide(await self._execute(delivery, run))
+        outcome = self._decide(await self._execute(delivery, run, enqueued_at))
         if isinstance(outcome, RetryLater):
             outcome = await self._retry(message, outcome)
         if isinstance(outcome, DeadLetter) and not await self._dead_letter(message, outcome):
@@ -355,14 +369,14 @@ class Consumer:
             await delivery.nack(requeue=False)  # the broker's own dead-lettering, to W.dlx
             return
         _record(run, outcome)
-        self._remember(message.identity)
+        self._remember(identity)
         await delivery.ack()
 
     def _decide(self, happened: Happened) -> Outcome:
         return decide(happened, self.worker.policy, self.session.now())
 
-    async def _execute(self, delivery: Delivery, run: TaskRun) -> Happened:
-        """Run the delivery's task if it may run; what happened."""
+    async def _execute(self, delivery: Delivery, run: TaskRun, enqueued_at: datetime) -> Happened:
+        """Run the delivery's task if it may run; what happened (`enqueued_at`: the message's)."""
         message = delivery.message
         undecodable = message.headers.get(wire.UNDECODABLE)
         if undecodable is not None:
@@ -392,19 +406,14 @@ class Consumer:
             return Refused(undecodable_body)
         except ValidationError as exc:
             return Refused(exc)
-        log.debug("task %s id %s attempt %d: start", message.task, printable(message.message_id), message.attempt)
-        label = f"task {message.task} id {printable(message.message_id)}"
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("task %s id %s attempt %d: start", message.task, printable(message.message_id), run.attempt)
         options = spec.options
         time_limit = options.time_limit or self.worker.time_limit
         context = TaskContext(
-            message.message_id,
-            message.task,
-            self.worker.name,
-            message.attempt,
-            message.enqueued_at,
-            returned,
-            self.state,
+            message.message_id, message.task, self.worker.name, run.attempt, enqueued_at, returned, self.state
         )
+        label = Label(message.task, message.message_id)
         self.session.observers.started(run)
         started = time.perf_counter()
         try:
@@ -416,7 +425,7 @@ class Consumer:
                 self.stop()
             run.error = exc
             policy = options.policy(self.worker.policy) if options else None
-            return Raised(exc, message.attempt, message.enqueued_at, spec.fn, policy)
+            return Raised(exc, run.attempt, enqueued_at, spec.fn, policy)
         finally:
             run.seconds = time.perf_counter() - started
             self._check_health()

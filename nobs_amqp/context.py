@@ -14,8 +14,6 @@ alike; outside a running task it raises `NoTaskContextError`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
@@ -58,12 +56,17 @@ def current_task() -> TaskContext:
     return context
 
 
-@contextmanager
-def running(context: TaskContext) -> Iterator[None]:
+class running:  # noqa: N801 - used as a function: `with running(context):`
     """Make `context` the current task's for the block (and for the threads it starts with
     `contextvars.copy_context()`)."""
-    token = _CURRENT.set(context)
-    try:
-        yield
-    finally:
-        _CURRENT.reset(token)
+
+    __slots__ = ("_context", "_token")
+
+    def __init__(self, context: TaskContext) -> None:
+        self._context = context
+
+    def __enter__(self) -> None:
+        self._token = _CURRENT.set(self._context)
+
+    def __exit__(self, *exc: object) -> None:
+        _CURRENT.reset(self._token)

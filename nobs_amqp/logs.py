@@ -10,10 +10,9 @@ object a line through python-json-logger.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
-from collections.abc import Iterator
+import time
 from datetime import UTC, datetime
 from typing import IO, Literal
 
@@ -55,15 +54,21 @@ _LEVELS = {
 class TaskLog(Observer):
     """Logs how each delivery ended, once, with its fields as `extra`."""
 
-    @contextlib.contextmanager
-    def handling(self, run: TaskRun) -> Iterator[None]:
-        try:
-            yield
-        finally:
-            level = _LEVELS.get(run.outcome, logging.WARNING)
-            if log.isEnabledFor(level):
-                line, fields = task_line(run)
-                log.log(level, "%s", line, extra=fields)
+    def finished(self, run: TaskRun) -> None:
+        level = _LEVELS.get(run.outcome, logging.WARNING)
+        if log.isEnabledFor(level):
+            line, fields = task_line(run)
+            # log.log(level, "%s", line, extra=fields), without looking for the caller up the stack
+            # each time (it is this method: the record says so, as findCaller would) nor checking
+            # the extra fields one by one.
+            record = log.makeRecord(log.name, level, _FILE, _LINE, "%s", (line,), None, "finished")
+            if clash := fields.keys() & record.__dict__.keys():  # a record factory of the application's
+                raise KeyError(f"Attempt to overwrite {clash.pop()!r} in LogRecord")
+            record.__dict__.update(fields)
+            log.handle(record)
+
+
+_FILE, _LINE = TaskLog.finished.__code__.co_filename, TaskLog.finished.__code__.co_firstlineno
 
 
 def task_line(run: TaskRun) -> tuple[str, dict[str, object]]:
@@ -107,7 +112,7 @@ def formatter(log_format: LogFormat) -> logging.Formatter:
     """Today's text lines, or one JSON object a line: time, level, logger, message, then the
     record's extras (a task line's `TASK_FIELDS`) and a traceback as `exc_info`."""
     if log_format == "text":
-        return logging.Formatter(TEXT_FORMAT)
+        return _TextFormatter(TEXT_FORMAT)
     try:
         from pythonjsonlogger.json import JsonFormatter
     except ImportError:
@@ -120,6 +125,23 @@ def formatter(log_format: LogFormat) -> logging.Formatter:
             return format_time(datetime.fromtimestamp(record.created, UTC))
 
     return _Json(list(JSON_FIELDS), rename_fields=JSON_FIELDS, json_ensure_ascii=False)
+
+
+class _TextFormatter(logging.Formatter):
+    """logging.Formatter, with `asctime` made once per second rather than once per line (a worker
+    logs a line per task): the same text."""
+
+    _second: int | None = None
+    _text = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        msec_format = self.default_msec_format
+        if datefmt or not msec_format or self.converter is not time.localtime:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:
+            self._second, self._text = second, time.strftime(self.default_time_format, time.localtime(second))
+        return msec_format % (self._text, record.msecs)
 
 
 def handler(log_format: LogFormat, stream: IO[str] | None = None) -> logging.Handler:

@@ -6,8 +6,6 @@ import asyncio
 import base64
 import json
 import os
-import urllib.error
-import urllib.request
 from typing import Any
 from urllib.parse import quote
 
@@ -56,6 +54,9 @@ class Management:
         return await asyncio.to_thread(self._request, method, path, body)
 
     def _request(self, method: str, path: str, body: object) -> Any:
+        import urllib.error  # here: a worker that never calls the API never loads urllib.request (1 MiB)
+        import urllib.request
+
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(self.base + path, data=data, method=method)
         request.add_header("Authorization", self._auth)

@@ -35,6 +35,10 @@ DRAINING = "draining"
 STOPPED = "stopped"
 
 
+#: What `handling` is when nobody wraps deliveries.
+_NOTHING: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+
+
 @dataclass(slots=True)
 class TaskRun:
     """One delivery a worker handles: what it is, and (filled in before `handling` exits) how
@@ -61,10 +65,10 @@ class TaskRun:
 class Observer:
     """Does nothing; override the hooks you need."""
 
-    @contextlib.contextmanager
-    def handling(self, run: TaskRun) -> Iterator[None]:
-        """Around the handling of one delivery, from taking it to settling it."""
-        yield
+    def handling(self, run: TaskRun) -> contextlib.AbstractContextManager[None]:
+        """Around the handling of one delivery, from taking it to settling it (a context manager:
+        override it with a `@contextlib.contextmanager` generator)."""
+        return _NOTHING
 
     @contextlib.contextmanager
     def publishing(self, worker: str, message: Message) -> Iterator[Message]:
@@ -74,6 +78,10 @@ class Observer:
 
     def started(self, run: TaskRun) -> None:
         """The task of `run` is about to be called: it is known (`run.known`) and its payload valid."""
+
+    def finished(self, run: TaskRun) -> None:
+        """The handling of `run` is over (`run.outcome` says how it ended, "" if it did not):
+        called once per delivery, inside `handling`, whatever happened."""
 
     def holding(self, worker: str, count: int) -> None:
         """The consumer of `worker` in this process now holds `count` messages: delivered to it and
@@ -96,18 +104,26 @@ class Observers(Observer):
 
     def __init__(self, observers: Sequence[Observer] = ()) -> None:
         self.observers = list(observers)
-        # Who wraps deliveries and publishes at all: the others cost nothing on those hot paths.
+        # Who overrides each per-message hook at all: the others cost nothing on those hot paths.
         self._handlers = [o for o in self.observers if _overrides(o, "handling")]
         self._publishers = [o for o in self.observers if _overrides(o, "publishing")]
+        self._starters = [o for o in self.observers if _overrides(o, "started")]
+        self._finishers = [o for o in self.observers if _overrides(o, "finished")]
+        self._holders = [o for o in self.observers if _overrides(o, "holding")]
 
     def __bool__(self) -> bool:
         return bool(self.observers)
 
+    @property
+    def wrap_publishes(self) -> bool:
+        """Whether any observer wraps publishes (else `publishing` may be skipped)."""
+        return bool(self._publishers)
+
+    def handling(self, run: TaskRun) -> contextlib.AbstractContextManager[None]:
+        return self._handling(run) if self._handlers else _NOTHING
+
     @contextlib.contextmanager
-    def handling(self, run: TaskRun) -> Iterator[None]:
-        if not self._handlers:
-            yield
-            return
+    def _handling(self, run: TaskRun) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
             for observer in self._handlers:
                 _enter(stack, observer, observer.handling(run))
@@ -126,11 +142,15 @@ class Observers(Observer):
             yield message
 
     def started(self, run: TaskRun) -> None:
-        for observer in self.observers:
+        for observer in self._starters:
             _call(observer, "started", run)
 
+    def finished(self, run: TaskRun) -> None:
+        for observer in self._finishers:
+            _call(observer, "finished", run)
+
     def holding(self, worker: str, count: int) -> None:
-        for observer in self.observers:
+        for observer in self._holders:
             _call(observer, "holding", worker, count)
 
     def consumer_state(self, worker: str, state: str) -> None:

@@ -12,14 +12,12 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import asgi
 from .consumer import Consumer
 from .errors import ConfigurationError, ProjectNotOpenError, TaskNotAllowedError, UnknownTaskError
 from .logs import TaskLog
 from .observe import Observer
-from .schedule import Schedule
 from .session import Lifespan, Session, connect
 from .signing import Signer, SigningKeys
 from .tasks import Allowlist, TaskFunction, TaskSpec, TaskTable, task_spec
@@ -27,6 +25,9 @@ from .topology import Topology, check_name
 from .tracing import automatic as automatic_tracing
 from .urls import broker_urls as checked_urls
 from .worker import Worker
+
+if TYPE_CHECKING:
+    from .schedule import Schedule
 
 log = logging.getLogger("nobs_amqp")
 
@@ -220,6 +221,8 @@ class Project:
 
     def lifespan(self, app: object = None) -> AbstractAsyncContextManager[None]:
         """For `FastAPI(lifespan=project.lifespan)`: open on startup, close on shutdown."""
+        from . import asgi  # the FastAPI glue, when it is used
+
         return asgi.lifespan(self)
 
     def lifespan_consuming(
@@ -227,11 +230,15 @@ class Project:
     ) -> Callable[[object], AbstractAsyncContextManager[None]]:
         """A lifespan that also consumes `workers` in this process:
         `FastAPI(lifespan=project.lifespan_consuming(priority_queue))`."""
+        from . import asgi  # the FastAPI glue, when it is used
+
         return asgi.lifespan_consuming(self, self._chosen(workers), **options)
 
     def consuming(self, *workers: Worker | str, **options: Any) -> AbstractAsyncContextManager[list[Consumer]]:
         """Consume `workers` (default: all) in the background of an open project until the block
         ends; then stop taking messages and let running tasks finish (`grace_period`)."""
+        from . import asgi  # the FastAPI glue, when it is used
+
         return asgi.consuming(self.session, self._chosen(workers), **options)
 
     def _chosen(self, workers: Iterable[Worker | str]) -> list[Worker]:

@@ -37,6 +37,19 @@ CANCEL_GRACE_SECONDS = 1.0
 BLOCKED_SECONDS = 2.0
 
 
+class Label:
+    """What a running task is, as the watchdog names it (made into text only when it is told)."""
+
+    __slots__ = ("message_id", "task")
+
+    def __init__(self, task: str, message_id: str) -> None:
+        self.task = task
+        self.message_id = message_id
+
+    def __str__(self) -> str:
+        return f"task {self.task} id {printable(self.message_id)}"
+
+
 class TaskRunner:
     """Calls task functions for one consumer. `stuck` counts threads still running past their limit."""
 
@@ -45,8 +58,8 @@ class TaskRunner:
         self._numbers = itertools.count(1)
         self._stuck: set[threading.Thread] = set()
         self._stuck_tasks: set[asyncio.Future[None]] = set()
-        #: What each running asyncio task is doing, for the watchdog: task -> "reference id X".
-        self.labels: dict[asyncio.Task[Any], str] = {}
+        #: What each running asyncio task is doing, for the watchdog: task -> "task reference id X".
+        self.labels: dict[asyncio.Task[Any], Label | str] = {}
 
     @property
     def stuck(self) -> int:
@@ -56,10 +69,12 @@ class TaskRunner:
         return len(self._stuck) + len(self._stuck_tasks)
 
     async def call(
-        self, fn: Callable[[Any], Any], payload: object, *, is_async: bool, limit: float | None, label: str
+        self, fn: Callable[[Any], Any], payload: object, *, is_async: bool, limit: float | None, label: Label | str
     ) -> None:
         """Run `fn(payload)`; raise what it raised (TaskAborted for a BaseException), or
         TimeLimitExceeded once it ran `limit` seconds."""
+        if is_async and limit is None:
+            return await self._inline(fn, payload, label)
         work: asyncio.Future[None]
         thread: threading.Thread | None = None
         if is_async:
@@ -104,6 +119,23 @@ class TaskRunner:
             log.error("worker %s: %s ignores cancellation past its time limit; it keeps running", self._name, label)
         raise TimeLimitExceeded(f"task ran longer than its time limit of {limit} s")
 
+    async def _inline(self, fn: Callable[[Any], Any], payload: object, label: Label | str) -> None:
+        """An async task with no time limit: awaited in the caller's own asyncio task (no task
+        of its own to create, schedule and wait for), contained all the same."""
+        task = asyncio.current_task()
+        assert task is not None
+        self.labels[task] = label
+        try:
+            await fn(payload)
+        except (SystemExit, KeyboardInterrupt, GeneratorExit) as exc:
+            raise TaskAborted(f"the task raised {type(exc).__name__}({printable(exc)})") from exc
+        except asyncio.CancelledError:
+            if task.cancelling():  # the worker's own shutdown: the task goes with it
+                raise
+            raise TaskAborted("the task cancelled itself (it raised CancelledError)") from None
+        finally:
+            del self.labels[task]
+
 
 async def _contained(fn: Callable[[Any], Coroutine[Any, Any, Any]], payload: object) -> None:
     try:
@@ -142,7 +174,7 @@ class LoopWatchdog:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        labels: dict[asyncio.Task[Any], str],
+        labels: dict[asyncio.Task[Any], Label | str],
         *,
         threshold: float = BLOCKED_SECONDS,
     ) -> None:
@@ -180,7 +212,7 @@ class LoopWatchdog:
             if blocked >= self._threshold and not reported:
                 reported, started = True, self._beat
                 task = asyncio.current_task(self._loop)
-                self.culprit = self._labels.get(task, "code outside a task") if task is not None else "the worker"
+                self.culprit = str(self._labels.get(task, "code outside a task")) if task is not None else "the worker"
                 log.error(
                     "event loop blocked for %.1f s by %s: a blocking call inside an async task "
                     "(use a sync task or asyncio.to_thread); heartbeats and other tasks wait",

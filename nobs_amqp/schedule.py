@@ -19,10 +19,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, tzinfo
-from typing import Any, Protocol, TypeVar
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-from croniter import CroniterBadDateError, croniter
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .errors import ConfigurationError
 from .message import Message, format_time, printable
@@ -30,11 +27,16 @@ from .session import Session
 from .tasks import TaskSpec, reference_of
 from .worker import Worker
 
+if TYPE_CHECKING:
+    from croniter import croniter
+
 #: Headers a tick's message carries besides the usual ones: the schedule's name, the tick's time.
 SCHEDULE = "x-nobs-schedule"
 TICK = "x-nobs-tick"
 #: The uuid5 namespace of tick message ids: uuid5(NAMESPACE, "project/schedule/tick time").hex.
-NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/nobs-amqp/schedule")
+#: It is uuid5(NAMESPACE_URL, "https://github.com/nobs-amqp/schedule"), written out: computing it
+#: would import hashlib in every process that imports nobs_amqp.
+NAMESPACE = uuid.UUID("57a82f71-2e01-5d06-9b33-53a7ff5f69bd")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 P = TypeVar("P")
@@ -127,7 +129,7 @@ class Schedule:
         if self.every is not None:
             return EPOCH + ((after - EPOCH) // self.every + 1) * self.every
         assert self.cron is not None
-        ticks = croniter(self.cron, after.astimezone(self.zone))
+        ticks = _croniter()(self.cron, after.astimezone(self.zone))
         while True:
             tick: datetime = ticks.get_next(datetime)
             if not self._repeated(tick):
@@ -138,7 +140,7 @@ class Schedule:
         if self.every is not None:
             return EPOCH + ((at - EPOCH) // self.every) * self.every
         assert self.cron is not None
-        ticks = croniter(self.cron, at.astimezone(self.zone) + _MICROSECOND)
+        ticks = _croniter()(self.cron, at.astimezone(self.zone) + _MICROSECOND)
         while True:
             tick: datetime = ticks.get_prev(datetime)
             if not self._repeated(tick):
@@ -183,9 +185,18 @@ def _checked_name(name: str) -> str:
     return name
 
 
+def _croniter() -> type[croniter]:
+    """croniter, imported when a project has a cron schedule (a plain worker never needs it)."""
+    from croniter import croniter
+
+    return croniter
+
+
 def _zone(timezone: str | tzinfo, name: str) -> tzinfo:
     if isinstance(timezone, tzinfo):
         return timezone
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError  # only for schedules
+
     try:
         return ZoneInfo(timezone)
     except (ZoneInfoNotFoundError, ValueError, TypeError):
@@ -209,6 +220,8 @@ def _interval(every: float | timedelta, name: str) -> timedelta:
 def _check_cron(cron: str, zone: tzinfo, name: str) -> bool:
     """Whether `cron` runs at fixed times (no `*` in its minute and hour fields); raises
     ConfigurationError for an expression croniter does not take, or one that never matches."""
+    from croniter import CroniterBadDateError, croniter
+
     if not isinstance(cron, str) or not croniter.is_valid(cron):
         raise ConfigurationError(
             f"schedule {name!r}: {cron!r} is not a cron expression; use five fields, "

@@ -18,7 +18,6 @@ from typing import Any, Protocol
 from . import delay as ladder
 from .amqp import AmqpTransport
 from .errors import LifespanError
-from .memory import MemoryTransport
 from .message import Message
 from .observe import Observer, Observers
 from .signing import Signer
@@ -55,6 +54,8 @@ def connect(
 ) -> Transport:
     """The transport for `urls` (not opened yet): the in-process broker, or RabbitMQ."""
     if in_process(urls[0]):
+        from .memory import MemoryTransport  # here: a worker on RabbitMQ never loads the memory broker
+
         return MemoryTransport(urls[0])
     return AmqpTransport(
         urls,
@@ -158,6 +159,11 @@ class Session:
             await self._publish(worker.name, dead_letter_exchange(worker.name), "", message)
 
     async def _publish(self, worker: str, exchange: str, key: str, message: Message) -> None:
+        if not self.observers.wrap_publishes:
+            if self.signer is not None:
+                message = self.signer.sign(message)
+            await self.transport.publish(exchange, key, message)
+            return
         with self.observers.publishing(worker, message) as observed:
             if self.signer is not None:
                 observed = self.signer.sign(observed)

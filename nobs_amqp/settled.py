@@ -4,9 +4,7 @@ the connection) is acked without running it again."""
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections import deque
 
 #: (message id, attempt, first enqueue time): one attempt of one message.
 Identity = tuple[str, int, str]
@@ -19,33 +17,49 @@ class SettledAttempts:
 
     def __init__(self, size: int = REMEMBERED) -> None:
         self._size = size
-        self._settled: OrderedDict[Identity, None] = OrderedDict()
-        self._running: dict[Identity, asyncio.Event] = {}
+        # Settled attempts as compact keys (one short string each, not a tuple of three objects:
+        # a third of the memory), and the order to forget them in.
+        self._settled: set[str] = set()
+        self._order: deque[str] = deque()
+        # Running here, each with the event a redelivered copy waits on (made when one does).
+        self._running: dict[Identity, asyncio.Event | None] = {}
 
     async def seen(self, identity: Identity) -> bool:
         """Whether this attempt was settled here before, waiting for it if it is running here
         right now (the broker redelivered it after a connection loss)."""
-        running = self._running.get(identity)
-        if running is not None:
-            await running.wait()
-        return identity in self._settled
+        if identity in self._running:
+            done = self._running[identity]
+            if done is None:
+                done = self._running[identity] = asyncio.Event()
+            await done.wait()
+        return _key(identity) in self._settled
 
-    @contextmanager
-    def running(self, identity: Identity | None) -> Iterator[None]:
-        """The block runs `identity`: a copy of it that arrives meanwhile waits for the end."""
-        done = asyncio.Event()
-        if identity is not None:
-            self._running.setdefault(identity, done)
-        try:
-            yield
-        finally:
-            if identity is not None and self._running.get(identity) is done:
-                del self._running[identity]
+    def start(self, identity: Identity | None) -> bool:
+        """`identity` runs from now until `end(identity)`: a copy of it that arrives meanwhile
+        waits for the end. False (and nothing to end) if it is running here already."""
+        if identity is None or identity in self._running:
+            return False
+        self._running[identity] = None
+        return True
+
+    def end(self, identity: Identity | None) -> None:
+        done = self._running.pop(identity, None) if identity is not None else None
+        if done is not None:
             done.set()
 
     def remember(self, identity: Identity | None) -> None:
         if identity is None:
             return
-        self._settled[identity] = None
-        if len(self._settled) > self._size:
-            self._settled.popitem(last=False)
+        key = _key(identity)
+        if key in self._settled:
+            return
+        self._settled.add(key)
+        self._order.append(key)
+        if len(self._order) > self._size:
+            self._settled.discard(self._order.popleft())
+
+
+def _key(identity: Identity) -> str:
+    """`identity` as one string, and no other identity as the same one (the id's length first)."""
+    message_id, attempt, enqueued = identity
+    return f"{len(message_id)}:{message_id}{attempt}:{enqueued}"

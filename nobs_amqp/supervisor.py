@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import logging
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from types import FrameType
+from types import FrameType, ModuleType
 
 log = logging.getLogger("nobs_amqp")
 
@@ -22,10 +22,14 @@ RECYCLE_EXIT = 75
 
 def spawn(command: Sequence[str]) -> subprocess.Popen[bytes]:
     """A worker process running `command`, which gets SIGTERM should this process die."""
-    return subprocess.Popen(command, preexec_fn=_stop_with_parent if sys.platform == "linux" else None)
+    if sys.platform != "linux":
+        return subprocess.Popen(command)
+    import ctypes  # here, not at import (a plain worker never spawns) and not in the child after fork
+
+    return subprocess.Popen(command, preexec_fn=functools.partial(_stop_with_parent, ctypes))
 
 
-def _stop_with_parent() -> None:
+def _stop_with_parent(ctypes: ModuleType) -> None:
     """In the child, before exec: get SIGTERM (and drain) if the supervisor dies, even by kill -9."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -92,6 +92,7 @@ class TaskSpec:
         #: What `@task(...)` set over the worker's retry policy and time limit.
         self.options = options_of(fn)
         self.is_async = inspect.iscoroutinefunction(fn)
+        self._takes_model = is_request_model(self.payload_type)
 
     @cached_property
     def adapter(self) -> TypeAdapter[Any]:
@@ -102,7 +103,7 @@ class TaskSpec:
 
     def encode(self, payload: object) -> bytes:
         expected = self.payload_type
-        if is_request_model(expected):
+        if self._takes_model:
             if not isinstance(payload, expected):  # type: ignore[arg-type]
                 name = getattr(expected, "__qualname__", repr(expected))
                 raise PayloadTypeError(
@@ -113,7 +114,8 @@ class TaskSpec:
                 payload = self.adapter.validate_python(payload, strict=True)
             except ValidationError as exc:
                 raise PayloadTypeError(self.reference, expected, _first_error(exc)) from None
-        return self.adapter.dump_json(payload)
+        # What adapter.dump_json(payload) does with its defaults, without its argument handling.
+        return self.adapter.serializer.to_json(payload)
 
     def decode(self, body: bytes) -> object:
         """Raises orjson.JSONDecodeError for bad JSON, ValidationError for a bad payload."""

@@ -8,8 +8,7 @@ written once against it and never knows which broker it talks to.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Coroutine
 from contextvars import ContextVar
 from datetime import datetime
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -126,17 +125,22 @@ class ConnectionEvents(Protocol):
 _DEADLINE: ContextVar[float | None] = ContextVar("nobs_amqp_deadline", default=None)
 
 
-@contextmanager
-def one_deadline(seconds: float) -> Iterator[None]:
+class one_deadline:  # noqa: N801 - used as a function: `with one_deadline(seconds):`
     """Everything a transport does inside waits for an unreachable broker until one deadline,
     `seconds` from now (unless an enclosing block set an earlier one)."""
-    until = asyncio.get_running_loop().time() + seconds
-    outer = _DEADLINE.get()
-    token = _DEADLINE.set(until if outer is None else min(outer, until))
-    try:
-        yield
-    finally:
-        _DEADLINE.reset(token)
+
+    __slots__ = ("_seconds", "_token")
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+
+    def __enter__(self) -> None:
+        until = asyncio.get_running_loop().time() + self._seconds
+        outer = _DEADLINE.get()
+        self._token = _DEADLINE.set(until if outer is None or until < outer else outer)
+
+    def __exit__(self, *exc: object) -> None:
+        _DEADLINE.reset(self._token)
 
 
 def deadline() -> float | None:

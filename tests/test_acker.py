@@ -73,7 +73,7 @@ class FakeChannel:
     def deliver(self, tag: int) -> None:
         self.unacked.add(tag)
 
-    async def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+    async def basic_ack(self, delivery_tag: int, multiple: bool = False, wait: bool = True) -> None:
         await self._write(Frame(True, delivery_tag, multiple))
 
     async def basic_nack(self, delivery_tag: int, multiple: bool = False, requeue: bool = True) -> None:

@@ -214,6 +214,103 @@ def test_valid_properties_decode_exactly_as_pamqp_decodes_them() -> None:
         assert not (ours.headers or {}).get(UNDECODABLE)
 
 
+@pytest.mark.timeout(60)
+def test_the_fast_path_decodes_exactly_as_pamqp_or_not_at_all() -> None:
+    """decoding's fast path (usual shapes only) agrees with pamqp wherever it answers, and
+    answers for the properties nobs_amqp itself sends."""
+    rng = random.Random(11)
+    valid = [p.marshal() for p in VALID_PROPERTIES] + [random_properties(rng).marshal() for _ in range(300)]
+    valid += [message_properties(uuid.uuid4().hex), message_properties("x", headers=attempt_header(
+        (b"x-nobs-enqueued-at", b"S" + longstr(b"2024-11-29T06:00:00.000Z")),
+        (b"x-delivery-count", b"l" + struct.pack(">q", 3)),
+        (b"raw", b"S" + longstr(b"\xff\xfe")),
+        (b"flag", b"t\x01"), (b"none", b"V"), (b"big", b"i" + struct.pack(">I", 2**32 - 1)),
+    ))]  # fmt: skip
+    x_death = Basic.Properties(
+        headers={
+            "x-nobs-attempt": 2,
+            "x-death": [
+                {
+                    "count": 1,
+                    "reason": "expired",
+                    "queue": "p.delay.00",
+                    "time": datetime(2024, 11, 29, tzinfo=UTC),
+                    "exchange": "p.delay.00",
+                    "routing-keys": ["1.w"],
+                    "original-expiration": None,
+                }
+            ],
+        },
+        message_id="m",
+    )
+    valid.append(x_death.marshal())
+    taken = 0
+    for i in range(6000):
+        block = bytearray(rng.choice(valid))
+        if i % 3:
+            for _ in range(rng.randrange(1, 4)):
+                block[rng.randrange(len(block))] = rng.randrange(256)
+            block = block[: rng.randrange(2, len(block) + 1)]
+        if block[1] & 1:  # a continued flag word: not a property block ContentHeader would hand on
+            continue
+        fresh = Basic.Properties()
+        if not decoding._fast(fresh, *split(bytes(block))):
+            assert fresh == Basic.Properties()  # untouched
+            continue
+        taken += 1
+        assert fresh == pamqp_decode(bytes(block)), bytes(block)
+    assert taken > 1000, taken
+    for block in valid[-3:]:
+        assert decoding._fast(Basic.Properties(), *split(block))
+
+
+@pytest.mark.timeout(30)
+def test_deliver_frames_decode_exactly_as_pamqp_decodes_them() -> None:
+    decoding.install()
+    rng = random.Random(3)
+    for i in range(3000):
+        frame = Basic.Deliver(
+            consumer_tag=f"ctag-{rng.random()}"[: rng.randrange(0, 30)],
+            delivery_tag=rng.choice([1, 2**63 - 1, rng.randrange(2**63)]),
+            redelivered=rng.random() < 0.5,
+            exchange=rng.choice(["", "p.delay.00", "x" * 127]),
+            routing_key=rng.choice(["", "w", "0.1.w"]),
+        )
+        data = bytearray(frame.marshal())
+        if i % 2:  # mangled, cut short
+            data[rng.randrange(len(data))] = rng.randrange(256)
+            data = data[: rng.randrange(len(data) + 1)]
+        ours, theirs = Basic.Deliver(), Basic.Deliver()
+        try:
+            base.Frame.unmarshal(theirs, bytes(data))
+        except Exception as exc:  # noqa: BLE001 - then ours raises the same
+            with pytest.raises(type(exc)):
+                ours.unmarshal(bytes(data))
+            continue
+        ours.unmarshal(bytes(data))
+        assert [getattr(ours, n) for n in ours.__slots__] == [getattr(theirs, n) for n in theirs.__slots__]
+
+
+@pytest.mark.timeout(30)
+def test_publisher_confirms_decode_exactly_as_pamqp_decodes_them() -> None:
+    decoding.install()
+    rng = random.Random(5)
+    for i in range(2000):
+        data = bytearray(Basic.Ack(delivery_tag=rng.randrange(2**63), multiple=rng.random() < 0.5).marshal())
+        if i % 2:
+            data[rng.randrange(len(data))] = rng.randrange(256)
+            data = data[: rng.randrange(len(data) + 1)]
+        ours, theirs = Basic.Ack(), Basic.Ack()
+        try:
+            base.Frame.unmarshal(theirs, bytes(data))
+        except Exception as exc:  # noqa: BLE001 - then ours raises the same
+            with pytest.raises(type(exc)):
+                ours.unmarshal(bytes(data))
+            continue
+        ours.unmarshal(bytes(data))
+        assert (ours.delivery_tag, ours.multiple) == (theirs.delivery_tag, theirs.multiple)
+
+
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("case", [c for c in CASES if c.outcome == "decode_error"], ids=lambda c: c.id)
 def test_undecodable_properties_are_left_out_and_marked(case: Case) -> None:
