@@ -224,12 +224,12 @@ class AmqpTransport:
         self,
         destination: str,
         attempt: Callable[[], Awaitable[_T]],
-        renew: Callable[[], Awaitable[None]] | None = None,
+        channel: int | None = None,
     ) -> _T:
         """`attempt()`, again and again while the broker is unreachable or refuses messages for now
         (basic.nack: a quorum queue electing a leader, or full), until the deadline of the queue()
         in progress (else `publish_timeout` from now); then BrokerUnavailableError. After a nack,
-        `renew()` first. A message sent again may be there twice (at least once, never lost)."""
+        pool channel `channel` is renewed first. A message sent again may be there twice (at least once, never lost)."""
         loop = asyncio.get_running_loop()
         until = deadline() or loop.time() + self._publish_timeout
         pause = 0.05
@@ -245,8 +245,8 @@ class AmqpTransport:
                     raise BrokerUnavailableError(destination, self._unavailable(nacked=nacked)) from exc
                 why = "refuses messages (basic.nack)" if nacked else f"is unreachable ({_describe(exc)})"
                 log.debug("%s: the broker %s; retrying", destination, why)
-                if nacked and renew is not None:
-                    await renew()
+                if nacked and channel is not None:
+                    await self._renew(channel)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 1.0)
 
@@ -342,22 +342,11 @@ class AmqpTransport:
             raise RuntimeError("transport is not open")
         destination = exchange or routing_key
 
-        used: list[aiormq.abc.AbstractChannel] = []
-
         async def attempt() -> object:
-            publisher = await self._publisher(index, channel)
-            used[:] = [publisher.channel]
-            return await publisher.publish(exchange, routing_key, message)
-
-        async def renew() -> None:
-            """RabbitMQ 3.10 goes on nacking a channel that was nacked while a quorum queue elected
-            its leader (a node died); a new channel is not: close it, aio-pika opens another."""
-            if used and not used[0].is_closed:
-                with contextlib.suppress(*_CONNECTION_ERRORS):
-                    await used[0].close()
+            return await (await self._publisher(index, channel)).publish(exchange, routing_key, message)
 
         try:
-            confirmation = await self._until_reachable(destination, attempt, renew)
+            confirmation = await self._until_reachable(destination, attempt, index)
         except aiormq.exceptions.PublishError as exc:
             raise UnroutableError(destination) from exc
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
@@ -368,6 +357,15 @@ class AmqpTransport:
             raise PublishError(destination, f"the broker closed the channel: {_describe(exc)}") from exc
         if not isinstance(confirmation, Basic.Ack):
             raise PublishError(destination, f"unexpected confirmation {confirmation!r}")
+
+    async def _renew(self, index: int) -> None:
+        """RabbitMQ 3.10 goes on nacking a channel that was nacked while a quorum queue elected its
+        leader (a node died); a new channel is not: close pool channel `index`'s, aio-pika opens
+        another (and `_publisher` makes a publisher for it)."""
+        publisher = self._publishers[index]
+        if publisher is not None and not publisher.channel.is_closed:
+            with contextlib.suppress(*_CONNECTION_ERRORS):
+                await publisher.channel.close()
 
     async def _publisher(self, index: int, channel: AbstractRobustChannel) -> Publisher:
         """The publisher of pool channel `index`, on its current aiormq channel."""

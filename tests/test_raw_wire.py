@@ -276,19 +276,7 @@ def test_deliver_frames_decode_exactly_as_pamqp_decodes_them() -> None:
             exchange=rng.choice(["", "p.delay.00", "x" * 127]),
             routing_key=rng.choice(["", "w", "0.1.w"]),
         )
-        data = bytearray(frame.marshal())
-        if i % 2:  # mangled, cut short
-            data[rng.randrange(len(data))] = rng.randrange(256)
-            data = data[: rng.randrange(len(data) + 1)]
-        ours, theirs = Basic.Deliver(), Basic.Deliver()
-        try:
-            base.Frame.unmarshal(theirs, bytes(data))
-        except Exception as exc:  # noqa: BLE001 - then ours raises the same
-            with pytest.raises(type(exc)):
-                ours.unmarshal(bytes(data))
-            continue
-        ours.unmarshal(bytes(data))
-        assert [getattr(ours, n) for n in ours.__slots__] == [getattr(theirs, n) for n in theirs.__slots__]
+        _decodes_as_pamqp(Basic.Deliver, frame.marshal(), rng, mangle=bool(i % 2))
 
 
 @pytest.mark.timeout(30)
@@ -296,19 +284,26 @@ def test_publisher_confirms_decode_exactly_as_pamqp_decodes_them() -> None:
     decoding.install()
     rng = random.Random(5)
     for i in range(2000):
-        data = bytearray(Basic.Ack(delivery_tag=rng.randrange(2**63), multiple=rng.random() < 0.5).marshal())
-        if i % 2:
-            data[rng.randrange(len(data))] = rng.randrange(256)
-            data = data[: rng.randrange(len(data) + 1)]
-        ours, theirs = Basic.Ack(), Basic.Ack()
-        try:
-            base.Frame.unmarshal(theirs, bytes(data))
-        except Exception as exc:  # noqa: BLE001 - then ours raises the same
-            with pytest.raises(type(exc)):
-                ours.unmarshal(bytes(data))
-            continue
-        ours.unmarshal(bytes(data))
-        assert (ours.delivery_tag, ours.multiple) == (theirs.delivery_tag, theirs.multiple)
+        frame = Basic.Ack(delivery_tag=rng.randrange(2**63), multiple=rng.random() < 0.5)
+        _decodes_as_pamqp(Basic.Ack, frame.marshal(), rng, mangle=bool(i % 2))
+
+
+def _decodes_as_pamqp(kind: type[base.Frame], marshalled: bytes, rng: random.Random, *, mangle: bool) -> None:
+    """Our decoding of `marshalled` (mangled and cut short if `mangle`) gives what pamqp's gives,
+    or raises what pamqp's raises."""
+    data = bytearray(marshalled)
+    if mangle:
+        data[rng.randrange(len(data))] = rng.randrange(256)
+        data = data[: rng.randrange(len(data) + 1)]
+    ours, theirs = kind(), kind()
+    try:
+        base.Frame.unmarshal(theirs, bytes(data))
+    except Exception as exc:  # noqa: BLE001 - then ours raises the same
+        with pytest.raises(type(exc)):
+            ours.unmarshal(bytes(data))
+        return
+    ours.unmarshal(bytes(data))
+    assert [getattr(ours, n) for n in ours.__slots__] == [getattr(theirs, n) for n in theirs.__slots__]
 
 
 @pytest.mark.timeout(30)
