@@ -23,7 +23,7 @@ from types import FrameType
 
 from .errors import ConfigurationError
 from .project import Project
-from .supervisor import RECYCLE_EXIT, spawn
+from .supervisor import RECYCLE_EXIT, ended, exit_status, spawn
 
 log = logging.getLogger("nobs_amqp")
 
@@ -228,9 +228,7 @@ class Reloader:
                 self._start(1)
             else:
                 log.warning(
-                    "reload: worker pid %d exited with code %d; it starts again at the next change",
-                    child.pid,
-                    child.returncode,
+                    "reload: worker pid %d %s; it starts again at the next change", child.pid, ended(child.returncode)
                 )
 
     def _start(self, count: int) -> None:
@@ -263,6 +261,6 @@ class Reloader:
             time.sleep(POLL_MS / 1000)
         if self._kill(everyone):
             return 1
-        failed = [c.returncode for c in everyone if c.returncode not in (0, RECYCLE_EXIT)]
+        code = exit_status(everyone, "reload")
         log.info("reload: stopped")
-        return failed[0] if failed else 0
+        return code

@@ -43,7 +43,7 @@ def _replace(
 ) -> subprocess.Popen[bytes]:
     """A new worker in place of `child`, which exited (unless a signal came meanwhile)."""
     code = child.returncode
-    why = "replaced itself (it leaked memory or threads)" if code == RECYCLE_EXIT else f"exited with {code}"
+    why = "replaced itself (it leaked memory or threads)" if code == RECYCLE_EXIT else ended(code)
     log.warning("supervisor: worker pid %d %s; restarting it", child.pid, why)
     if on_exit is not None:
         on_exit(child.pid)
@@ -93,6 +93,36 @@ def supervise(
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    codes = [c.returncode for c in children]
-    failed = [code for code in codes if code not in (0, RECYCLE_EXIT)]  # a recycled child drained first
+    return exit_status(children, "supervisor")
+
+
+def ended(code: int) -> str:
+    """How a child with exit status `code` ended, for a log line."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def exit_status(children: Sequence[subprocess.Popen[bytes]], who: str) -> int:
+    """The exit code of a supervisor whose `children` all ended after it passed a stop signal on:
+    0 when each drained and exited 0 (or recycled itself), else the first failure's code, a
+    signal's as a shell gives it (128 + its number).
+
+    A child that a passed-on SIGTERM or SIGINT ended outright had not set up its handler yet: it was
+    still starting, held no message, and stopped as asked.
+    """
+    failed = []
+    for child in children:
+        code = child.returncode
+        if code in (0, RECYCLE_EXIT):  # a recycled child drained first
+            continue
+        if code in (-signal.SIGTERM, -signal.SIGINT):
+            name = signal.Signals(-code).name
+            log.info("%s: worker pid %d was stopped by %s while starting, before it took a task", who, child.pid, name)
+            continue
+        log.warning("%s: worker pid %d %s", who, child.pid, ended(code))
+        failed.append(128 - code if code < 0 else code)
     return failed[0] if failed else 0

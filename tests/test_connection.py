@@ -186,6 +186,20 @@ async def test_a_second_sigint_stops_at_once_and_returns_the_running_message(
 
 
 @pytest.mark.timeout(60)
+async def test_sigterm_while_processes_start_is_a_clean_stop(amqp_url: str, name: str, tmp_path: Path) -> None:
+    """A deploy that stops the service just after it started: the children get SIGTERM before
+    they set up their handler. They held nothing, so that is a clean stop: exit code 0."""
+    log = tmp_path / "worker.log"
+    with worker_process(amqp_url, name, log, "--processes", "2") as proc:
+        await eventually(lambda: "started 2 worker processes" in output(log), timeout=20, interval=0.01)
+        proc.send_signal(signal.SIGTERM)
+        code = await exit_code(proc, log, 20)
+    text = output(log)
+    assert code == 0, text
+    assert "Traceback" not in text, text
+
+
+@pytest.mark.timeout(60)
 async def test_ctrl_c_under_processes_drains_and_a_second_one_stops_at_once(
     amqp_url: str, name: str, broker: Broker, tmp_path: Path
 ) -> None:
