@@ -36,7 +36,7 @@ from .failover import RECONNECT_MAX_SECONDS, FailoverConnection
 from .frames import Publisher
 from .leases import ExclusiveQueues
 from .management import Management
-from .message import Message, wall_clock
+from .message import Message, resent, wall_clock
 from .topology import INITIAL_GROUP_SIZE, ExchangeSpec, QueueSpec, ServerVersion, Topology, difference
 from .transport import Handler, LeaseState, deadline
 from .urls import describe_error as _describe
@@ -342,8 +342,13 @@ class AmqpTransport:
             raise RuntimeError("transport is not open")
         destination = exchange or routing_key
 
+        sends = 0
+
         async def attempt() -> object:
-            return await (await self._publisher(index, channel)).publish(exchange, routing_key, message)
+            nonlocal sends
+            sends += 1  # after a send that was not confirmed, the broker may hold it already
+            sent = message if sends == 1 else resent(message)
+            return await (await self._publisher(index, channel)).publish(exchange, routing_key, sent)
 
         try:
             confirmation = await self._until_reachable(destination, attempt, index)

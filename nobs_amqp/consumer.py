@@ -311,9 +311,11 @@ class Consumer:
             attempt, enqueued_at = message.attempt, message.enqueued_at  # read from headers once
             identity = wire.identity_of(message.message_id, attempt, enqueued_at)
             observers = self.session.observers
-            # Only the broker's word (a redelivery) makes a copy a duplicate: a publisher that
-            # reuses message ids gets each of its messages run.
-            if identity is not None and delivery.redelivered and await self._seen(identity):
+            # Only the broker's word (a redelivery) or the producer's (a copy it sent again, its
+            # first send unconfirmed) makes a copy a duplicate: a publisher that reuses message ids
+            # gets each of its messages run.
+            again = delivery.redelivered or message.headers.get(wire.RESENT) is True
+            if identity is not None and again and await self._seen(identity):
                 self.duplicates += 1
                 duplicate = TaskRun(self.worker.name, message.task, message.message_id, attempt, outcome=DUPLICATE)
                 with observers.handling(duplicate):

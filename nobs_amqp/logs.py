@@ -97,7 +97,7 @@ def task_line(run: TaskRun) -> tuple[str, dict[str, object]]:
     elif run.outcome == REJECTED:
         line = f"{head} rejected to {run.worker}.dlx, its dead letter could not be placed ({run.reason}: {failure})"
     elif run.outcome == DUPLICATE:
-        line = f"{head}: already settled here; acked the redelivered copy"
+        line = f"{head}: already settled here; acked this copy (redelivered, or sent again) without running it"
     elif run.outcome == REQUEUED:
         line = f"{head} given back to the queue unsettled"
     else:

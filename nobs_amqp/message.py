@@ -61,6 +61,11 @@ _HOST = socket.gethostname()
 
 MAX_ATTEMPT = 2**31 - 1
 SIGNATURE = "x-nobs-signature"
+#: Set by a producer on a message it sends again because the broker's confirm of the first send
+#: never came (the connection dropped, or a nack): the broker may hold it twice. A worker that
+#: settled the same attempt acks this copy without running it, as it does a redelivered one.
+#: Not signed (it is added after signing) and never carried into a retry or a dead letter.
+RESENT = "x-nobs-resent"
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +103,11 @@ class Message:
 def identity_of(message_id: str, attempt: int, enqueued_at: datetime) -> tuple[str, int, str] | None:
     """`Message.identity` from its parts (for a caller that has them already)."""
     return (message_id, attempt, format_time(enqueued_at)) if message_id else None
+
+
+def resent(message: Message) -> Message:
+    """`message` as it is sent again after its first send was not confirmed."""
+    return replace(message, headers={**message.headers, RESENT: True})
 
 
 def wall_clock() -> datetime:

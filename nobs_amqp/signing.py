@@ -19,11 +19,14 @@ from dataclasses import replace
 import orjson
 
 from .errors import ConfigurationError
-from .message import SIGNATURE, Message
+from .message import RESENT, SIGNATURE, Message
 
 KEY_ENV = "NOBS_AMQP_SIGNING_KEY"
 MIN_KEY_BYTES = 16
 _SCHEME = "v1="
+#: Headers outside the signature: the signature itself, and the mark a producer adds when it
+#: sends a signed message again.
+_UNSIGNED = frozenset({SIGNATURE, RESENT})
 
 SigningKeys = str | bytes | Sequence[str | bytes]
 
@@ -89,6 +92,6 @@ def _mac(key: bytes, content: bytes) -> bytes:
 
 
 def _canonical(message: Message) -> bytes:
-    headers = {k: v for k, v in message.headers.items() if k.startswith("x-nobs-") and k != SIGNATURE}
+    headers = {k: v for k, v in message.headers.items() if k.startswith("x-nobs-") and k not in _UNSIGNED}
     head = orjson.dumps([message.task, message.message_id, headers], option=orjson.OPT_SORT_KEYS)
     return head + b"\n" + message.body

@@ -24,6 +24,9 @@ class Proxy:
     While `refusing` is set, a new connection is closed as soon as it is accepted (and
     counted in `refused`), as if the broker were down.
 
+    Between `hold()` and `release()`, what the broker sends waits in the proxy (what clients
+    send still goes through): a confirm the broker sent, lost with a `cut()` meanwhile.
+
     With a `latency`, every chunk is delayed by that many seconds each way, as a network between
     a service and its broker does; order is kept and nothing waits for an earlier chunk's delay
     to end, so what a client pipelines stays pipelined.
@@ -39,6 +42,8 @@ class Proxy:
         self.refused = 0
         self._server: asyncio.Server | None = None
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._replies = asyncio.Event()
+        self._replies.set()
         self._handlers: set[asyncio.Task[None]] = set()
 
     @property
@@ -70,6 +75,15 @@ class Proxy:
         for handler in handlers:
             handler.cancel()
         await asyncio.gather(*handlers, return_exceptions=True)
+
+    def hold(self) -> None:
+        """From now on, keep what the broker sends (not with a `latency`)."""
+        assert not self.latency, "hold() is for a proxy without latency"
+        self._replies.clear()
+
+    def release(self) -> None:
+        """Forward what the broker sends again, what was held first."""
+        self._replies.set()
 
     def cut(self) -> int:
         """Close both sides of every open connection at once; return how many there were."""
@@ -105,7 +119,7 @@ class Proxy:
                 else:
                     await asyncio.gather(
                         _pump(client_reader, upstream_writer),
-                        _pump(upstream_reader, client_writer),
+                        _pump(upstream_reader, client_writer, self._replies),
                     )
             finally:
                 self._pairs.discard(pair)
@@ -115,10 +129,15 @@ class Proxy:
             self._handlers.discard(handler)
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Copy bytes until either side goes away, then close both directions of `writer`."""
+async def _pump(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flowing: asyncio.Event | None = None
+) -> None:
+    """Copy bytes until either side goes away, then close both directions of `writer`; each
+    chunk waits for `flowing`, if given, to be set."""
     with contextlib.suppress(ConnectionError, OSError):
         while data := await reader.read(CHUNK):
+            if flowing is not None:
+                await flowing.wait()
             writer.write(data)
             await writer.drain()
     writer.transport.abort()

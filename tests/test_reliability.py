@@ -325,6 +325,33 @@ async def test_a_lost_ack_does_not_run_the_task_again(vhost_url: str, name: str,
             assert await broker.count(f"{name}.dlq") == 0
 
 
+@pytest.mark.timeout(40)
+async def test_a_lost_publish_confirm_does_not_run_the_task_twice(vhost_url: str, name: str) -> None:
+    """The broker took a task and the worker ran it, but the confirm of queue() was lost with the
+    producer's connection: queue() sends it again, marked as sent again, and the worker that ran
+    it acks that copy without running it."""
+    consuming_project, consumed = make(vhost_url, name)
+    warm, k = key(), key()
+    async with Proxy() as proxy:
+        producer, worker = make(proxy.url_for(vhost_url), name)
+        async with consuming_project, producer, consuming(consuming_project, consumed) as [consumer]:
+            await worker.queue(tasks.record, tasks.Job(key=warm))  # connected, channels open, declared
+            await eventually(lambda: consumer.processed == 1, timeout=15)
+            proxy.hold()  # the confirm of the next publish waits in the proxy
+            queued = asyncio.create_task(worker.queue(tasks.record, tasks.Job(key=k)))
+            await eventually(lambda: consumer.processed == 2, timeout=15)  # it ran and was settled
+            assert not queued.done(), "queue() returned without the broker's confirm"
+            proxy.cut()
+            proxy.release()
+            await asyncio.wait_for(queued, 30)  # sent again on a new connection, and confirmed
+            await eventually(lambda: consumer.duplicates == 1, timeout=15)
+            assert consumer.processed == 2
+    assert len(tasks.calls(k)) == 1
+    async with Broker(vhost_url) as broker:
+        assert await broker.count(f"{name}.dlq") == 0
+        assert await broker.count(name) == 0
+
+
 # -- 6. a retry copy that cannot be placed does not loop the task -----------------------------
 
 
@@ -450,7 +477,14 @@ async def test_signed_messages_run_and_unsigned_or_forged_ones_are_dead_lettered
             job_body(k + "x"), signed.task, signed.message_id, "x", signed.timestamp, signed.headers
         )
         await project.session.transport.publish("", name, tampered)
+        # A producer's copy sent again (its first send unconfirmed) carries a mark outside the signature.
+        again = key()
+        resent = wire.resent(
+            Signer([KEY_A.encode()]).sign(wire.new_message(job_body(again), TASK, PROJECT, now=wire.wall_clock()))
+        )
+        await project.session.transport.publish("", name, resent)
         dead = await take_messages(project, f"{name}.dlq", 3)
+        await eventually(lambda: tasks.calls(again))
     assert len(tasks.calls(k)) == 1
     assert {d.headers[wire.REASON] for d in dead} == {"bad_signature"}
     assert any("not signed" in str(d.headers[wire.ERROR_MESSAGE]) for d in dead)
