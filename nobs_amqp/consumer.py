@@ -14,7 +14,6 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 import orjson
@@ -22,14 +21,13 @@ from pydantic import ValidationError
 
 from . import message as wire
 from .context import TaskContext, running
+from .copies import Copies
 from .errors import (
     BadSignatureError,
     BrokerUnavailableError,
     ConfigurationError,
     DeliveryLimitExceeded,
     ForeignTaskError,
-    NobsAmqpError,
-    RetryNotPlacedError,
     TaskDefinitionError,
     TopologyMismatchError,
     UndecodableMessageError,
@@ -51,7 +49,6 @@ from .observe import (
 from .outcome import (
     DeadLetter,
     Happened,
-    NotPlaced,
     Outcome,
     Raised,
     Refused,
@@ -81,8 +78,6 @@ ACK_MARGIN_SECONDS = 60.0
 REQUEUE_PAUSE_SECONDS = 5.0
 #: At shutdown, how long a delay ladder declaration still in progress may take before it is cancelled.
 LADDER_SHUTDOWN_SECONDS = 2.0
-
-_Publish = Callable[[], Awaitable[None]]
 
 
 class Consumer:
@@ -132,6 +127,7 @@ class Consumer:
         self._subscription: Subscription | None = None
         self._failure: BaseException | None = None
         self._attempts = SettledAttempts()
+        self._copies = Copies(session, worker, self._decide)
         self._quorum = worker.queue_options.queue_type == "quorum"
 
     def stop(self) -> None:
@@ -364,8 +360,8 @@ class Consumer:
         message = delivery.message
         outcome = self._decide(await self._execute(delivery, run, enqueued_at))
         if isinstance(outcome, RetryLater):
-            outcome = await self._retry(message, outcome)
-        if isinstance(outcome, DeadLetter) and not await self._dead_letter(message, outcome):
+            outcome = await self._copies.retry(message, outcome)
+        if isinstance(outcome, DeadLetter) and not await self._copies.dead_letter(message, outcome):
             run.outcome, run.reason = REJECTED, outcome.reason.value
             run.error = run.error or outcome.error
             await delivery.nack(requeue=False)  # the broker's own dead-lettering, to W.dlx
@@ -470,56 +466,6 @@ class Consumer:
         headers = delivery.message.headers
         return max((n for h in DELIVERY_COUNTS if type(n := headers.get(h)) is int), default=0)
 
-    async def _retry(self, message: wire.Message, outcome: RetryLater) -> Outcome:
-        """Place the retry copy; if it cannot be placed, the dead letter that replaces it."""
-        copy = wire.retry_copy(message, outcome.delay, now=self.session.now())
-        error = await self._publish_once_more(lambda: self.session.send(self.worker, copy, outcome.delay))
-        if error is None:
-            return outcome  # logged with the delivery's outcome (logs.TaskLog)
-        log.error(
-            "task %s id %s attempt %d: its retry cannot be placed (%s); dead-lettering it",
-            message.task,
-            printable(message.message_id),
-            message.attempt,
-            printable(error),
-        )
-        failed = RetryNotPlacedError(f"{printable(outcome.error, 500)}; and its retry could not be published: {error}")
-        failed.__cause__ = outcome.error
-        return self._decide(NotPlaced(failed))
-
-    async def _dead_letter(self, message: wire.Message, outcome: DeadLetter) -> bool:
-        """Publish the dead-letter copy (confirmed); False when it cannot be placed."""
-        copy = wire.dead_letter_copy(message, outcome.reason, outcome.error, now=self.session.now())
-        error = await self._publish_once_more(lambda: self.session.dead_letter(self.worker, copy))
-        if error is not None:
-            log.error(
-                "task %s id %s: its dead letter cannot be placed (%s); rejecting it to %s.dlx",
-                printable(message.task),
-                printable(message.message_id),
-                printable(error),
-                self.worker.name,
-            )
-            return False
-        return True  # logged with the delivery's outcome (logs.TaskLog)
-
-    async def _publish_once_more(self, publish: _Publish) -> NobsAmqpError | None:
-        """Publish; if the broker says something is missing (404, returned) or refused it, declare the
-        topology again and try once more. The error that remains, or None. An unreachable broker
-        raises: the connection is gone, and the broker gives the message back itself."""
-        error: NobsAmqpError | None = None
-        for attempt in range(2):
-            if attempt:
-                log.warning("worker %s: %s; declaring the topology again", self.worker.name, printable(error))
-                self.session.forget_declared(self.worker)
-            try:
-                await publish()
-                return None
-            except BrokerUnavailableError:
-                raise
-            except NobsAmqpError as exc:
-                error = exc
-        return error
-
     async def _last_resort(self, delivery: Delivery, error: BaseException, run: TaskRun) -> None:
         """Settle a delivery whose handling failed in the worker itself: dead-letter it with the
         error, else reject it to the dead-letter exchange; never leave it unsettled."""
@@ -531,7 +477,7 @@ class Consumer:
         run.error, run.reason = error, Reason.WORKER_ERROR.value
         try:
             outcome = self._decide(WorkerFailed(error))
-            if isinstance(outcome, DeadLetter) and await self._dead_letter(delivery.message, outcome):
+            if isinstance(outcome, DeadLetter) and await self._copies.dead_letter(delivery.message, outcome):
                 run.outcome = DEAD_LETTERED
                 await delivery.ack()
                 return

@@ -1,0 +1,81 @@
+"""The copies a worker publishes in place of a delivery: its retry and its dead letter.
+
+Each is confirmed by the broker before the delivery is acked (the consumer does that), so
+a crash between the two at worst leaves both, never neither.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from . import message as wire
+from .errors import BrokerUnavailableError, NobsAmqpError, RetryNotPlacedError
+from .message import printable
+from .outcome import DeadLetter, Happened, NotPlaced, Outcome, RetryLater
+from .session import Session
+from .worker import Worker
+
+log = logging.getLogger("nobs_amqp")
+
+_Publish = Callable[[], Awaitable[None]]
+
+
+class Copies:
+    """Places the retry or dead-letter copy of one worker's deliveries; `decide` is the
+    worker's policy (what a retry that cannot be placed turns into)."""
+
+    def __init__(self, session: Session, worker: Worker, decide: Callable[[Happened], Outcome]) -> None:
+        self.session = session
+        self.worker = worker
+        self._decide = decide
+
+    async def retry(self, message: wire.Message, outcome: RetryLater) -> Outcome:
+        """Place the retry copy; if it cannot be placed, the dead letter that replaces it."""
+        copy = wire.retry_copy(message, outcome.delay, now=self.session.now())
+        error = await self._publish_once_more(lambda: self.session.send(self.worker, copy, outcome.delay))
+        if error is None:
+            return outcome  # logged with the delivery's outcome (logs.TaskLog)
+        log.error(
+            "task %s id %s attempt %d: its retry cannot be placed (%s); dead-lettering it",
+            message.task,
+            printable(message.message_id),
+            message.attempt,
+            printable(error),
+        )
+        failed = RetryNotPlacedError(f"{printable(outcome.error, 500)}; and its retry could not be published: {error}")
+        failed.__cause__ = outcome.error
+        return self._decide(NotPlaced(failed))
+
+    async def dead_letter(self, message: wire.Message, outcome: DeadLetter) -> bool:
+        """Publish the dead-letter copy (confirmed); False when it cannot be placed."""
+        copy = wire.dead_letter_copy(message, outcome.reason, outcome.error, now=self.session.now())
+        error = await self._publish_once_more(lambda: self.session.dead_letter(self.worker, copy))
+        if error is not None:
+            log.error(
+                "task %s id %s: its dead letter cannot be placed (%s); rejecting it to %s.dlx",
+                printable(message.task),
+                printable(message.message_id),
+                printable(error),
+                self.worker.name,
+            )
+            return False
+        return True  # logged with the delivery's outcome (logs.TaskLog)
+
+    async def _publish_once_more(self, publish: _Publish) -> NobsAmqpError | None:
+        """Publish; if the broker says something is missing (404, returned) or refused it, declare the
+        topology again and try once more. The error that remains, or None. An unreachable broker
+        raises: the connection is gone, and the broker gives the message back itself."""
+        error: NobsAmqpError | None = None
+        for attempt in range(2):
+            if attempt:
+                log.warning("worker %s: %s; declaring the topology again", self.worker.name, printable(error))
+                self.session.forget_declared(self.worker)
+            try:
+                await publish()
+                return None
+            except BrokerUnavailableError:
+                raise
+            except NobsAmqpError as exc:
+                error = exc
+        return error
