@@ -15,12 +15,17 @@
 #                                         the tests' throwaway nodes (tests/nodes.py) run 4.x too
 #   scripts/rabbitmq4.sh exec-node ID     run node ID in the foreground from the dir the caller made,
 #                                         ROOT/var/lib/nobs-nodes/ID: node.env (NODENAME, AMQP_PORT,
-#                                         DIST_PORT, EPMD_PORT), rabbitmq.conf, enabled_plugins;
-#                                         mounts as needed; the data there survives a restart
+#                                         DIST_PORT, EPMD_PORT; optional ERL_ARGS, ADVANCED_CONFIG: the
+#                                         server's RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS and
+#                                         RABBITMQ_ADVANCED_CONFIG_FILE, a path inside the root),
+#                                         rabbitmq.conf, enabled_plugins; mounts as needed; the data
+#                                         there survives a restart. Nodes whose node.env give the same
+#                                         EPMD_PORT share one epmd (a cluster's nodes find each other)
 #   scripts/rabbitmq4.sh ctl ID ARGS...   rabbitmqctl -n <node ID> ARGS in the root (its cookie, epmd)
 #
 # Every node has its own name, ports (free ones, picked at start), epmd, data and logs,
-# so several can run at once; none of them touches a broker that runs on the host.
+# so several can run at once (exec-node nodes may share an epmd); none of them touches a
+# broker that runs on the host.
 # Needs root on Debian (debootstrap, chroot, mounting /proc).
 #
 # Environment:
@@ -155,6 +160,7 @@ load() {   # load ID: the node's settings into the shell
     local file
     file=$(state "$1")/node.env
     [[ -f $file ]] || return 1
+    unset ERL_ARGS ADVANCED_CONFIG     # optional: not from another node's file or the caller
     # shellcheck disable=SC1090
     source "$file"
 }
@@ -164,6 +170,9 @@ rabbitmq_ids() { awk -F: '$1 == "rabbitmq" { print $3 ":" $4 }' "$ROOT/etc/passw
 in_root() {   # in_root ID CMD...: CMD in the root as rabbitmq, with the node's environment
     local id=$1; shift
     load "$id"
+    local optional=()
+    [[ -z ${ERL_ARGS:-} ]] || optional+=("RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=$ERL_ARGS")
+    [[ -z ${ADVANCED_CONFIG:-} ]] || optional+=("RABBITMQ_ADVANCED_CONFIG_FILE=$ADVANCED_CONFIG")
     chroot --userspec="$(rabbitmq_ids)" "$ROOT" /usr/bin/env -i \
         PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/var/lib/rabbitmq LANG=C.UTF-8 \
         NOBS_AMQP_NODE_ID="$id" \
@@ -178,6 +187,7 @@ in_root() {   # in_root ID CMD...: CMD in the root as rabbitmq, with the node's 
         RABBITMQ_CONFIG_FILE="$NODES/$id/rabbitmq.conf" \
         RABBITMQ_ENABLED_PLUGINS_FILE="$NODES/$id/enabled_plugins" \
         RABBITMQ_PID_FILE="$NODES/$id/pid" \
+        ${optional[@]+"${optional[@]}"} \
         "$@"
 }
 
@@ -195,6 +205,28 @@ node_pids() {
         tr '\0' '\n' 2>/dev/null <"$p/environ" | grep -qx "NOBS_AMQP_NODE_ID=$id" && echo "${p#/proc/}"
     done
     return 0
+}
+
+# node_pids without the epmd the node may have started (an epmd it shares with other nodes).
+node_pids_but_epmd() {
+    local p
+    for p in $(node_pids "$1"); do
+        [[ $(cat "/proc/$p/comm" 2>/dev/null) == epmd ]] || echo "$p"
+    done
+    return 0
+}
+
+# Whether another node that runs shares node ID's epmd (the same EPMD_PORT in its node.env).
+epmd_shared() {
+    local id=$1 port other
+    port=$(sed -n 's/^EPMD_PORT=//p' "$(state "$id")/node.env" 2>/dev/null)
+    [[ -n $port ]] || return 1
+    for other in "$ROOT$NODES"/*/; do
+        [[ -d $other && $(basename "$other") != "$id" ]] || continue
+        grep -qsx "EPMD_PORT=$port" "$other/node.env" || continue
+        [[ -z $(node_pids_but_epmd "$(basename "$other")") ]] || return 0
+    done
+    return 1
 }
 
 # Nodes of `run`s that were killed before their trap could stop them (run-<pid>-...).
@@ -306,23 +338,25 @@ ctl() {   # ctl ID ARGS...: rabbitmqctl of the root against node ID
 }
 
 stop() {
-    local id=${1:-default} pids i
+    local id=${1:-default} pids i procs=node_pids
     if ! load "$id" 2>/dev/null; then
         say "no node $id"
     else
-        if [[ -n $(node_pids "$id") ]]; then
+        # An epmd that other running nodes share (a cluster's) stays: they are registered there.
+        ! epmd_shared "$id" || procs=node_pids_but_epmd
+        if [[ -n $($procs "$id") ]]; then
             say "stopping node $NODENAME"
             timeout 60 bash "$SELF" _in-root "$id" /usr/lib/rabbitmq/bin/rabbitmqctl -n "$NODENAME" stop >/dev/null 2>&1 || true
-            timeout 10 bash "$SELF" _in-root "$id" epmd -kill >/dev/null 2>&1 || true
+            [[ $procs != node_pids ]] || timeout 10 bash "$SELF" _in-root "$id" epmd -kill >/dev/null 2>&1 || true
         fi
         for ((i = 0; i < 30; i++)); do
-            pids=$(node_pids "$id")
+            pids=$($procs "$id")
             [[ -n $pids ]] || break
             ((i < 20)) || kill -9 $pids 2>/dev/null || true
             ((i != 10)) || kill $pids 2>/dev/null || true
             sleep 1
         done
-        [[ -z $(node_pids "$id") ]] || say "node $id left processes: $(node_pids "$id" | tr '\n' ' ')"
+        [[ -z $($procs "$id") ]] || say "node $id left processes: $($procs "$id" | tr '\n' ' ')"
         rm -rf --one-file-system "$(state "$id")"
     fi
     # Unmount once no node of any id runs from the root.

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import os
 import pwd
+import shlex
 import shutil
 import signal
 import socket
@@ -136,7 +137,7 @@ def reap_orphans() -> list[int]:
         # Their dirs inside the root (rabbitmq4.sh's own `run-*` nodes have no OWNER_PID line).
         for settings in (rabbitmq4_root() / NODES_IN_ROOT).glob("*/node.env"):
             with contextlib.suppress(OSError):
-                values = dict(line.split("=", 1) for line in settings.read_text().split() if "=" in line)
+                values = dict(line.split("=", 1) for line in settings.read_text().splitlines() if "=" in line)
                 started_by = values.get("OWNER_PID", "")
                 gone = started_by.isdigit() and not Path(f"/proc/{started_by}").exists()
                 if gone and not _pids_with_marker(settings.parent.name):
@@ -154,7 +155,16 @@ def _comm(pid: int) -> str:
 class Node:
     """A RabbitMQ node owned by a test, on free loopback ports, with data in a temp dir."""
 
-    def __init__(self, *, management: bool = False, tls: TlsFiles | None = None, start_timeout: float = 90.0) -> None:
+    def __init__(
+        self,
+        *,
+        management: bool = False,
+        tls: TlsFiles | None = None,
+        start_timeout: float = 90.0,
+        epmd_port: int | None = None,
+    ) -> None:
+        """`epmd_port` (4.x only): an epmd port this node shares with other nodes (a cluster's),
+        instead of an epmd of its own; only `close()` then kills that epmd, never a stop or a kill."""
         self.id = uuid.uuid4().hex[:10]
         self.generation = generation()
         self.name = f"nobs{'4' if self.generation == 4 else ''}-{self.id}@localhost"
@@ -165,7 +175,9 @@ class Node:
         self.dist_port = free_port()
         self.management_port = free_port() if management else None
         self.tls_port = free_port() if tls else None
-        self.epmd_port = free_port() if self.generation == 4 else None  # a 4.x node has its own epmd
+        # A 4.x node has an epmd of its own, unless it shares one (a 3.10 node uses the host's).
+        self.shares_epmd = self.generation == 4 and epmd_port is not None
+        self.epmd_port = (epmd_port or free_port()) if self.generation == 4 else None
         if self.generation == 4:
             # Inside the root, where the chrooted server sees it (as /var/lib/nobs-nodes/ID).
             self.dir = rabbitmq4_root() / NODES_IN_ROOT / self.id
@@ -241,7 +253,7 @@ class Node:
         try:
             await self._wait_until_up(started + self.start_timeout)
         except BaseException:
-            await self._kill_all()
+            await self._kill_all(epmd=not self.shares_epmd)
             raise
 
     async def stop(self, timeout: float = 60.0) -> None:
@@ -253,7 +265,7 @@ class Node:
         try:
             await self._wait_exited(timeout)
         except TimeoutError:
-            await self._kill_all()
+            await self._kill_all(epmd=not self.shares_epmd)
 
     async def kill9(self) -> int:
         """SIGKILL this node's Erlang VM, as the OOM killer would; return the pid killed."""
@@ -271,7 +283,8 @@ class Node:
         await self.start()
 
     async def close(self) -> None:
-        """Stop the node if it runs (by SIGKILL: its data is thrown away) and remove its dir."""
+        """Stop the node if it runs (by SIGKILL: its data is thrown away) and remove its dir. This kills
+        the epmd the node started too, shared or not (a cluster closes all its nodes at once)."""
         await self._kill_all()
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -356,20 +369,25 @@ class Node:
         plugins = "[rabbitmq_management]." if self.management else "[]."
         (self.dir / "enabled_plugins").write_text(plugins + "\n")
         if self.generation == 4:
-            # What `rabbitmq4.sh exec-node` and `ctl` read (the script chowns the dir itself).
-            settings = {
-                "NODENAME": self.name,
-                "AMQP_PORT": self.port,
-                "DIST_PORT": self.dist_port,
-                "EPMD_PORT": self.epmd_port,
-                "MGMT_PORT": self.management_port or "",
-                "OWNER_PID": os.getpid(),
-            }
-            (self.dir / "node.env").write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
+            # What `rabbitmq4.sh exec-node` and `ctl` read (the script chowns the dir itself); the
+            # script sources it, so values are quoted for the shell.
+            settings = self._settings()
+            (self.dir / "node.env").write_text("".join(f"{k}={shlex.quote(str(v))}\n" for k, v in settings.items()))
         elif os.geteuid() == 0:
             account = pwd.getpwnam(RABBITMQ_USER)
             for path in [self.dir, *self.dir.rglob("*")]:
                 os.chown(path, account.pw_uid, account.pw_gid)
+
+    def _settings(self) -> dict[str, object]:
+        """A 4.x node's node.env: what `rabbitmq4.sh` sets the node's environment in the root from."""
+        return {
+            "NODENAME": self.name,
+            "AMQP_PORT": self.port,
+            "DIST_PORT": self.dist_port,
+            "EPMD_PORT": self.epmd_port,
+            "MGMT_PORT": self.management_port or "",
+            "OWNER_PID": os.getpid(),
+        }
 
     def _env(self) -> dict[str, str]:
         if self.generation == 4:
@@ -423,17 +441,19 @@ class Node:
     async def _wait_exited(self, timeout: float) -> None:
         """Wait for the rabbitmq-server process and every process of this node to be gone."""
         deadline = time.monotonic() + timeout
-        # A 4.x node's own epmd outlives it (as the host's does a 3.10 node); a restart reuses it.
+        # A 4.x node's epmd (its own or a cluster's) outlives it, as the host's does a 3.10 node's;
+        # a restart reuses it.
         while self.running or [pid for pid in _pids_with_marker(self.id) if _comm(pid) != "epmd"]:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"node {self.name} still runs after {timeout} s")
             await asyncio.sleep(0.05)
         self._close_log()
 
-    async def _kill_all(self) -> None:
-        """SIGKILL every process of this node (found by its marker), then reap ours."""
+    async def _kill_all(self, *, epmd: bool = True) -> None:
+        """SIGKILL every process of this node (found by its marker), then reap ours. With `epmd`
+        False, spare the epmd it may have started (one its cluster's other nodes still use)."""
         for _ in range(50):
-            pids = _pids_with_marker(self.id)
+            pids = [pid for pid in _pids_with_marker(self.id) if epmd or _comm(pid) != "epmd"]
             if not pids:
                 break
             for pid in pids:
