@@ -362,6 +362,7 @@ OUR_HEADERS = {
     wire_message.SIGNATURE: st.one_of(st.text(max_size=100), st.binary(max_size=64), header_values),
     wire_message.REASON: st.one_of(st.sampled_from(["rejected", "forged", ""]), header_values),
     wire_message.UNDECODABLE: header_values,
+    wire_message.RESENT: st.one_of(st.booleans(), header_values),  # at most makes a settled id's copy a duplicate
     "x-delivery-count": ATTEMPTS,
     "x-acquired-count": ATTEMPTS,
     "x-death": header_values,
