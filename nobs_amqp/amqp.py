@@ -224,12 +224,13 @@ class AmqpTransport:
         self,
         destination: str,
         attempt: Callable[[], Awaitable[_T]],
-        channel: int | None = None,
+        pool_index: int | None = None,
     ) -> _T:
         """`attempt()`, again and again while the broker is unreachable or refuses messages for now
         (basic.nack: a quorum queue electing a leader, or full), until the deadline of the queue()
         in progress (else `publish_timeout` from now); then BrokerUnavailableError. After a nack,
-        pool channel `channel` is renewed first. A message sent again may be there twice (at least once, never lost)."""
+        the channel of pool slot `pool_index` is renewed first. A message sent again may be there
+        twice (at least once, never lost)."""
         loop = asyncio.get_running_loop()
         until = deadline() or loop.time() + self._publish_timeout
         pause = 0.05
@@ -245,8 +246,8 @@ class AmqpTransport:
                     raise BrokerUnavailableError(destination, self._unavailable(nacked=nacked)) from exc
                 why = "refuses messages (basic.nack)" if nacked else f"is unreachable ({_describe(exc)})"
                 log.debug("%s: the broker %s; retrying", destination, why)
-                if nacked and channel is not None:
-                    await self._renew(channel)
+                if nacked and pool_index is not None:
+                    await self._renew(pool_index)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 1.0)
 
