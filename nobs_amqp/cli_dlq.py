@@ -111,15 +111,28 @@ def dlq_show(app: str | None, worker: str, message_id: str) -> None:
 @click.option("--task", "task", metavar="MODULE:FUNCTION", help="Only dead letters of this task.")
 @click.option("--reason", help="Only those dead-lettered for this reason (e.g. max_attempts).")
 @click.option("--id", "ids", metavar="MESSAGE_ID", multiple=True, help="Only this message (repeatable).")
+@click.option(
+    "--sign-unverified",
+    is_flag=True,
+    help="With a signing key: also replay, and so sign, dead letters whose signature does not verify "
+    "(bad_signature, unsigned, another key). Only for messages you have read and trust.",
+)
 @click.pass_obj
 def dlq_replay(
-    app: str | None, worker: str, limit: int | None, task: str | None, reason: str | None, ids: tuple[str, ...]
+    app: str | None,
+    worker: str,
+    limit: int | None,
+    task: str | None,
+    reason: str | None,
+    ids: tuple[str, ...],
+    sign_unverified: bool,
 ) -> None:
     """Move WORKER's dead letters back to its queue, attempt count reset, each acked once its copy is confirmed.
 
     Replays what is in the DLQ when the command starts (with --limit N, the N oldest by when
     they were dead-lettered; --task, --reason and --id pick which), each message once; what
-    fails again or arrives meanwhile stays there."""
+    fails again or arrives meanwhile stays there. With a signing key, the copies are signed, so
+    only dead letters whose signature verifies are replayed, unless --sign-unverified."""
     where = dead.matching(task=task, reason=reason, ids=ids) if task or reason or ids else None
     waiting = _dlq_run(app, worker, dead.count)
     total = min(waiting, limit) if limit is not None else waiting
@@ -128,10 +141,34 @@ def dlq_replay(
         def plan(count: int) -> None:
             bar.length = count  # what the snapshot holds: fewer than `total` when filtered
 
+        def refuse(count: int) -> None:
+            refused.append(count)
+
+        refused: list[int] = []
         moved = (
-            _dlq_run(app, worker, lambda p, w: dead.replay(p, w, total, bar.update, where=where, planned=plan))
+            _dlq_run(
+                app,
+                worker,
+                lambda p, w: dead.replay(
+                    p,
+                    w,
+                    total,
+                    bar.update,
+                    where=where,
+                    planned=plan,
+                    sign_unverified=sign_unverified,
+                    unverified=refuse,
+                ),
+            )
             if total
             else 0
+        )
+    if sum(refused):
+        click.echo(
+            f"left {sum(refused)} dead letter(s) in {worker}.dlq whose signature does not verify (dead-lettered as "
+            f"bad_signature, unsigned, or signed with another key): a replay would sign them. Read them with "
+            f"`nobs-amqp dlq list {worker}`; replay those you trust with --id ID --sign-unverified",
+            err=True,
         )
     planned = bar.length if bar.length is not None else total
     chosen = " matching" if where is not None else ""

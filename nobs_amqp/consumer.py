@@ -307,11 +307,9 @@ class Consumer:
             attempt, enqueued_at = message.attempt, message.enqueued_at  # read from headers once
             identity = wire.identity_of(message.message_id, attempt, enqueued_at)
             observers = self.session.observers
-            # Only the broker's word (a redelivery) or the producer's (a copy it sent again, its
-            # first send unconfirmed) makes a copy a duplicate: a publisher that reuses message ids
-            # gets each of its messages run.
-            again = delivery.redelivered or message.headers.get(wire.RESENT) is True
-            if identity is not None and again and await self._seen(identity):
+            if identity is not None and await self._attempts.copy_of_settled(
+                identity, message, redelivered=delivery.redelivered, signer=self.session.signer, queue=self.worker.name
+            ):
                 self.duplicates += 1
                 duplicate = TaskRun(self.worker.name, message.task, message.message_id, attempt, outcome=DUPLICATE)
                 with observers.handling(duplicate):
@@ -350,15 +348,10 @@ class Consumer:
             )
             await self._last_resort(delivery, exc, run)
 
-    async def _seen(self, identity: Identity) -> bool:
-        return await self._attempts.seen(identity)
-
-    def _remember(self, identity: Identity | None) -> None:
-        self._attempts.remember(identity)
-
     async def _handle(self, delivery: Delivery, run: TaskRun, identity: Identity | None, enqueued_at: datetime) -> None:
         message = delivery.message
-        outcome = self._decide(await self._execute(delivery, run, enqueued_at))
+        happened = await self._execute(delivery, run, enqueued_at)
+        outcome = self._decide(happened)
         if isinstance(outcome, RetryLater):
             outcome = await self._copies.retry(message, outcome)
         if isinstance(outcome, DeadLetter) and not await self._copies.dead_letter(message, outcome):
@@ -367,7 +360,8 @@ class Consumer:
             await delivery.nack(requeue=False)  # the broker's own dead-lettering, to W.dlx
             return
         _record(run, outcome)
-        self._remember(identity)
+        if not isinstance(happened, Refused):  # only an attempt that verified and ran is remembered
+            self._attempts.remember(identity)
         await delivery.ack()
 
     def _decide(self, happened: Happened) -> Outcome:
@@ -376,12 +370,12 @@ class Consumer:
     async def _execute(self, delivery: Delivery, run: TaskRun, enqueued_at: datetime) -> Happened:
         """Run the delivery's task if it may run; what happened (`enqueued_at`: the message's)."""
         message = delivery.message
+        signer = self.session.signer  # before anything else: nothing of an unsigned message is trusted
+        if signer is not None and (problem := signer.problem(message, self.worker.name)) is not None:
+            return Refused(BadSignatureError(problem))
         undecodable = message.headers.get(wire.UNDECODABLE)
         if undecodable is not None:
             return Refused(UndecodableMessageError(printable(undecodable, 1000)))
-        signer = self.session.signer
-        if signer is not None and (problem := signer.problem(message)) is not None:
-            return Refused(BadSignatureError(problem))
         limit = self.worker.queue_options.delivery_limit
         returned = self._returned(delivery)
         if limit is not None and returned >= limit:

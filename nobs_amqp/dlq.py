@@ -161,6 +161,27 @@ def reason_of(message: Message) -> str | None:
     return reason
 
 
+def verified(session: Session, worker: Worker) -> Callable[[Message], bool] | None:
+    """With a signing key, a filter of the dead letters a replay may sign again: those whose
+    signature verifies and that a worker of ours ran or refused for a reason other than the
+    signature. A worker's own dead letter (signed for `W.dlq`) must not say `bad_signature`; one
+    the broker dead-lettered itself (it carries `x-death`) must verify as the message first sent
+    to `W`. None without a key: a replay then signs nothing."""
+    signer = session.signer
+    if signer is None:
+        return None
+    dlq = dead_letter_queue(worker.name)
+
+    def trusted(message: Message) -> bool:
+        if broker_reason(message.headers) is not None:
+            return signer.problem(message, worker.name) is None
+        return (
+            message.headers.get(wire.REASON) != wire.Reason.BAD_SIGNATURE.value and signer.problem(message, dlq) is None
+        )
+
+    return trusted
+
+
 def matching(
     *, task: str | None = None, reason: str | None = None, ids: Collection[str] = ()
 ) -> Callable[[Message], bool]:
@@ -227,6 +248,24 @@ async def find(session: Session, worker: Worker, message_id: str) -> Message | N
     return found[0] if found else None
 
 
+class _Admission:
+    """Which dead letters a replay takes: those `where` picks (all without it) that `trusted`
+    takes (all without it); counts those `where` picked and `trusted` did not."""
+
+    def __init__(self, where: Callable[[Message], bool] | None, trusted: Callable[[Message], bool] | None) -> None:
+        self._where = where
+        self._trusted = trusted
+        self.refused = 0
+
+    def __call__(self, message: Message) -> bool:
+        if self._where is not None and not self._where(message):
+            return False
+        if self._trusted is not None and not self._trusted(message):
+            self.refused += 1
+            return False
+        return True
+
+
 async def replay(
     session: Session,
     worker: Worker,
@@ -235,17 +274,27 @@ async def replay(
     *,
     where: Callable[[Message], bool] | None = None,
     planned: Callable[[int], None] | None = None,
+    sign_unverified: bool = False,
+    unverified: Callable[[int], None] | None = None,
 ) -> int:
     """Move the dead letters that are in `worker`'s DLQ now (the `limit` oldest of them, by
     `dead_at`) back to its queue with the attempt count reset, each once; each is acked in the
     DLQ only after its copy was confirmed. Returns how many.
+
+    With a signing key, a copy is signed: only dead letters whose own signature verifies are
+    replayed (`verified`), unless `sign_unverified`; `unverified` is told how many of those
+    matching `where` stayed in the DLQ for that reason (before any moves). A message dead-lettered
+    as `bad_signature` becomes signed only by `sign_unverified`.
 
     What arrives meanwhile stays in the DLQ: new failures, and copies that a running worker
     failed again. The replay knows the dead letters there at its start by message id and
     dead-letter time (a snapshot, counted: two alike are both replayed) and takes only those,
     in one read from the head that ends once it has them all. `where` (see `matching`) picks
     which dead letters; `planned` is told how many the snapshot holds before any moves."""
-    wanted = Counter(await _oldest(session, worker, math.inf if limit is None else limit, _key, where))
+    admitted = _Admission(where, None if sign_unverified else verified(session, worker))
+    wanted = Counter(await _oldest(session, worker, math.inf if limit is None else limit, _key, admitted))
+    if unverified is not None:
+        unverified(admitted.refused)
     if planned is not None:
         planned(wanted.total())
     moved = 0

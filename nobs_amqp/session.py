@@ -22,7 +22,7 @@ from .message import Message
 from .observe import Observer, Observers
 from .signing import Signer
 from .tasks import TaskTable
-from .topology import QueueOptions, Topology, dead_letter_exchange, worker_topology
+from .topology import QueueOptions, Topology, dead_letter_exchange, dead_letter_queue, worker_topology
 from .transport import ConnectionEvents, Transport, one_deadline
 from .urls import in_process, node_address
 
@@ -148,25 +148,28 @@ class Session:
                 self._routes_ready.add(route)
             if delay > 0:
                 exchange, key = ladder.route(self.project, delay, worker.name)
-                await self._publish(worker.name, exchange, key, message)
+                await self._publish(worker.name, exchange, key, message, worker.name)
             else:
-                await self._publish(worker.name, "", worker.name, message)
+                await self._publish(worker.name, "", worker.name, message, worker.name)
 
     async def dead_letter(self, worker: Destination, message: Message) -> None:
         """Publish `message` (a dead-letter copy) to `worker`'s dead-letter exchange."""
         with one_deadline(self.publish_timeout):
             await self.declare(worker, delayed=False)
-            await self._publish(worker.name, dead_letter_exchange(worker.name), "", message)
+            await self._publish(
+                worker.name, dead_letter_exchange(worker.name), "", message, dead_letter_queue(worker.name)
+            )
 
-    async def _publish(self, worker: str, exchange: str, key: str, message: Message) -> None:
+    async def _publish(self, worker: str, exchange: str, key: str, message: Message, destination: str) -> None:
+        """Publish `message` for the queue `destination` (what its signature binds it to)."""
         if not self.observers.wrap_publishes:
             if self.signer is not None:
-                message = self.signer.sign(message)
+                message = self.signer.sign(message, destination)
             await self.transport.publish(exchange, key, message)
             return
         with self.observers.publishing(worker, message) as observed:
             if self.signer is not None:
-                observed = self.signer.sign(observed)
+                observed = self.signer.sign(observed, destination)
             await self.transport.publish(exchange, key, observed)
 
     # -- declaring ---------------------------------------------------------------------------

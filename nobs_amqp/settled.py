@@ -4,7 +4,13 @@ the connection) is acked without running it again."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
+
+from .message import RESENT, Message, printable
+from .signing import Signer
+
+log = logging.getLogger("nobs_amqp")
 
 #: (message id, attempt, first enqueue time): one attempt of one message.
 Identity = tuple[str, int, str]
@@ -33,6 +39,36 @@ class SettledAttempts:
                 done = self._running[identity] = asyncio.Event()
             await done.wait()
         return _key(identity) in self._settled
+
+    async def copy_of_settled(
+        self, identity: Identity, message: Message, *, redelivered: bool, signer: Signer | None, queue: str
+    ) -> bool:
+        """Whether `message` (attempt `identity`, consumed from `queue`) is a copy of an attempt
+        settled here. Without signing, only the broker's word (a redelivery) or the producer's (a
+        copy it sent again, its first send unconfirmed) makes it one: a publisher that reuses
+        message ids gets each message run. With signing, only a copy that verifies can be one (a
+        forged copy never makes the real message be skipped), and any such copy is: a signed
+        message published again unchanged is a replay."""
+        again = redelivered or message.headers.get(RESENT) is True
+        if signer is None:
+            return again and await self.seen(identity)
+        if not self.known(identity) or signer.problem(message, queue) is not None:
+            return False
+        if not await self.seen(identity):
+            return False
+        if not again:
+            log.warning(
+                "task %s id %s attempt %d: a signed copy of an attempt settled here came again, neither "
+                "redelivered nor sent again by its producer (published again by someone?); acked without running it",
+                printable(message.task),
+                printable(message.message_id),
+                identity[1],
+            )
+        return True
+
+    def known(self, identity: Identity) -> bool:
+        """Whether `identity` was settled here, or runs here now (a cheap test before `seen`)."""
+        return identity in self._running or _key(identity) in self._settled
 
     def start(self, identity: Identity | None) -> bool:
         """`identity` runs from now until `end(identity)`: a copy of it that arrives meanwhile

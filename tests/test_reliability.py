@@ -25,7 +25,6 @@ import tenacity
 from nobs_amqp import Project, TaskDefinitionError, TopologyMismatchError, Worker
 from nobs_amqp import message as wire
 from nobs_amqp.consumer import Consumer
-from nobs_amqp.signing import Signer
 
 from .apps import tasks
 from .proxy import Proxy
@@ -454,64 +453,6 @@ async def test_a_message_never_causes_an_import(url: str, name: str, monkeypatch
         [dead] = await take_messages(project, f"{name}.dlq")
     assert dead.headers[wire.REASON] == "unknown_task"
     assert "tests.apps.unloaded" not in sys.modules
-
-
-# -- 10b. signing ------------------------------------------------------------------------------
-
-KEY_A = "a-signing-key-of-32-characters!!"
-KEY_B = "another-signing-key-of-32-chars!"
-
-
-@pytest.mark.timeout(30)
-async def test_signed_messages_run_and_unsigned_or_forged_ones_are_dead_lettered(url: str, name: str) -> None:
-    project, worker = make(url, name, project={"signing_key": KEY_A})
-    k = key()
-    async with project, consuming(project, worker):
-        await worker.queue(tasks.record, tasks.Job(key=k))
-        await eventually(lambda: tasks.calls(k))
-        await publish(project, name, job_body(k), TASK, message_id="unsigned")
-        forged = Signer([KEY_B.encode()]).sign(wire.new_message(job_body(k), TASK, PROJECT, now=wire.wall_clock()))
-        await project.session.transport.publish("", name, forged)
-        signed = Signer([KEY_A.encode()]).sign(wire.new_message(job_body(k), TASK, PROJECT, now=wire.wall_clock()))
-        tampered = wire.Message(
-            job_body(k + "x"), signed.task, signed.message_id, "x", signed.timestamp, signed.headers
-        )
-        await project.session.transport.publish("", name, tampered)
-        # A producer's copy sent again (its first send unconfirmed) carries a mark outside the signature.
-        again = key()
-        resent = wire.resent(
-            Signer([KEY_A.encode()]).sign(wire.new_message(job_body(again), TASK, PROJECT, now=wire.wall_clock()))
-        )
-        await project.session.transport.publish("", name, resent)
-        dead = await take_messages(project, f"{name}.dlq", 3)
-        await eventually(lambda: tasks.calls(again))
-    assert len(tasks.calls(k)) == 1
-    assert {d.headers[wire.REASON] for d in dead} == {"bad_signature"}
-    assert any("not signed" in str(d.headers[wire.ERROR_MESSAGE]) for d in dead)
-    assert KEY_A not in repr(project.signer)
-
-
-@pytest.mark.timeout(30)
-async def test_signing_keys_rotate(url: str, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    old, worker_old = make(url, name, project={"signing_key": KEY_A})
-    monkeypatch.setenv("NOBS_AMQP_SIGNING_KEY", f"{KEY_B} {KEY_A}")  # the new key signs, both verify
-    new, worker_new = make(url, name)
-    a, b = key(), key()
-    async with old, new:
-        await worker_old.queue(tasks.record, tasks.Job(key=a))  # still in the queue when the fleet rotates
-        async with consuming(new, worker_new):
-            await worker_new.queue(tasks.record, tasks.Job(key=b))
-            await eventually(lambda: tasks.calls(a) and tasks.calls(b))
-
-
-def test_a_short_signing_key_is_refused() -> None:
-    with pytest.raises(Exception, match="at least 16 bytes"):
-        Project(name="p", signing_key="short")
-
-
-@pytest.fixture(autouse=True)
-def _no_signing_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("NOBS_AMQP_SIGNING_KEY", raising=False)
 
 
 # -- 3b. workers that tasks made unhealthy replace themselves ---------------------------------
