@@ -1,4 +1,6 @@
-"""The RabbitMQ transport: one robust connection, a pool of confirm channels, consumers."""
+"""The RabbitMQ transport: a publishing connection with a pool of confirm channels, and (once it
+consumes) a consuming connection for consumers, acks, declarations and leases (`link.py` says
+why two)."""
 
 from __future__ import annotations
 
@@ -6,39 +8,29 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import re
-import socket
-import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustChannel
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
 from . import decoding
 from .acks import Acker
 from .delivery import AmqpDelivery, DirectQueue
-from .errors import (
-    BrokerConnectionError,
-    BrokerUnavailableError,
-    NobsAmqpError,
-    NotFoundError,
-    PublishError,
-    TopologyMismatchError,
-    UnroutableError,
-)
-from .failover import RECONNECT_MAX_SECONDS, FailoverConnection
+from .errors import BrokerConnectionError, BrokerUnavailableError, NobsAmqpError, TopologyMismatchError
 from .frames import Publisher
 from .leases import ExclusiveQueues
+from .link import DEFAULT_HEARTBEAT, PUBLISHING, Link
 from .management import Management
-from .message import Message, resent, wall_clock
+from .message import Message, wall_clock
+from .sending import CONNECTION_ERRORS, REFUSALS, Sending
 from .topology import INITIAL_GROUP_SIZE, ExchangeSpec, QueueSpec, ServerVersion, Topology, difference
-from .transport import Handler, LeaseState, deadline
+from .transport import Handler, LeaseState, deadline, default_max_message_size
 from .urls import describe_error as _describe
 from .urls import redact as redact  # re-exported: examples and status use them from here
 from .urls import vhost_of as vhost_of
@@ -47,25 +39,13 @@ log = logging.getLogger("nobs_amqp")
 
 #: RabbitMQ's `consumer_timeout` unless its configuration says otherwise (30 min).
 DEFAULT_CONSUMER_TIMEOUT = 1800.0
-#: From this version on, a consumer sets its own delivery acknowledgement timeout.
+#: From this version on, a consumer sets its own delivery acknowledgement timeout (`x-consumer-timeout`).
 PER_CONSUMER_TIMEOUT = (3, 11, 15)
 #: How long closing a subscription waits for the broker to show the messages it gave back.
 RETURN_WAIT_SECONDS = 2.0
-_CONNECTION_ERRORS = (
-    ConnectionError,
-    aiormq.exceptions.AMQPConnectionError,
-    aiormq.exceptions.ChannelInvalidStateError,
-    aiormq.exceptions.ChannelClosed,
-    asyncio.TimeoutError,
-)
-#: Channel errors that are the broker's answer, not a lost connection: never retried.
-_REFUSALS = (
-    aiormq.exceptions.ChannelAccessRefused,
-    aiormq.exceptions.ChannelNotFoundEntity,
-    aiormq.exceptions.ChannelLockedResource,
-    aiormq.exceptions.ChannelPreconditionFailed,
-)
-_T = TypeVar("_T")
+#: How long a round trip of a shutdown (cancel a consumer, close a channel or a connection) waits
+#: for the broker: past it, a stalled broker is left to notice the connection is gone.
+SHUTDOWN_ROUND_TRIP_SECONDS = 5.0
 #: In that error's detail, the existing queue's value: "but current is '1'", "but current is the
 #: value '1' of type 'long'", or "but current is none".
 _EXISTING_VALUE = re.compile(r"current is (?:the value )?'(\d+)'")
@@ -84,34 +64,56 @@ class AmqpTransport:
         publish_timeout: float = 30.0,
         consumer_timeout: float = DEFAULT_CONSUMER_TIMEOUT,
         replicas: int = 3,
+        heartbeat: int = DEFAULT_HEARTBEAT,
+        max_message_size: int | None = None,
     ) -> None:
-        self._urls = tuple(urls)
         self._replicas = replicas
-        self._name = name
         self._pool_size = pool_size
         self._publish_timeout = publish_timeout
         self._consumer_timeout = consumer_timeout
-        self._connection: AbstractRobustConnection | None = None
+        self._max_message_size = max_message_size
+        links = {"urls": urls, "name": name, "heartbeat": heartbeat, "on_change": self._changed}
+        self._out = Link(role=PUBLISHING, **links)  # type: ignore[arg-type]
+        self._in = Link(role="consuming", **links)  # type: ignore[arg-type]
+        self._opening_in = asyncio.Lock()
         self._channels: list[AbstractRobustChannel] = []
         self._publishers: list[Publisher | None] = [None] * pool_size
         self._side: aiormq.abc.AbstractChannel | None = None
         self._next = itertools.cycle(range(pool_size))
-        self._url = self._urls[0]
         self._server_version: ServerVersion = (0,)
-        self._refusal = ""  # the broker's last answer to a reconnection, said once per outage
+        self._told: tuple[bool, str | None] = (True, None)
+        self._lost_at = 0.0
+        #: Told False when a connection is lost (once per outage), True when all are back.
         self.on_connection: list[Callable[[bool], None]] = []
+        #: Told the broker's reason when it blocks the publishing connection, None when it unblocks it.
+        self.on_blocked: list[Callable[[str | None], None]] = []
         self._leases = ExclusiveQueues()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     @property
     def vhost(self) -> str:
-        return vhost_of(self._url)
+        return vhost_of(self._out.url)
 
     @property
     def url(self) -> str:
         """The URL of the node the connection reached (of a cluster's list, the one that answered)."""
-        return self._url
+        return self._out.url
+
+    @property
+    def blocked(self) -> str | None:
+        """Why the broker blocks publishing here now (its reason), or None."""
+        return self._out.blocked
+
+    @property
+    def max_message_size(self) -> int:
+        """The largest body a publish may carry: the project's setting, else the broker's default."""
+        return self._max_message_size or default_max_message_size(self.server_version)
+
+    @property
+    def sized(self) -> bool:
+        """Whether `max_message_size` is the project's own setting."""
+        return self._max_message_size is not None
 
     def now(self) -> datetime:
         return wall_clock()
@@ -121,146 +123,86 @@ class AmqpTransport:
         """The broker's version, as of the last time the connection was up."""
         return self._server_version
 
-    def _read_server_version(self) -> None:
-        connection = self._require().transport
+    def _read_server_version(self, link: Link) -> None:
+        connection = link.connection.transport if link.connection is not None else None
         if connection is not None:
             text = str(connection.connection.server_properties.get("version", "0"))
             self._server_version = tuple(int(n) for n in re.findall(r"\d+", text)[:3]) or (0,)
 
     async def open(self) -> None:
         decoding.install()  # a message whose properties pamqp cannot decode must not kill the connection
-        failures: list[str] = []
-        last: BaseException | None = None
-        for index, url in enumerate(self._urls):
-            try:
-                connection = await aio_pika.connect_robust(
-                    url,
-                    client_properties={"connection_name": f"{self._name} {socket.gethostname()} pid {os.getpid()}"},
-                    connection_class=FailoverConnection,
-                )
-                connection.follow(self._urls, index)
-                self._connection, self._url = connection, url
-                break
-            except (ConnectionError, aiormq.exceptions.AMQPError, OSError) as exc:
-                last = exc
-                failures.append(
-                    _login_failure(exc) if len(self._urls) == 1 else f"{redact(url)}: {_login_failure(exc)}"
-                )
-        else:
-            raise BrokerConnectionError(", ".join(redact(u) for u in self._urls), "; ".join(failures)) from last
-        self._connection.close_callbacks.add(self._on_lost)
-        self._connection.reconnect_callbacks.add(self._on_reconnect)
-        self._channels = [
-            await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-            for _ in range(self._pool_size)
-        ]
-        self._read_server_version()
-        log.debug("connected to %s (RabbitMQ %s)", redact(self._url), self.server_version)
+        connection = await self._out.open()
+        try:
+            self._channels = [
+                await connection.channel(publisher_confirms=True, on_return_raises=True) for _ in range(self._pool_size)
+            ]
+        except BaseException:
+            await self._out.close()
+            raise
+        self._read_server_version(self._out)
+        log.debug("connected to %s (RabbitMQ %s)", redact(self.url), self.server_version)
 
-    def _on_lost(self, connection: object, exc: BaseException | None = None) -> None:
-        """Said once per outage: aio-pika calls this again for every failed reconnection attempt."""
-        if self._connection is None or exc is None:
+    async def _consuming(self) -> Link:
+        """The consuming connection, opened the first time it is needed."""
+        if self._in.connection is None:
+            async with self._opening_in:
+                if self._in.connection is None:
+                    if self._out.connection is None:
+                        raise RuntimeError("transport is not open")
+                    await self._in.open()
+        return self._in
+
+    def _control(self) -> Link:
+        """Where declarations and counts go: the consuming connection once it is open (the
+        broker blocks the publishing one during an alarm, and with it every round trip on it)."""
+        return self._in if self._in.connection is not None else self._out
+
+    def _changed(self) -> None:
+        """A connection was lost, came back, or was blocked or unblocked: say so once per outage
+        (the first connection lost, until all are back) and once per alarm."""
+        links = [link for link in (self._out, self._in) if link.connection is not None]
+        down = [link for link in links if not link.up]
+        if not down:
+            self._read_server_version(self._out)
+        told = (not down, self._out.blocked)
+        if told == self._told:
             return
-        if not isinstance(connection, FailoverConnection) or connection.lost_at is not None:
-            reason = _describe(exc)
-            if isinstance(exc, aiormq.exceptions.AMQPChannelError) and reason != self._refusal:
-                self._refusal = reason  # e.g. a queue deleted during the outage: worth saying, once
-                log.warning("the broker refused to restore a channel (%s); retrying until it accepts", reason)
-            else:
-                log.debug("reconnection attempt failed: %s", reason)
-            return
-        connection.lost_at = connection.loop.time()
-        self._tell(False)
-        log.warning(
-            "lost the connection to %s (%s); reconnecting to %s until one answers (backoff up to %.0f s)",
-            redact(self._url),
-            _describe(exc),
-            "it" if len(self._urls) == 1 else f"the next of {len(self._urls)} nodes",
-            RECONNECT_MAX_SECONDS,
-        )
-
-    def _on_reconnect(self, connection: object) -> None:
-        if isinstance(connection, FailoverConnection):
-            self._url = connection.current  # of a cluster, maybe another node than before
-        self._read_server_version()
-        self._refusal = ""
-        self._tell(True)
-        if isinstance(connection, FailoverConnection) and connection.lost_at is not None:
-            outage = connection.loop.time() - connection.lost_at
-            connection.lost_at = None
-            log.warning("reconnected to %s after %.1f s", redact(self._url), outage)
-        else:
-            log.warning("reconnected to %s", redact(self._url))
-
-    def _tell(self, up: bool) -> None:
-        for listener in self.on_connection:
-            listener(up)
+        (was_up, was_blocked), self._told = self._told, told
+        loop = asyncio.get_running_loop()
+        if was_up and down:
+            self._lost_at = loop.time()
+            log.warning("%s", down[0].describe_loss())
+        elif not was_up and not down:
+            log.warning("reconnected to %s after %.1f s", redact(self.url), loop.time() - self._lost_at)
+        if told[0] != was_up:
+            for listener in self.on_connection:
+                listener(told[0])
+        if told[1] != was_blocked:
+            for blocked in self.on_blocked:
+                blocked(told[1])
 
     async def close(self) -> None:
-        connection, self._connection = self._connection, None
         self._channels = []
         self._side = None
-        if connection is not None:
-            await connection.close()
+        await self._in.close()
+        await self._out.close()
 
-    def _require(self) -> AbstractRobustConnection:
-        if self._connection is None:
-            raise RuntimeError("transport is not open")
-        return self._connection
+    def _underlay_connections(self) -> tuple[aiormq.abc.AbstractConnection, ...]:
+        """The underlying connections open now (tests check that a bad message closed none)."""
+        opened = [link.connection for link in (self._out, self._in) if link.connection is not None]
+        return tuple(c.transport.connection for c in opened if c.transport is not None)
 
-    def _underlay_connection(self) -> aiormq.abc.AbstractConnection:
-        return self._require().transport.connection  # type: ignore[union-attr]
-
-    async def _connected(self) -> aiormq.abc.AbstractConnection:
-        """The live underlying connection, once there is one (after a reconnect: the new one)."""
-        connection = self._require()
-        await connection.ready()
-        transport = connection.transport
-        if transport is None or transport.connection.is_closed:
-            raise ConnectionError("the connection to the broker is being reestablished")
-        return transport.connection
-
-    async def _until_reachable(
-        self,
-        destination: str,
-        attempt: Callable[[], Awaitable[_T]],
-        pool_index: int | None = None,
-    ) -> _T:
-        """`attempt()`, again and again while the broker is unreachable or refuses messages for now
-        (basic.nack: a quorum queue electing a leader, or full), until the deadline of the queue()
-        in progress (else `publish_timeout` from now); then BrokerUnavailableError. After a nack,
-        the channel of pool slot `pool_index` is renewed first. A message sent again may be there
-        twice (at least once, never lost)."""
-        loop = asyncio.get_running_loop()
-        until = deadline() or loop.time() + self._publish_timeout
-        pause = 0.05
-        while True:
-            try:
-                async with asyncio.timeout_at(until):
-                    return await attempt()
-            except (*_REFUSALS, aiormq.exceptions.PublishError):  # refused, or returned: the answer
-                raise
-            except (*_CONNECTION_ERRORS, aiormq.exceptions.DeliveryError) as exc:
-                nacked = isinstance(exc, aiormq.exceptions.DeliveryError)
-                if loop.time() + pause >= until:
-                    raise BrokerUnavailableError(destination, self._unavailable(nacked=nacked)) from exc
-                why = "refuses messages (basic.nack)" if nacked else f"is unreachable ({_describe(exc)})"
-                log.debug("%s: the broker %s; retrying", destination, why)
-                if nacked and pool_index is not None:
-                    await self._renew(pool_index)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 1.0)
-
-    def _unavailable(self, *, nacked: bool) -> str:
+    def unavailable(self, *, nacked: bool) -> str:
+        """Why a publish or declaration that reached its deadline was not sent, and what to do."""
         if nacked:
             return (
                 f"the broker refused it (basic.nack) until publish_timeout ({self._publish_timeout:.0f} s) ran out: "
                 f"its queue is full (a max-length with reject-publish) or has no leader (on a cluster, most of "
-                f"its nodes are down); queue it again once the queue takes messages"
+                f"its nodes are down); nothing was queued: queue it again once the queue takes messages"
             )
         return (
-            f"the broker stayed unreachable for {self._publish_timeout:.0f} s (publish_timeout); "
-            f"check that RabbitMQ is up and reachable, then queue it again"
+            f"the broker stayed unreachable for {self._publish_timeout:.0f} s (publish_timeout); nothing was "
+            f"sent: check that RabbitMQ is up and reachable, then queue it again"
         )
 
     # -- declare -----------------------------------------------------------------------------
@@ -268,10 +210,25 @@ class AmqpTransport:
     async def declare(self, topology: Topology) -> None:
         """Declare every object; while the broker is unreachable, retry (all of it) until the deadline."""
         first = (topology.queues or topology.exchanges or (None,))[0]
-        await self._until_reachable(first.name if first is not None else "?", lambda: self._declare(topology))
+        name = first.name if first is not None else "?"
+        loop = asyncio.get_running_loop()
+        until = deadline() or loop.time() + self._publish_timeout
+        pause = 0.05
+        while True:
+            try:
+                async with asyncio.timeout_at(until):
+                    return await self._declare(topology)
+            except REFUSALS:
+                raise
+            except CONNECTION_ERRORS as exc:
+                if loop.time() + pause >= until:
+                    raise BrokerUnavailableError(name, self.unavailable(nacked=False)) from exc
+                log.debug("%s: the broker is unreachable (%s); retrying", name, _describe(exc))
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 1.0)
 
     async def _declare(self, topology: Topology) -> None:
-        raw = await (await self._connected()).channel(publisher_confirms=False)
+        raw = await (await self._control().connected()).channel(publisher_confirms=False)
         current: ExchangeSpec | QueueSpec | None = None
         try:
             for current in topology.exchanges:
@@ -310,7 +267,8 @@ class AmqpTransport:
                 raise
             has = _EXISTING_VALUE.search(found.group(5))
         log.debug("queue %s exists with %s replicas: it keeps them", queue.name, has.group(1) if has else "unset")
-        raw = await (await self._connected()).channel(publisher_confirms=False)  # the refusal closed the other
+        # The refusal closed the other channel.
+        raw = await (await self._control().connected()).channel(publisher_confirms=False)
         if has is not None:
             arguments[INITIAL_GROUP_SIZE] = int(has.group(1))
         await raw.queue_declare(queue.name, durable=True, arguments=_table(arguments))
@@ -327,7 +285,7 @@ class AmqpTransport:
             return TopologyMismatchError("object", "?", self.vhost, detail)
         kind = "exchange" if isinstance(declared, ExchangeSpec) else "queue"
         try:
-            existing = await Management(self._url, timeout=3).get(kind, self.vhost, declared.name)
+            existing = await Management(self.url, timeout=3).get(kind, self.vhost, declared.name)
         except NobsAmqpError:
             existing = None
         if existing is not None:
@@ -337,50 +295,35 @@ class AmqpTransport:
     # -- publish -----------------------------------------------------------------------------
 
     async def publish(self, exchange: str, routing_key: str, message: Message) -> None:
-        index = next(self._next)
-        channel = self._channels[index] if self._channels else None
-        if channel is None:
+        """Publish and wait for the confirm (`sending.Sending` says what happens on the way)."""
+        if not self._channels:
             raise RuntimeError("transport is not open")
-        destination = exchange or routing_key
+        index = next(self._next)
+        await Sending(self, index, exchange, routing_key, message).run()
 
-        sends = 0
-
-        async def attempt() -> object:
-            nonlocal sends
-            sends += 1  # after a send that was not confirmed, the broker may hold it already
-            sent = message if sends == 1 else resent(message)
-            return await (await self._publisher(index, channel)).publish(exchange, routing_key, sent)
-
-        try:
-            confirmation = await self._until_reachable(destination, attempt, index)
-        except aiormq.exceptions.PublishError as exc:
-            raise UnroutableError(destination) from exc
-        except aiormq.exceptions.ChannelNotFoundEntity as exc:
-            raise NotFoundError(destination, _describe(exc)) from exc
-        except aiormq.exceptions.ChannelAccessRefused as exc:
-            raise PublishError(destination, f"the broker refused access (403): {_describe(exc)}") from exc
-        except _REFUSALS as exc:
-            raise PublishError(destination, f"the broker closed the channel: {_describe(exc)}") from exc
-        if not isinstance(confirmation, Basic.Ack):
-            raise PublishError(destination, f"unexpected confirmation {confirmation!r}")
-
-    async def _renew(self, index: int) -> None:
+    async def renew(self, index: int) -> None:
         """RabbitMQ 3.10 goes on nacking a channel that was nacked while a quorum queue elected its
         leader (a node died); a new channel is not: close pool channel `index`'s, aio-pika opens
-        another (and `_publisher` makes a publisher for it)."""
+        another (and `publisher` makes a publisher for it)."""
         publisher = self._publishers[index]
         if publisher is not None and not publisher.channel.is_closed:
-            with contextlib.suppress(*_CONNECTION_ERRORS):
+            with contextlib.suppress(*CONNECTION_ERRORS):
                 await publisher.channel.close()
 
-    async def _publisher(self, index: int, channel: AbstractRobustChannel) -> Publisher:
-        """The publisher of pool channel `index`, on its current aiormq channel."""
+    async def publisher(self, index: int) -> Publisher:
+        """The publisher of pool channel `index`, on its current aiormq channel, once the broker
+        does not block publishing (waits for that)."""
+        await self._out.until_unblocked()
         publisher = self._publishers[index]
         if publisher is None or publisher.channel.is_closed:
-            raw = cast(aiormq.Channel, await channel.get_underlay_channel())
+            raw = cast(aiormq.Channel, await self._channels[index].get_underlay_channel())
             if publisher is None or publisher.channel is not raw:  # a new channel after a reconnection
                 publisher = self._publishers[index] = Publisher(raw)
         return publisher
+
+    @property
+    def publish_timeout(self) -> float:
+        return self._publish_timeout
 
     # -- consume -----------------------------------------------------------------------------
 
@@ -393,7 +336,8 @@ class AmqpTransport:
     async def consume(
         self, queue: str, prefetch: int, handler: Handler, *, ack_timeout: float | None = None
     ) -> _AmqpSubscription:
-        channel = await self._require().channel(publisher_confirms=False)
+        link = await self._consuming()
+        channel = await link.require().channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=prefetch)
         channel.QUEUE_CLASS = DirectQueue  # this channel's queues only
         declared = cast(DirectQueue, await channel.declare_queue(queue, passive=True))
@@ -419,29 +363,31 @@ class AmqpTransport:
         return int(result.message_count or 0)
 
     async def lease(self, name: str) -> LeaseState:
-        """An exclusive queue named `name` (see `leases.py`)."""
+        """An exclusive queue named `name` (see `leases.py`), on the consuming connection (never blocked)."""
+        link = await self._consuming()
         try:
-            return await self._leases.lease(await self._connected(), name)
-        except _REFUSALS as exc:
+            return await self._leases.lease(await link.connected(), name)
+        except REFUSALS as exc:
             raise BrokerConnectionError(
-                redact(self._url), f"the broker refused queue {name!r}: {_describe(exc)}"
+                redact(self.url), f"the broker refused queue {name!r}: {_describe(exc)}"
             ) from exc
-        except _CONNECTION_ERRORS as exc:
-            raise BrokerConnectionError(redact(self._url), _describe(exc)) from exc
+        except CONNECTION_ERRORS as exc:
+            raise BrokerConnectionError(redact(self.url), _describe(exc)) from exc
 
     async def release(self, name: str) -> None:
-        transport = self._connection.transport if self._connection is not None else None
+        transport = self._in.connection.transport if self._in.connection is not None else None
         if transport is not None:
             try:
                 await self._leases.release(transport.connection, name)
-            except _CONNECTION_ERRORS as exc:  # the connection is gone, and its queue with it
+            except CONNECTION_ERRORS as exc:  # the connection is gone, and its queue with it
                 log.debug("releasing %s: %s", name, _describe(exc))
 
     async def _side_channel(self) -> aiormq.abc.AbstractChannel:
         """One channel for passive declares and purges (burst and drain poll them), reopened
-        after an error such as a missing queue closed it."""
-        if self._side is None or self._side.is_closed:
-            connection = await self._connected()  # after a reconnect: the new connection
+        after an error such as a missing queue closed it, or on the consuming connection once
+        that is open."""
+        connection = await self._control().connected()  # after a reconnect: the new connection
+        if self._side is None or self._side.is_closed or self._side.connection is not connection:
             self._side = await connection.channel(publisher_confirms=False)
         return self._side
 
@@ -469,10 +415,13 @@ class _AmqpSubscription:
         return self._acker
 
     async def cancel(self) -> None:
+        """Stop deliveries; a broker that does not answer within SHUTDOWN_ROUND_TRIP_SECONDS (a
+        stalled connection) is not waited for."""
         if not self._channel.is_closed:
             try:
-                await self._queue.cancel(self.tag)
-            except _CONNECTION_ERRORS as exc:
+                async with asyncio.timeout(SHUTDOWN_ROUND_TRIP_SECONDS):
+                    await self._queue.cancel(self.tag)
+            except (*CONNECTION_ERRORS, TimeoutError) as exc:
                 log.debug("cancel of consumer %s failed: %s", self.tag, _describe(exc))
 
     async def flush(self) -> None:
@@ -482,13 +431,24 @@ class _AmqpSubscription:
     async def close(self) -> None:
         """Send pending acks, then close the channel: the broker returns every message still
         unsettled. It puts them back asynchronously: wait (up to RETURN_WAIT_SECONDS) until the
-        queue shows them, so a count or a read right after this sees the queue as it was."""
-        await self.flush()
-        if self._channel.is_closed:
+        queue shows them, so a count or a read right after this sees the queue as it was. A
+        broker that does not answer (a stalled connection) is not waited for."""
+        try:
+            async with asyncio.timeout(SHUTDOWN_ROUND_TRIP_SECONDS):
+                await self.flush()
+                if self._channel.is_closed:
+                    return
+                held = self._acker.held if self._acker is not None else 0
+                before = await self._count() if held else 0
+                await self._channel.close()
+        except TimeoutError:
+            log.warning(
+                "the broker did not answer the close of %s's consumer within %.0f s; it returns the "
+                "messages it handed out once it notices the connection is gone",
+                self._queue.name,
+                SHUTDOWN_ROUND_TRIP_SECONDS,
+            )
             return
-        held = self._acker.held if self._acker is not None else 0
-        before = await self._count() if held else 0
-        await self._channel.close()
         if held:
             await self._returned(before + held)
 
@@ -496,23 +456,12 @@ class _AmqpSubscription:
         loop = asyncio.get_running_loop()
         until = loop.time() + RETURN_WAIT_SECONDS
         try:
-            while await self._count() < expected and loop.time() < until:  # noqa: ASYNC110 - the broker sends no event when a return lands
-                await asyncio.sleep(0.01)
-        except _CONNECTION_ERRORS + _REFUSALS as exc:  # gone or deleted meanwhile: nothing to wait for
+            async with asyncio.timeout_at(until + SHUTDOWN_ROUND_TRIP_SECONDS):
+                while await self._count() < expected and loop.time() < until:  # noqa: ASYNC110 - the broker sends no event when a return lands
+                    await asyncio.sleep(0.01)
+        except (*CONNECTION_ERRORS, *REFUSALS) as exc:  # gone or deleted meanwhile: nothing to wait for
             log.debug("cannot count %s after giving messages back: %s", self._queue.name, _describe(exc))
 
 
 def _table(arguments: Mapping[str, object]) -> aiormq.abc.ArgumentsType:
     return cast(aiormq.abc.ArgumentsType, dict(arguments))
-
-
-def _login_failure(exc: BaseException) -> str:
-    text = _describe(exc)
-    if "Connection.Close" in text:
-        return "the broker closed the connection at login: the vhost does not exist or the user may not use it"
-    if isinstance(exc, ssl.SSLError) or "CERTIFICATE_VERIFY_FAILED" in text:
-        return (
-            f"{text}; the broker's TLS certificate was not accepted: give its CA with ?cafile=/path/ca.pem "
-            f"in the amqps:// URL and connect by a host name the certificate names"
-        )
-    return text

@@ -14,6 +14,7 @@ from .errors import BrokerUnavailableError, NobsAmqpError, RetryNotPlacedError
 from .message import printable
 from .outcome import DeadLetter, Happened, NotPlaced, Outcome, RetryLater
 from .session import Session
+from .transport import until_confirmed
 from .worker import Worker
 
 log = logging.getLogger("nobs_amqp")
@@ -72,7 +73,8 @@ class Copies:
                 log.warning("worker %s: %s; declaring the topology again", self.worker.name, printable(error))
                 self.session.forget_declared(self.worker)
             try:
-                await publish()
+                with until_confirmed():  # a copy that may be in the queue is never given up (no fork)
+                    await publish()
                 return None
             except BrokerUnavailableError:
                 raise

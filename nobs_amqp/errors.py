@@ -83,11 +83,17 @@ class BrokerConnectionError(NobsAmqpError):
 
 
 class PublishError(NobsAmqpError):
-    """The broker did not confirm a message: nothing can be assumed about its delivery."""
+    """The broker did not take a message: not sent, refused or returned, unless `maybe_sent`."""
+
+    #: The message may be in the queue all the same (`PublishUnconfirmedError`): queueing it
+    #: again may run the task twice.
+    maybe_sent = False
 
     def __init__(self, destination: str, detail: str) -> None:
         self.destination = destination
         self.detail = detail
+        #: The id of the message that was not taken (set when it had one).
+        self.message_id: str | None = None
         super().__init__(f"message to {destination!r} was not confirmed: {detail}")
 
 
@@ -103,7 +109,50 @@ class UnroutableError(PublishError):
 
 
 class BrokerUnavailableError(PublishError):
-    """The broker stayed unreachable for the whole publish timeout."""
+    """The broker stayed unreachable (or refused messages) for the whole publish timeout: nothing was sent."""
+
+
+class BrokerBlockedError(BrokerUnavailableError):
+    """The broker blocked publishing (a memory or disk alarm) for the whole publish timeout: nothing was sent."""
+
+    def __init__(self, destination: str, reason: str, timeout: float) -> None:
+        self.reason = reason
+        super().__init__(
+            destination,
+            f"the broker blocked publishing ({reason}) for all of publish_timeout ({timeout:.0f} s), so it was "
+            f"not sent: a resource alarm is on (`rabbitmq-diagnostics alarms` says which); queue it again once "
+            f"it clears",
+        )
+
+
+class PublishUnconfirmedError(PublishError):
+    """A message was sent and the broker did not confirm it in time: it may be in the queue or not."""
+
+    maybe_sent = True
+
+    def __init__(self, destination: str, message_id: str, why: str, timeout: float) -> None:
+        self.why = why
+        super().__init__(
+            destination,
+            f"it was sent, and {why} before the broker confirmed it within publish_timeout ({timeout:.0f} s), "
+            f"so it may be in the queue: queueing it again may run the task twice (its message id is "
+            f"{message_id}; a task keyed on it runs once)",
+        )
+        self.message_id = message_id
+
+
+class MessageTooLargeError(PublishError):
+    """A message's body is larger than the broker takes (its `max_message_size`): nothing was sent."""
+
+    def __init__(self, destination: str, size: int, limit: int, source: str) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            destination,
+            f"its body has {size:,} bytes, more than the broker takes ({limit:,} bytes: {source}), so it was "
+            f"not sent: queue a reference to the data (a URL, an object-store key) instead, or raise the "
+            f"broker's max_message_size and Project(max_message_size=...) together",
+        )
 
 
 class NotFoundError(PublishError):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aio_pika
@@ -63,10 +63,18 @@ class FailoverConnection(aio_pika.RobustConnection):
         #: Failed attempts since the connection was lost.
         self.failures = 0
         self._pause = RECONNECT_MIN_SECONDS
+        #: Told of each new underlying (aiormq) connection a reconnection made.
+        self.on_transport: Callable[[Any], None] | None = None
+        self._shown: tuple[str, ...] = self.nodes
+        self._level = logging.INFO
 
-    def follow(self, nodes: Sequence[str], node: int) -> None:
-        """Reconnect round `nodes`, starting after `nodes[node]` (the one connected now)."""
+    def follow(self, nodes: Sequence[str], node: int, *, shown: Sequence[str] = (), quiet: bool = False) -> None:
+        """Reconnect round `nodes`, starting after `nodes[node]` (the one connected now); logs name
+        each by `shown` (the same URLs as the user gave them), at DEBUG when `quiet` (a second
+        connection of the same process, whose attempts the first one's lines say already)."""
         self.nodes, self.node = tuple(nodes), node
+        self._shown = tuple(shown) or self.nodes
+        self._level = logging.DEBUG if quiet else logging.INFO
 
     @property
     def current(self) -> str:
@@ -95,9 +103,10 @@ class FailoverConnection(aio_pika.RobustConnection):
             self.failures += 1
             self._pause = pause_after(self.failures, len(self.nodes), random.random())
             if self.lost_at is not None:  # (a first connection that fails raises to the caller instead)
-                log.info(
+                log.log(
+                    self._level,
                     "reconnecting: %s did not answer (%s); attempt %d to %s in %.2f s",
-                    redact(self.current),
+                    redact(self._shown[self.node]),
                     describe_error(exc),
                     self.failures + 1,
                     node_address(self.nodes[(self.node + 1) % len(self.nodes)]),
@@ -106,3 +115,5 @@ class FailoverConnection(aio_pika.RobustConnection):
             raise
         self.failures = 0
         self._pause = RECONNECT_MIN_SECONDS
+        if self.on_transport is not None and self.transport is not None:
+            self.on_transport(self.transport.connection)

@@ -187,9 +187,14 @@ class Publisher:
     async def publish(self, exchange: str, routing_key: str, message: Message) -> ConfirmationFrameType | None:
         """Publish `message` persistent and mandatory; return the broker's confirm (raise what
         aiormq raises for a nack, a return, or a closed channel)."""
+        return await self.send(exchange, routing_key, message)
+
+    def send(self, exchange: str, routing_key: str, message: Message) -> asyncio.Future[ConfirmationFrameType | None]:
+        """Send `message` persistent and mandatory; the future of the broker's confirm. Once this
+        returns, the message is on its way (raises, sending nothing, on a closed channel)."""
         channel = self.channel
         if not self._direct or not message.message_id or not channel.publisher_confirms:
-            return await self._through_aiormq(exchange, routing_key, message)
+            return asyncio.ensure_future(self._through_aiormq(exchange, routing_key, message))
         if channel.is_closed:
             raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
         method = self._methods.get((exchange, routing_key))
@@ -200,20 +205,23 @@ class Publisher:
         # the write queue when nothing waits and there is room, else behind what waits.
         channel.delivery_tag += 1
         tag = channel.delivery_tag
-        confirmation: asyncio.Future[ConfirmationFrameType] = channel.create_future()
+        confirmation: asyncio.Future[ConfirmationFrameType | None] = channel.create_future()
         channel.confirmations[tag] = confirmation
-        channel.message_id_delivery_tag[message.message_id] = tag
+        message_id = message.message_id
+        channel.message_id_delivery_tag[message_id] = tag
+
+        def forget(_: object) -> None:
+            if channel.message_id_delivery_tag.get(message_id) == tag:
+                del channel.message_id_delivery_tag[message_id]
+
+        confirmation.add_done_callback(forget)
         if self._putting is None and not channel.write_queue.full():
             channel.write_queue.put_nowait(ChannelFrame(payload, False))
         else:
             self._waiting.append(payload)
             if self._putting is None:
                 self._putting = asyncio.get_running_loop().create_task(self._put_waiting())
-        try:
-            return await confirmation
-        finally:
-            if channel.message_id_delivery_tag.get(message.message_id) == tag:
-                del channel.message_id_delivery_tag[message.message_id]
+        return confirmation
 
     async def _put_waiting(self) -> None:
         """Put what waits into the write queue, oldest first, as one frame group per turn."""

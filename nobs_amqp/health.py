@@ -2,9 +2,12 @@
 
 Live: the event loop answers. A task that blocks it (a `time.sleep` inside `async def`) makes
 the process not live once the loop has not answered for `max_blocked` seconds. Ready: every
-consumer of the process is subscribed (READY) and the connection is up; not while it reconnects,
-drains after SIGTERM or has stopped. The endpoint runs in a thread of its own, so it answers
-while the loop is blocked; each answer is a JSON report (state, workers, blocked seconds).
+consumer of the process is subscribed (READY) and the connection is up; not while it reconnects
+(a stalled connection is found and dropped within the heartbeat, then reconnects), drains after
+SIGTERM or has stopped. A connection on which the broker blocks publishing (a resource alarm)
+is up and says `"connection": "blocked"` with the broker's reason: the worker still consumes.
+The endpoint runs in a thread of its own, so it answers while the loop is blocked; each answer
+is a JSON report (state, workers, connection, blocked seconds).
 
 Under `consume --processes N` each worker process writes its report into a folder the
 supervisor made (`Health.report_to`), and the supervisor serves them as one (`Children`).
@@ -73,6 +76,7 @@ class Health(Observer):
         self._lock = threading.Lock()
         self._workers: dict[str, str] = {}
         self._connected = True
+        self._blocked: str | None = None
         self._watchers = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watchdog: LoopWatchdog | None = None
@@ -86,7 +90,12 @@ class Health(Observer):
 
     def connection(self, up: bool) -> None:
         self._connected = up
+        if not up:
+            self._blocked = None  # a new connection starts unblocked
         self._watch_loop()
+
+    def connection_blocked(self, reason: str | None) -> None:
+        self._blocked = reason
 
     # -- what it says ----------------------------------------------------------------------
 
@@ -115,7 +124,9 @@ class Health(Observer):
             "ready": state == READY,
             "state": state,
             "workers": workers,
-            "connection": "up" if self._connected else "down",
+            # Blocked (a resource alarm) is not down: consuming goes on, publishes wait; still ready.
+            "connection": "down" if not self._connected else "up" if self._blocked is None else "blocked",
+            "blocked_reason": self._blocked,
             "blocked_seconds": blocked,
             "max_blocked_seconds": self.max_blocked,
             "pid": os.getpid(),

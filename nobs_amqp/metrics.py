@@ -122,6 +122,12 @@ class _Families:
             multiprocess_mode="livemax",
         )
         self.reconnects = counter("reconnects", "Times the connection to the broker came back after a loss.", ())
+        self.publishing_blocked = Gauge(
+            "nobs_amqp_publishing_blocked",
+            "1 while the broker blocks publishing on this process's connection (a resource alarm), else 0.",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
         self.node = Gauge(
             "nobs_amqp_broker_node",
             "Connections to each broker node (host:port): 1 per process connected to it now, 0 once left.",
@@ -214,6 +220,10 @@ class PrometheusMetrics(Observer):
         if up:
             self._metrics.reconnects.inc()
         self._show_states()
+
+    def connection_blocked(self, reason: str | None) -> None:
+        self.health.connection_blocked(reason)
+        self._metrics.publishing_blocked.set(0 if reason is None else 1)
 
     def broker_node(self, node: str) -> None:
         for seen in self._nodes - {node}:

@@ -93,6 +93,10 @@ class Observer:
     def connection(self, up: bool) -> None:
         """The connection to the broker was lost (False) or is back (True)."""
 
+    def connection_blocked(self, reason: str | None) -> None:
+        """The broker blocked publishing on the connection (`reason`, e.g. "low on memory": a
+        resource alarm), or unblocked it (None). Blocked is not down: consuming goes on."""
+
     def broker_node(self, node: str) -> None:
         """The connection reached `node` (`host:port`, no credentials): when the session opens,
         and after each reconnect (of a cluster's URLs, maybe another node than before)."""
@@ -160,6 +164,10 @@ class Observers(Observer):
     def connection(self, up: bool) -> None:
         for observer in self.observers:
             _call(observer, "connection", up)
+
+    def connection_blocked(self, reason: str | None) -> None:
+        for observer in self.observers:
+            _call(observer, "connection_blocked", reason)
 
     def broker_node(self, node: str) -> None:
         for observer in self.observers:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .consumer import Consumer
 from .errors import ConfigurationError, ProjectNotOpenError, TaskNotAllowedError, UnknownTaskError
+from .link import DEFAULT_HEARTBEAT
 from .logs import TaskLog
 from .observe import Observer
 from .session import Lifespan, Session, connect
@@ -41,6 +42,12 @@ def broker_urls(url: str | Sequence[str] | None) -> tuple[str, ...]:
     if url is not None:
         return checked_urls(url, "Project(url=...)")
     return checked_urls(os.environ.get(URL_ENV) or DEFAULT_URL, URL_ENV)
+
+
+def _whole(value: object, name: str, *, minimum: int, hint: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigurationError(f"{name} must be a whole number, {minimum} or more (got {value!r}; {hint})")
+    return value
 
 
 def _caller_package(depth: int = 2) -> str | None:
@@ -76,7 +83,13 @@ class Project:
     `consumer_timeout` in seconds, when its rabbitmq.conf changed it (before 3.11.15 a worker cannot
     set its own; see `Worker(time_limit=...)`). `replicas`: on a cluster, how many nodes each quorum
     queue the project creates is replicated to (RabbitMQ's initial group size: at most the
-    cluster's size; odd numbers, 3 or 5, tolerate the loss of 1 or 2 nodes).
+    cluster's size; odd numbers, 3 or 5, tolerate the loss of 1 or 2 nodes). `heartbeat`: the
+    AMQP heartbeat in seconds (a URL's `?heartbeat=N` wins): a connection that stalls (the peer
+    stops answering and closes nothing) is dropped and reconnected within `heartbeat + 1` s, and
+    the broker drops one whose event loop is blocked for about twice that. `max_message_size`:
+    the largest body, in bytes, `queue()` sends (default: RabbitMQ's own default for its
+    version, 128 MiB on 3.x and 16 MiB on 4.x); a larger one raises `MessageTooLargeError` at
+    the call site. Set it to what the broker's `max_message_size` says when that differs.
     """
 
     def __init__(
@@ -97,6 +110,8 @@ class Project:
         broker_consumer_timeout: float = 1800.0,
         tracing: bool = True,
         replicas: int = 3,
+        heartbeat: int = DEFAULT_HEARTBEAT,
+        max_message_size: int | None = None,
     ) -> None:
         self.name = check_name("project", name)
         self.workers: dict[str, Worker] = {}
@@ -128,6 +143,10 @@ class Project:
                 f"replicas must be a whole number of nodes, 1 or more (got {replicas!r}); 3 or 5 on a cluster"
             )
         self.replicas = replicas
+        self.heartbeat = _whole(heartbeat, "heartbeat", minimum=0, hint="seconds; 0 turns heartbeats off")
+        self.max_message_size = (
+            None if max_message_size is None else _whole(max_message_size, "max_message_size", minimum=1, hint="bytes")
+        )
         self._session: Session | None = None
         self.worker_lifespan = worker_lifespan
         #: Metrics, logs and traces (`observe.Observer`), told what every session of the project does.
@@ -190,6 +209,8 @@ class Project:
             publish_timeout=self._publish_timeout,
             consumer_timeout=self.broker_consumer_timeout,
             replicas=self.replicas,
+            heartbeat=self.heartbeat,
+            max_message_size=self.max_message_size,
         )
         await transport.open()
         if self._signing_key is None:

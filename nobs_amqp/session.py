@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from . import delay as ladder
 from .amqp import AmqpTransport
 from .errors import LifespanError
+from .link import DEFAULT_HEARTBEAT
 from .message import Message
 from .observe import Observer, Observers
 from .signing import Signer
@@ -51,12 +52,14 @@ def connect(
     publish_timeout: float,
     consumer_timeout: float,
     replicas: int = 3,
+    heartbeat: int = DEFAULT_HEARTBEAT,
+    max_message_size: int | None = None,
 ) -> Transport:
     """The transport for `urls` (not opened yet): the in-process broker, or RabbitMQ."""
     if in_process(urls[0]):
         from .memory import MemoryTransport  # here: a worker on RabbitMQ never loads the memory broker
 
-        return MemoryTransport(urls[0])
+        return MemoryTransport(urls[0], max_message_size=max_message_size)
     return AmqpTransport(
         urls,
         name=name,
@@ -64,6 +67,8 @@ def connect(
         publish_timeout=publish_timeout,
         consumer_timeout=consumer_timeout,
         replicas=replicas,
+        heartbeat=heartbeat,
+        max_message_size=max_message_size,
     )
 
 
@@ -96,6 +101,7 @@ class Session:
         self.observers = Observers(observers)
         if isinstance(transport, ConnectionEvents):
             transport.on_connection.append(self._connection)
+            transport.on_blocked.append(self.observers.connection_blocked)
         self.observers.broker_node(self.node)
 
     @property

@@ -13,8 +13,30 @@ from contextvars import ContextVar
 from datetime import datetime
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from .errors import MessageTooLargeError
 from .message import Message
 from .topology import ServerVersion, Topology
+
+#: What RabbitMQ takes unless its `max_message_size` says otherwise: 128 MiB on 3.x, 16 MiB from 4.0.
+MAX_MESSAGE_SIZE_3 = 128 * 1024 * 1024
+MAX_MESSAGE_SIZE_4 = 16 * 1024 * 1024
+
+
+def default_max_message_size(version: ServerVersion) -> int:
+    """The broker's default `max_message_size` for its version."""
+    return MAX_MESSAGE_SIZE_4 if version >= (4,) else MAX_MESSAGE_SIZE_3
+
+
+def check_size(destination: str, message: Message, limit: int, *, configured: bool) -> None:
+    """MessageTooLargeError, before anything is sent, for a body over `limit` bytes (`configured`:
+    the project's own limit, not the broker's default)."""
+    if len(message.body) > limit:
+        source = (
+            "Project(max_message_size=...)" if configured else "RabbitMQ's default max_message_size for its version"
+        )
+        error = MessageTooLargeError(destination, len(message.body), limit, source)
+        error.message_id = message.message_id or None
+        raise error
 
 
 class Delivery(Protocol):
@@ -62,6 +84,10 @@ class Transport(Protocol):
     @property
     def url(self) -> str:
         """The URL this transport reached (with credentials: never show it unredacted)."""
+
+    @property
+    def max_message_size(self) -> int:
+        """The largest body a publish may carry (bytes); a larger one raises MessageTooLargeError."""
 
     def now(self) -> datetime:
         """The broker side's clock: what every message's times and the retry policy read."""
@@ -119,6 +145,8 @@ class ConnectionEvents(Protocol):
 
     #: Called with False when the connection is lost (once per outage), True when it is back.
     on_connection: list[Callable[[bool], None]]
+    #: Called with the broker's reason when it blocks publishing (a resource alarm), None when it unblocks.
+    on_blocked: list[Callable[[str | None], None]]
 
 
 #: When the queue() (or retry, or dead letter) in progress gives up: declaring and publishing share it.
@@ -146,3 +174,28 @@ class one_deadline:  # noqa: N801 - used as a function: `with one_deadline(secon
 def deadline() -> float | None:
     """The event-loop time the operation in progress gives up at (None: no deadline set)."""
     return _DEADLINE.get()
+
+
+#: Set while a worker places a delivery's retry or dead-letter copy (see `until_confirmed`).
+_UNTIL_CONFIRMED: ContextVar[bool] = ContextVar("nobs_amqp_until_confirmed", default=False)
+
+
+class until_confirmed:  # noqa: N801 - used as a function: `with until_confirmed():`
+    """Publishes inside are pursued past the deadline once they may be in the queue: a copy that
+    was sent (its confirm not come yet, or lost with the connection) is waited for and sent
+    again until the broker confirms it, never given up. A worker places its copies so: giving
+    one up would put the delivery back while the copy may run too (a forked task). The deadline
+    still holds for a copy that could not be sent at all (nothing of it is anywhere)."""
+
+    __slots__ = ("_token",)
+
+    def __enter__(self) -> None:
+        self._token = _UNTIL_CONFIRMED.set(True)
+
+    def __exit__(self, *exc: object) -> None:
+        _UNTIL_CONFIRMED.reset(self._token)
+
+
+def pursued() -> bool:
+    """Whether a publish in progress is pursued until confirmed once it may be in the queue."""
+    return _UNTIL_CONFIRMED.get()
