@@ -20,6 +20,7 @@ from . import message as wire
 from .cli_common import APP_ENV, APP_ROOTS, app_reference, load_project, refuse_memory, run_open, worker_of
 from .consumer import Consumer
 from .errors import NobsAmqpError, UnknownTaskError
+from .health import ANY_HOST, KUBERNETES_ENV, LOOPBACK_HOST, default_host
 from .project import Project
 from .session import Session
 from .supervisor import RECYCLE_EXIT, supervise
@@ -156,7 +157,12 @@ def main(ctx: click.Context, app: str | None, log_level: str, log_format: logs.L
     type=click.IntRange(1, 65535),
     help="Serve Prometheus /metrics, /livez and /readyz on this port (pip install 'nobs_amqp[metrics]').",
 )
-@click.option("--metrics-host", default="0.0.0.0", show_default=True, help="The address --metrics-port listens on.")
+@click.option(
+    "--metrics-host",
+    default=default_host,
+    show_default=f"{ANY_HOST} in a Kubernetes pod, else {LOOPBACK_HOST}",
+    help=f"The address --metrics-port listens on (a pod: {KUBERNETES_ENV} is set).",
+)
 @click.option(
     "--max-blocked",
     type=click.FloatRange(min=0, min_open=True),

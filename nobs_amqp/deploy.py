@@ -35,6 +35,8 @@ PerWorker = Mapping[str | None, int]
 
 COMMAND = "nobs-amqp"
 METRICS_PORT = 9090
+#: Where a deployed worker's metrics and health listen: every address of its container.
+METRICS_HOST = "0.0.0.0"
 #: `nobs-amqp consume --grace-period`'s default: seconds running tasks get after SIGTERM.
 GRACE_PERIOD = 25.0
 #: Seconds after the grace period before SIGKILL: the worker returns what it holds and closes its connection.
@@ -199,13 +201,17 @@ def _cli(release: Release, *args: str) -> list[str]:
 
 
 def consume_command(release: Release, worker: Worker) -> list[str]:
-    """`nobs-amqp --app APP consume W --metrics-port N --grace-period S`."""
+    """`nobs-amqp --app APP consume W --metrics-port N --metrics-host 0.0.0.0 --grace-period S`: the
+    kubelet's probes and Prometheus come from outside the container (its own default would be
+    loopback outside Kubernetes)."""
     return _cli(
         release,
         "consume",
         worker.name,
         "--metrics-port",
         str(release.metrics_port),
+        "--metrics-host",
+        METRICS_HOST,
         "--grace-period",
         f"{release.grace_period:g}",
     )

@@ -18,20 +18,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import http.server
 import logging
 import math
 import os
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
 
+from . import httpserve
 from .errors import ConfigurationError, MetricsPortError
 from .observe import DRAINING, READY, RECONNECTING, STOPPED, Observer
 from .runner import LoopWatchdog
@@ -50,6 +49,9 @@ _RANK = {READY: 0, STARTING: 1, RECONNECTING: 2, DRAINING: 3, STOPPED: 4, UNRESP
 REPORT_SECONDS = 0.5
 STALE_SECONDS = 5.0
 PATHS = ("/metrics", "/livez", "/readyz")
+#: Set in every container Kubernetes runs: there the endpoint listens on ANY_HOST unless told.
+KUBERNETES_ENV = "KUBERNETES_SERVICE_HOST"
+ANY_HOST, LOOPBACK_HOST = "0.0.0.0", "127.0.0.1"
 
 Report = dict[str, Any]
 #: For `/metrics`: the request's Accept header -> the body and its content type.
@@ -135,10 +137,11 @@ class Health(Observer):
     # -- serving ---------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def serve(self, *, port: int, host: str = "0.0.0.0", render: Render | None = None) -> Iterator[int]:
+    def serve(self, *, port: int, host: str | None = None, render: Render | None = None) -> Iterator[int]:
         """Serve `/livez`, `/readyz` (and `/metrics` through `render`) on `host:port` from a thread
-        until the block ends; yields the port. MetricsPortError when it cannot listen there."""
-        with self.watching(), serve(host, port, self.report, render) as bound:
+        until the block ends; yields the port (port 0: a free one). `host` by default: `default_host()`,
+        0.0.0.0 in a Kubernetes pod, else 127.0.0.1. MetricsPortError when it cannot listen there."""
+        with self.watching(), serve(default_host() if host is None else host, port, self.report, render) as bound:
             yield bound
 
     @contextlib.contextmanager
@@ -263,69 +266,45 @@ def _write_atomically(path: Path, data: bytes) -> None:
 # -- the HTTP endpoint ------------------------------------------------------------------------
 
 
+def default_host(environ: Mapping[str, str] = os.environ) -> str:
+    """Where the endpoint listens unless told: every address inside a Kubernetes pod (the kubelet's
+    probes and Prometheus come to the pod's IP), else loopback only (a laptop's is not the LAN's)."""
+    return ANY_HOST if environ.get(KUBERNETES_ENV) else LOOPBACK_HOST
+
+
 @contextlib.contextmanager
 def serve(host: str, port: int, report: Callable[[], Report], render: Render | None) -> Iterator[int]:
     """Answer `/livez` and `/readyz` with `report()`, and `/metrics` with `render`, on `host:port`
     from a thread until the block ends; yields the port. MetricsPortError when it cannot listen."""
-    server_class = _Server6 if ":" in host else _Server
     try:
-        server = server_class((host, port), _Handler)
+        sock = httpserve.listen(host, port)
     except OSError as exc:  # in use, not allowed, or no such address
         if exc.errno == errno.EADDRINUSE:
             fix = "pick another port (--metrics-port) or stop what listens there"
         else:
             fix = "check the address (--metrics-host) and the port"
         raise MetricsPortError(host, port, (exc.strerror or str(exc)).lower(), fix) from exc
-    server.report, server.render = report, render
-    thread = threading.Thread(target=server.serve_forever, args=(0.2,), name="nobs-metrics", daemon=True)
-    thread.start()
-    bound = int(server.server_address[1])
-    log.info("metrics and health on http://%s:%d (%s)", host, bound, ", ".join(PATHS))
-    try:
+    bound = int(sock.getsockname()[1])
+    with httpserve.serving(sock, _responder(report, render)):
+        shown = f"[{host}]" if ":" in host else host
+        log.info("metrics and health on http://%s:%d (%s)", shown, bound, ", ".join(_paths(render)))
         yield bound
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    report: Callable[[], Report]
-    render: Render | None
+def _responder(report: Callable[[], Report], render: Render | None) -> httpserve.Respond:
+    def respond(target: str, accept: str) -> tuple[int, bytes, str]:
+        path = urlsplit(target).path
+        if path == "/metrics" and render is not None:
+            body, content_type = render(accept)
+            return 200, body, content_type
+        if path in ("/livez", "/readyz"):
+            answer = report()
+            good = answer["live"] if path == "/livez" else answer["ready"]
+            return 200 if good else 503, orjson.dumps(answer), "application/json"
+        return 404, orjson.dumps({"error": f"nothing at {path}", "paths": _paths(render)}), "application/json"
+
+    return respond
 
 
-class _Server6(_Server):
-    address_family = socket.AF_INET6
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    server: _Server
-
-    def do_GET(self) -> None:
-        path = urlsplit(self.path).path
-        try:
-            if path == "/metrics" and self.server.render is not None:
-                body, content_type = self.server.render(self.headers.get("Accept") or "")
-                self._send(200, body, content_type)
-            elif path in ("/livez", "/readyz"):
-                report = self.server.report()
-                good = report["live"] if path == "/livez" else report["ready"]
-                self._send(200 if good else 503, orjson.dumps(report), "application/json")
-            else:
-                paths = [p for p in PATHS if p != "/metrics" or self.server.render is not None]
-                self._send(404, orjson.dumps({"error": f"nothing at {path}", "paths": paths}), "application/json")
-        except Exception as exc:  # noqa: BLE001 - a bug here must not look like an unhealthy worker's silence
-            log.error("metrics endpoint: %s failed: %s: %s", path, type(exc).__name__, exc)
-            self._send(500, orjson.dumps({"error": f"{type(exc).__name__}: {exc}"}), "application/json")
-
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Quiet: probes every few seconds would flood the worker's log."""
+def _paths(render: Render | None) -> list[str]:
+    return [path for path in PATHS if path != "/metrics" or render is not None]

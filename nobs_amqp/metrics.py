@@ -262,9 +262,10 @@ class PrometheusMetrics(Observer):
         """Bring the values read at scrape time (the event loop's blocking) up to date."""
         self._metrics.blocked.set(self.health.blocked_seconds())
 
-    def serve(self, *, port: int, host: str = "0.0.0.0") -> contextlib.AbstractContextManager[int]:
+    def serve(self, *, port: int, host: str | None = None) -> contextlib.AbstractContextManager[int]:
         """Serve `/metrics`, `/livez` and `/readyz` on `host:port` from a thread until the block
-        ends; yields the port. MetricsPortError when it cannot listen there."""
+        ends; yields the port. `host` by default: 0.0.0.0 in a Kubernetes pod, else 127.0.0.1
+        (`health.default_host`). MetricsPortError when it cannot listen there."""
         return self.health.serve(port=port, host=host, render=self.render)
 
     def report_to(self, directory: Path) -> contextlib.AbstractContextManager[None]:

@@ -107,7 +107,8 @@ def test_a_deployment_per_worker_runs_consume_with_its_secret_probes_and_metrics
         main = container(deployment)
         assert main["image"] == IMAGE
         assert main["command"] == [
-            "nobs-amqp", "--app", DEPLOY_APP, "consume", worker, "--metrics-port", "9100", "--grace-period", "40",
+            "nobs-amqp", "--app", DEPLOY_APP, "consume", worker, "--metrics-port", "9100",
+            "--metrics-host", "0.0.0.0", "--grace-period", "40",
         ]  # fmt: skip
         assert env_of(deployment)["NOBS_AMQP_URL"] == {"name": "shop-backend-rabbitmq", "key": "url"}
         assert env_of(deployment)["NOBS_AMQP_SIGNING_KEY"]["optional"] is True
@@ -274,7 +275,7 @@ def test_compose_runs_the_same_fleet_on_one_host() -> None:
         service = services[name]
         assert service["image"] == IMAGE
         assert service["command"][3:5] == ["consume", worker]
-        assert service["command"][5:] == ["--metrics-port", "9090", "--grace-period", "30"]
+        assert service["command"][5:] == ["--metrics-port", "9090", "--metrics-host", "0.0.0.0", "--grace-period", "30"]
         assert service["deploy"] == {"replicas": replicas}
         assert service["stop_grace_period"] == "40s"
         assert service["depends_on"] == {"topology": {"condition": "service_completed_successfully"}}
