@@ -4,10 +4,12 @@ from typing import TYPE_CHECKING, Any
 
 from .context import TaskContext, current_task
 from .errors import (
+    BrokerBlockedError,
     BrokerConnectionError,
     BrokerUnavailableError,
     ConfigurationError,
     LifespanError,
+    MessageTooLargeError,
     NobsAmqpError,
     NoTaskContextError,
     NotFoundError,
@@ -15,6 +17,7 @@ from .errors import (
     PayloadTypeError,
     ProjectNotOpenError,
     PublishError,
+    PublishUnconfirmedError,
     TaskDefinitionError,
     TaskNotAllowedError,
     TopologyMismatchError,
@@ -31,10 +34,12 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "BrokerBlockedError",
     "BrokerConnectionError",
     "BrokerUnavailableError",
     "ConfigurationError",
     "LifespanError",
+    "MessageTooLargeError",
     "NoTaskContextError",
     "NobsAmqpError",
     "NotFoundError",
@@ -43,6 +48,7 @@ __all__ = [
     "Project",
     "ProjectNotOpenError",
     "PublishError",
+    "PublishUnconfirmedError",
     "Reject",
     "Retry",
     "Schedule",

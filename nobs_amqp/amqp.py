@@ -30,7 +30,7 @@ from .management import Management
 from .message import Message, wall_clock
 from .sending import CONNECTION_ERRORS, REFUSALS, Sending
 from .topology import INITIAL_GROUP_SIZE, ExchangeSpec, QueueSpec, ServerVersion, Topology, difference
-from .transport import Handler, LeaseState, deadline, default_max_message_size
+from .transport import Handler, LeaseState, check_size, deadline
 from .urls import describe_error as _describe
 from .urls import redact as redact  # re-exported: examples and status use them from here
 from .urls import vhost_of as vhost_of
@@ -105,15 +105,9 @@ class AmqpTransport:
         """Why the broker blocks publishing here now (its reason), or None."""
         return self._out.blocked
 
-    @property
-    def max_message_size(self) -> int:
-        """The largest body a publish may carry: the project's setting, else the broker's default."""
-        return self._max_message_size or default_max_message_size(self.server_version)
-
-    @property
-    def sized(self) -> bool:
-        """Whether `max_message_size` is the project's own setting."""
-        return self._max_message_size is not None
+    def check_size(self, destination: str, message: Message) -> None:
+        """MessageTooLargeError for a body over the project's limit, else over the broker's default."""
+        check_size(destination, message, self._max_message_size, self.server_version)
 
     def now(self) -> datetime:
         return wall_clock()
@@ -320,6 +314,10 @@ class AmqpTransport:
             if publisher is None or publisher.channel is not raw:  # a new channel after a reconnection
                 publisher = self._publishers[index] = Publisher(raw)
         return publisher
+
+    async def until_unblocked(self) -> None:
+        """Return once the broker does not block publishing (at once, unless an alarm is on)."""
+        await self._out.until_unblocked()
 
     @property
     def publish_timeout(self) -> float:

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -398,13 +399,37 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 #: A signal this soon after the previous one is the same one delivered twice (a `--processes` child
 #: gets each Ctrl-C from the terminal and again from its supervisor), not a second Ctrl-C.
 REPEATED_SIGNAL_SECONDS = 0.5
+#: After the grace period, how long a stop may still take (acks, cancels, closes: each broker round
+#: trip is bounded) before the process exits without the broker: whatever it does, a worker is gone
+#: within `--grace-period` plus this. Deployments give it more (deploy.SHUTDOWN_MARGIN).
+STOP_MARGIN_SECONDS = 5.0
+
+
+def _exit_by(seconds: float, why: str) -> None:
+    """Exit `seconds` from now unless the process has exited by then (a daemon timer thread: it
+    fires while the event loop waits on a broker that does not answer, or is blocked)."""
+
+    def exit_now() -> None:
+        log.error(
+            "%s, still stopping after %.0f s: exiting now; the broker returns every unsettled message to the queue",
+            why,
+            seconds,
+        )
+        logging.shutdown()
+        os._exit(0)
+
+    timer = threading.Timer(seconds, exit_now)
+    timer.daemon = True
+    timer.start()
 
 
 async def _consume(project: Project, build: Callable[[Session], Consumer]) -> Consumer:
     """Open `project` and run the consumer `build` makes. The first SIGTERM/SIGINT drains (running
     tasks get the grace period), a second one stops at once (running tasks are cancelled, their
     messages go back to the queue), a third one exits without a word to the broker (which then
-    returns the unsettled messages). A signal while it is still connecting exits at once."""
+    returns the unsettled messages). A signal while it is still connecting exits at once. Whatever
+    the broker does (a stalled connection answers nothing), the process exits within the grace
+    period and STOP_MARGIN_SECONDS of the first signal, and within STOP_MARGIN_SECONDS of the second."""
     loop = asyncio.get_running_loop()
     signals = 0
     last = 0.0
@@ -433,8 +458,10 @@ async def _consume(project: Project, build: Callable[[Session], Consumer]) -> Co
             return
         signals, last = signals + 1, now
         if signals == 1:
+            _exit_by(consumer.grace_period + STOP_MARGIN_SECONDS, name)
             loop.call_soon_threadsafe(stopping, name)
         elif signals == 2:
+            _exit_by(STOP_MARGIN_SECONDS, f"{name} again")
             loop.call_soon_threadsafe(consumer.force_stop)
         else:
             log.error("%s a third time: exiting now; the broker returns every unsettled message to the queue", name)

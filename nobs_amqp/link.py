@@ -218,7 +218,10 @@ class Link:
             return
         connection.lost_at = connection.loop.time()
         self.up = False
-        self.lost_because = describe_error(exc)
+        if isinstance(exc, asyncio.CancelledError):  # aiormq cancels the reader of a stalled connection
+            self.lost_because = f"it stalled: no frame from the broker for {self.heartbeat + 1} s"
+        else:
+            self.lost_because = describe_error(exc)
         self.blocked = None
         self._unblocked.set()
         log.debug("lost the %s connection: %s", self.role, self.lost_because)

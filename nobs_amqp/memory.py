@@ -28,7 +28,7 @@ from typing import ClassVar
 from .errors import NotFoundError, TopologyMismatchError, UnroutableError
 from .message import Message, wall_clock
 from .topology import ExchangeSpec, QueueSpec, ServerVersion, Topology, difference
-from .transport import Handler, LeaseState, check_size, default_max_message_size
+from .transport import Handler, LeaseState, check_size
 from .urls import memory_name
 
 log = logging.getLogger("nobs_amqp")
@@ -355,10 +355,9 @@ class MemoryTransport:
     def url(self) -> str:
         return self._url
 
-    @property
-    def max_message_size(self) -> int:
-        """As RabbitMQ 4.x (whose version this broker says it is) takes by default, or the project's."""
-        return self._max_message_size or default_max_message_size(self.server_version)
+    def check_size(self, destination: str, message: Message) -> None:
+        """As RabbitMQ 4.x (whose version this broker says it is) checks by default, or the project's limit."""
+        check_size(destination, message, self._max_message_size, self.server_version)
 
     def now(self) -> datetime:
         """The virtual clock: this machine's time plus however far `advance()` moved it."""
@@ -396,9 +395,7 @@ class MemoryTransport:
         self.broker.declare(topology)
 
     async def publish(self, exchange: str, routing_key: str, message: Message) -> None:
-        check_size(
-            exchange or routing_key, message, self.max_message_size, configured=self._max_message_size is not None
-        )
+        self.check_size(exchange or routing_key, message)
         if exchange and exchange not in self.broker.exchanges:
             raise NotFoundError(exchange, f"no exchange '{exchange}' in vhost '/'")
         if not self.broker.publish(exchange, routing_key, message):

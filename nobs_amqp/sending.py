@@ -37,7 +37,7 @@ from .errors import (
     UnroutableError,
 )
 from .message import Message, resent
-from .transport import check_size, deadline, pursued
+from .transport import deadline, pursued
 from .urls import describe_error
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ class Sending:
             raise
 
     async def _run(self) -> None:
-        self._check_size()
+        self.transport.check_size(self.destination, self.message)
         loop = asyncio.get_running_loop()
         until = deadline() or loop.time() + self.transport.publish_timeout
         pursue = pursued()
@@ -123,7 +123,11 @@ class Sending:
 
     async def _attempt(self, until: float | None, pursue: bool) -> object:
         """One send: wait (up to `until`) until the broker does not block publishing and the
-        channel is open, send, and wait for the confirm (past `until` when `pursue`)."""
+        channel is open, send, and wait for the confirm (past `until` when `pursue`). When
+        `pursue`, a broker that blocks publishing is waited for past `until` too: it is up, and
+        takes the message once its alarm clears (a worker's delivery waits meanwhile)."""
+        if pursue:
+            await self.transport.until_unblocked()
         async with asyncio.timeout_at(until):
             publisher = await self.transport.publisher(self.index)
         sent = self.message if self.sends == 0 else resent(self.message)
@@ -141,7 +145,7 @@ class Sending:
     ) -> object:
         try:
             async with asyncio.timeout_at(until):
-                return await asyncio.shield(confirmation)
+                return await _settled(confirmation)
         except TimeoutError:
             if not pursue:
                 raise
@@ -151,11 +155,7 @@ class Sending:
             self.message.message_id,
             self._why(),
         )
-        return await confirmation
-
-    def _check_size(self) -> None:
-        transport = self.transport
-        check_size(self.destination, self.message, transport.max_message_size, configured=transport.sized)
+        return await _settled(confirmation)
 
     def _refused(self, exc: BaseException) -> None:
         """The broker closed the channel: raise what it means for this message, unless another
@@ -195,3 +195,15 @@ class Sending:
         if blocked is not None:
             return BrokerBlockedError(self.destination, blocked, timeout)
         return BrokerUnavailableError(self.destination, self.transport.unavailable(nacked=nacked))
+
+
+async def _settled(confirmation: asyncio.Future[_Confirmation]) -> _Confirmation:
+    """The broker's confirm; ConnectionError when the connection's end cancelled the future (aiormq
+    does, for a stalled connection) rather than this task being cancelled."""
+    try:
+        return await asyncio.shield(confirmation)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if confirmation.done() and (task is None or not task.cancelling()):
+            raise ConnectionError("the connection closed before the broker confirmed the message") from None
+        raise

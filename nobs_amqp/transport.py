@@ -27,14 +27,13 @@ def default_max_message_size(version: ServerVersion) -> int:
     return MAX_MESSAGE_SIZE_4 if version >= (4,) else MAX_MESSAGE_SIZE_3
 
 
-def check_size(destination: str, message: Message, limit: int, *, configured: bool) -> None:
-    """MessageTooLargeError, before anything is sent, for a body over `limit` bytes (`configured`:
-    the project's own limit, not the broker's default)."""
-    if len(message.body) > limit:
-        source = (
-            "Project(max_message_size=...)" if configured else "RabbitMQ's default max_message_size for its version"
-        )
-        error = MessageTooLargeError(destination, len(message.body), limit, source)
+def check_size(destination: str, message: Message, limit: int | None, version: ServerVersion) -> None:
+    """MessageTooLargeError, before anything is sent, for a body over `limit` bytes (the project's
+    own limit), else over the broker's default for its `version`."""
+    most = limit or default_max_message_size(version)
+    if len(message.body) > most:
+        source = "Project(max_message_size=...)" if limit else "RabbitMQ's default max_message_size for its version"
+        error = MessageTooLargeError(destination, len(message.body), most, source)
         error.message_id = message.message_id or None
         raise error
 
@@ -85,9 +84,9 @@ class Transport(Protocol):
     def url(self) -> str:
         """The URL this transport reached (with credentials: never show it unredacted)."""
 
-    @property
-    def max_message_size(self) -> int:
-        """The largest body a publish may carry (bytes); a larger one raises MessageTooLargeError."""
+    def check_size(self, destination: str, message: Message) -> None:
+        """MessageTooLargeError if `message` is larger than the broker takes (checked by `publish`
+        too; `queue_many` checks every message before it sends any)."""
 
     def now(self) -> datetime:
         """The broker side's clock: what every message's times and the retry policy read."""

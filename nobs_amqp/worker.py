@@ -128,6 +128,8 @@ class Worker:
         checked = [self._checked(fn, payload, delay, priority) for payload in payloads]
         session = self.project.session
         messages = [(self._message(session, task, body, wait, priority), wait) for task, body, wait in checked]
+        for message, _ in messages:  # none is sent if one is too large
+            session.transport.check_size(self.name, message)
         await asyncio.gather(*(session.send(self, message, wait) for message, wait in messages))
         return [message.message_id for message, _ in messages]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 CHUNK = 65536
@@ -27,6 +28,10 @@ class Proxy:
     Between `hold()` and `release()`, what the broker sends waits in the proxy (what clients
     send still goes through): a confirm the broker sent, lost with a `cut()` meanwhile.
 
+    `stall()` turns every open connection into a black hole, as a dead NAT entry or a frozen
+    peer does: what either side sends is dropped and nothing is closed (not even when the other
+    side closes); new connections go through as usual.
+
     With a `latency`, every chunk is delayed by that many seconds each way, as a network between
     a service and its broker does; order is kept and nothing waits for an earlier chunk's delay
     to end, so what a client pipelines stays pipelined.
@@ -42,6 +47,7 @@ class Proxy:
         self.refused = 0
         self._server: asyncio.Server | None = None
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._stalled: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._replies = asyncio.Event()
         self._replies.set()
         self._handlers: set[asyncio.Task[None]] = set()
@@ -85,6 +91,12 @@ class Proxy:
         """Forward what the broker sends again, what was held first."""
         self._replies.set()
 
+    def stall(self) -> int:
+        """Stop forwarding on every open connection without closing it; return how many there were."""
+        pairs = list(self._pairs)
+        self._stalled.update(pairs)
+        return len(pairs)
+
     def cut(self) -> int:
         """Close both sides of every open connection at once; return how many there were."""
         pairs = list(self._pairs)
@@ -117,12 +129,14 @@ class Proxy:
                         _delayed_pump(upstream_reader, client_writer, self.latency),
                     )
                 else:
+                    stalled = lambda: pair in self._stalled  # noqa: E731
                     await asyncio.gather(
-                        _pump(client_reader, upstream_writer),
-                        _pump(upstream_reader, client_writer, self._replies),
+                        _pump(client_reader, upstream_writer, stalled=stalled),
+                        _pump(upstream_reader, client_writer, self._replies, stalled=stalled),
                     )
             finally:
                 self._pairs.discard(pair)
+                self._stalled.discard(pair)
                 client_writer.transport.abort()
                 upstream_writer.transport.abort()
         finally:
@@ -130,17 +144,25 @@ class Proxy:
 
 
 async def _pump(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flowing: asyncio.Event | None = None
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    flowing: asyncio.Event | None = None,
+    *,
+    stalled: Callable[[], bool] = lambda: False,
 ) -> None:
     """Copy bytes until either side goes away, then close both directions of `writer`; each
-    chunk waits for `flowing`, if given, to be set."""
+    chunk waits for `flowing`, if given, to be set. Once `stalled()`, bytes are dropped and
+    nothing is closed."""
     with contextlib.suppress(ConnectionError, OSError):
         while data := await reader.read(CHUNK):
+            if stalled():
+                continue
             if flowing is not None:
                 await flowing.wait()
             writer.write(data)
             await writer.drain()
-    writer.transport.abort()
+    if not stalled():
+        writer.transport.abort()
 
 
 async def _delayed_pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, latency: float) -> None:
