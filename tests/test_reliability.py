@@ -25,6 +25,7 @@ import tenacity
 from nobs_amqp import Project, TaskDefinitionError, TopologyMismatchError, Worker
 from nobs_amqp import message as wire
 from nobs_amqp.consumer import Consumer
+from nobs_amqp.settled import SettledAttempts
 
 from .apps import tasks
 from .proxy import Proxy
@@ -282,11 +283,23 @@ class _CutBeforeAck(Consumer):
     proxy: Proxy
     cuts = 0
 
-    def _remember(self, identity: Any) -> None:
-        super()._remember(identity)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._attempts = _Cutting(self)
+
+
+class _Cutting(SettledAttempts):
+    """The settled attempts of a `_CutBeforeAck`: remembering the first one cuts its connections."""
+
+    def __init__(self, consumer: _CutBeforeAck) -> None:
+        super().__init__()
+        self._consumer = consumer
+
+    def remember(self, identity: Any) -> None:
+        super().remember(identity)
         if _CutBeforeAck.cuts == 0:
             _CutBeforeAck.cuts += 1
-            self.proxy.cut()
+            self._consumer.proxy.cut()
 
 
 @pytest.mark.timeout(40)
