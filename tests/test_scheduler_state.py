@@ -90,12 +90,14 @@ async def saved_state(project: Project) -> dict[str, str]:
 
 
 async def assert_on_time(project: Project, scheduler: Scheduler, started: datetime) -> None:
-    """The ticks the scheduler enqueued on the worker's queue are a second apart, the first within
-    about a second of `started`: the schedule was not held back by what the state said."""
+    """The ticks the scheduler enqueued on the worker's queue follow each other second by second
+    (2 s apart at most: a step more than a second late on a loaded machine skips one), the first
+    within seconds of `started`: the schedule was not held back by what the state said."""
     messages = await take_messages(project, project.name, scheduler.enqueued)
     times = sorted(datetime.fromisoformat(str(m.headers[TICK])) for m in messages)
-    assert times[0] - started < timedelta(seconds=2.5), (started, times)
-    assert all(later - earlier == timedelta(seconds=1) for earlier, later in itertools.pairwise(times)), times
+    assert times[0] - started < timedelta(seconds=3), (started, times)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    assert all(timedelta(seconds=1) <= gap <= timedelta(seconds=2) for gap in gaps), times
 
 
 def assert_quiet(caplog: pytest.LogCaptureFixture) -> None:
