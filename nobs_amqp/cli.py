@@ -20,7 +20,7 @@ from . import logs
 from . import message as wire
 from .cli_common import APP_ENV, APP_ROOTS, app_reference, load_project, refuse_memory, run_open, worker_of
 from .consumer import Consumer
-from .errors import NobsAmqpError, UnknownTaskError
+from .errors import NobsAmqpError, PayloadTypeError, UnknownTaskError
 from .health import ANY_HOST, KUBERNETES_ENV, LOOPBACK_HOST, default_host
 from .project import Project
 from .session import Session
@@ -336,7 +336,8 @@ def enqueue(app: str | None, worker: str, task: str, payload: str, delay: float)
     fn = spec.fn
     try:
         value = spec.decode(payload.encode())
-    except ValueError as exc:  # bad JSON, or a payload that does not validate
+        spec.encode(value)  # as queue() will: "NaN" validates as a float, and JSON cannot carry it
+    except (ValueError, PayloadTypeError) as exc:  # bad JSON, a payload that does not validate, or NaN
         raise click.UsageError(f"payload does not fit {task}: {exc}") from None
 
     click.echo(run_open(project, lambda _: target.queue(fn, value, delay=delay or None)))

@@ -230,7 +230,7 @@ class Consumer:
                 f"{longest:g} s, prefetch {self.prefetch} over concurrency {self.concurrency}, plus "
                 f"{ACK_MARGIN_SECONDS:.0f} s), longer than the broker's consumer timeout of {fixed:.0f} s, after "
                 f"which it closes the channel and hands the message out again; raise consumer_timeout in "
-                f"rabbitmq.conf and say so with Project(broker_consumer_timeout=...), or use RabbitMQ 3.12 or "
+                f"rabbitmq.conf and say so with Project(broker_consumer_timeout=...), or use RabbitMQ 3.11.15 or "
                 f"newer, where the worker sets its own"
             )
         return needed

@@ -120,16 +120,18 @@ def format_time(moment: datetime) -> str:
 
 
 def parse_time(value: object) -> datetime | None:
-    """A time from a header, always with a time zone (UTC when it has none); None if unreadable."""
+    """A time from a header, in UTC (read as UTC when it has no offset); None if unreadable, or
+    if its offset takes it out of datetime's range (`9999-12-31T23:59:59-23:59`): `format_time`
+    of what it returns never overflows."""
     if isinstance(value, bytes):
         value = value.decode(errors="replace")
     if not isinstance(value, str) or len(value) > 64:
         return None
     try:
         moment = datetime.fromisoformat(value)
-    except ValueError:
+        return moment.astimezone(UTC) if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):
         return None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")

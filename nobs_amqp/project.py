@@ -6,6 +6,7 @@ drops the session. The FastAPI glue is in `asgi.py`; the methods here are its pu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -200,8 +201,13 @@ class Project:
         return self._session is not None
 
     async def open(self) -> None:
+        """Connect and make the session. The configuration is checked before connecting (a bad
+        URL or NOBS_AMQP_SIGNING_KEY raises with nothing opened); whatever fails once the
+        connection is open closes it before raising."""
         if self._session is not None:
             return
+        if self._signing_key is None:
+            self.signer = Signer.configured(None)  # NOBS_AMQP_SIGNING_KEY as it is when the project opens
         transport = connect(
             self.urls,
             name=f"nobs-amqp {self.name}",
@@ -212,19 +218,22 @@ class Project:
             heartbeat=self.heartbeat,
             max_message_size=self.max_message_size,
         )
-        await transport.open()
-        if self._signing_key is None:
-            self.signer = Signer.configured(None)  # NOBS_AMQP_SIGNING_KEY as it is when the project opens
-        self._session = Session(
-            self.name,
-            transport,
-            signer=self.signer,
-            publish_timeout=self._publish_timeout,
-            tasks=self.tasks,
-            lifespan=self.worker_lifespan,
-            # Outermost first: the task line is logged inside the delivery's span.
-            observers=[*automatic_tracing(self.observers, self.tracing), *self.observers, TaskLog()],
-        )
+        try:
+            await transport.open()
+            self._session = Session(
+                self.name,
+                transport,
+                signer=self.signer,
+                publish_timeout=self._publish_timeout,
+                tasks=self.tasks,
+                lifespan=self.worker_lifespan,
+                # Outermost first: the task line is logged inside the delivery's span.
+                observers=[*automatic_tracing(self.observers, self.tracing), *self.observers, TaskLog()],
+            )
+        except BaseException:  # a connection half opened, or opened for a session that failed: closed
+            with contextlib.suppress(Exception):  # the error that stopped open() is the one to raise
+                await transport.close()
+            raise
 
     async def close(self) -> None:
         session, self._session = self._session, None

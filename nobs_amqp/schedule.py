@@ -148,11 +148,13 @@ class Schedule:
 
     def due(self, mark: datetime, now: datetime) -> Due | None:
         """What to enqueue `now` when every tick up to `mark` is done: the latest tick in
-        (mark, now], once; older ticks in that span (missed while no scheduler ran) are skipped."""
+        (mark, now], once; older ticks in that span (missed while no scheduler ran) are skipped.
+        Any aware `mark` will do (it comes from the broker): one after `now` only compares, and
+        ticks are counted from 1970 at the earliest, so a mark at datetime's edges cannot overflow."""
         latest = self.latest_tick(now)
         if latest <= mark:
             return None
-        first = self.next_tick(mark)
+        first = self.next_tick(max(mark, EPOCH))
         return Due(latest, first if first < latest else None)
 
     def _repeated(self, tick: datetime) -> bool:

@@ -9,7 +9,10 @@ still holds the lease before each tick it enqueues.
 State: the durable queue `P.schedule.state` holds one message (`x-max-length` 1, dropping the
 head): per schedule, the time of the last tick enqueued. The active scheduler publishes it,
 confirmed, after each tick; one that takes over reads it (acking what it read only after its own
-copy is confirmed), so it goes on where the last one stopped.
+copy is confirmed), so it goes on where the last one stopped. Anyone who may publish there can
+write it, so it is checked: with a signing key, a state the project did not sign is ignored; a
+name no schedule has is dropped; a tick that is unreadable, out of range or in the future costs
+only its schedule, which starts afresh.
 
 Ticks: each due tick is enqueued once, as `queue()` would (signed, declared, confirmed), with an
 id derived from the tick (`schedule.tick_id`). Ticks missed while no scheduler was active are
@@ -26,17 +29,18 @@ import contextlib
 import logging
 import uuid
 import weakref
-from collections.abc import Iterable, Mapping
-from datetime import datetime
+from collections.abc import Callable, Container, Iterable, Mapping
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Protocol
 
 import orjson
 
 from .errors import ConfigurationError, NobsAmqpError
-from .message import Message, format_time, parse_time
+from .message import Message, format_time, parse_time, printable
 from .schedule import Due, Schedule
 from .session import Session
+from .signing import Signer
 from .topology import QueueSpec, ServerVersion, Topology
 from .transport import Delivery, Subscription, Transport, one_deadline
 
@@ -52,6 +56,13 @@ LEASE_TIMEOUT_SECONDS = 10.0
 READ_SECONDS = 5.0
 #: The `type` of the state message.
 STATE_TYPE = "nobs_amqp:schedule-state"
+#: How far past this scheduler's clock a last tick in the state may be (the clock of the process
+#: that wrote it may run a little ahead); a later one is refused, and its schedule starts afresh.
+CLOCK_SKEW = timedelta(seconds=30)
+
+#: Signs the state message; says why one is not signed by the project (None when it is).
+Sign = Callable[[Message], Message]
+Check = Callable[[Message], str | None]
 
 #: The scheduler running on each transport (connection): a second one there would share its lease.
 _RUNNING: weakref.WeakKeyDictionary[Transport, Scheduler] = weakref.WeakKeyDictionary()
@@ -104,7 +115,7 @@ class Scheduler:
         self.project = project
         self.active = False
         self.enqueued = 0  # ticks this scheduler enqueued
-        self._marks: dict[str, datetime] = {}  # schedule (or one the state knows) -> its last tick done
+        self._marks: dict[str, datetime] = {}  # schedule -> its last tick done
         self._told_standby = False
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -210,8 +221,9 @@ class Scheduler:
         read: list[Delivery] = []
         subscription = await _read(transport, state_queue(name), read)
         try:
-            marks = _merge(delivery.message for delivery in read)
             now = session.now()
+            check = None if session.signer is None else _state_signing(session.signer, state_queue(name))[1]
+            marks = _merge((delivery.message for delivery in read), self.project.schedules, now, check, name)
             fresh = [schedule.name for schedule in self.schedules if schedule.name not in marks]
             marks.update(dict.fromkeys(fresh, now))
             self._marks = marks
@@ -234,11 +246,14 @@ class Scheduler:
 
     async def _save(self, session: Session) -> None:
         ticks = {name: format_time(mark) for name, mark in sorted(self._marks.items())}
+        queue = state_queue(self.project.name)
         message = Message(
             orjson.dumps({"ticks": ticks}), STATE_TYPE, uuid.uuid4().hex, self.project.name, session.now()
         )
+        if session.signer is not None:
+            message = _state_signing(session.signer, queue)[0](message)
         with one_deadline(session.publish_timeout):
-            await session.transport.publish("", state_queue(self.project.name), message)
+            await session.transport.publish("", queue, message)
 
     async def _enqueue(self, session: Session, schedule: Schedule, due: Due) -> None:
         message = schedule.message(session, due.tick)
@@ -281,17 +296,62 @@ async def _read(transport: Transport, queue: str, into: list[Delivery]) -> Subsc
     return subscription
 
 
-def _merge(messages: Iterable[Message]) -> dict[str, datetime]:
-    """Per schedule, the latest tick any of the state `messages` says was enqueued."""
+def _state_signing(signer: Signer, destination: str) -> tuple[Sign, Check]:
+    """How the state message, published to the queue `destination`, is signed and checked: the one
+    place the scheduler calls the signer (the signature binds the message to that queue)."""
+    return (lambda message: signer.sign(message, destination)), (lambda message: signer.problem(message, destination))
+
+
+def _merge(
+    messages: Iterable[Message], known: Container[str], now: datetime, check: Check | None, project: str
+) -> dict[str, datetime]:
+    """Per schedule in `known`, the latest tick any of the state `messages` says was enqueued, as
+    far as it can be believed. A message that is unreadable or (`check`, with a signing key) not
+    signed by the project is ignored; a name no schedule has is dropped; a tick that is
+    unreadable, out of range or after `now` (give or take CLOCK_SKEW) is left out, so that its
+    schedule starts afresh. Each is logged; none raises."""
     marks: dict[str, datetime] = {}
+    unknown: set[str] = set()
     for message in messages:
+        for name, value in _ticks(message, check, project).items():
+            if name not in known:
+                unknown.add(name)
+            elif (moment := _mark(value, now, name, project)) is not None:
+                marks[name] = max(marks.get(name, moment), moment)
+    if unknown:
+        names = printable(", ".join(sorted(unknown)), 200)
+        log.info(
+            "scheduler %s: dropped %d name(s) no schedule of the project has from the state: %s",
+            project,
+            len(unknown),
+            names,
+        )
+    return marks
+
+
+def _ticks(message: Message, check: Check | None, project: str) -> dict[str, object]:
+    """The ticks a state message lists (empty, logged, when it is not to be believed)."""
+    why = check(message) if check is not None else None
+    if why is None:
         try:
             ticks = orjson.loads(message.body)["ticks"]
-            entries = [(name, parse_time(value)) for name, value in ticks.items()]
-        except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError):
-            log.warning("scheduler: ignored an unreadable state message (id %s)", message.message_id)
-            continue
-        for name, moment in entries:
-            if isinstance(name, str) and moment is not None:
-                marks[name] = max(marks.get(name, moment), moment)
-    return marks
+        except (orjson.JSONDecodeError, TypeError, KeyError):
+            ticks = None
+        if isinstance(ticks, dict):
+            return ticks
+        why = "unreadable: not JSON with an object of ticks"
+    log.warning("scheduler %s: ignored state message %s: %s", project, printable(message.message_id), why)
+    return {}
+
+
+def _mark(value: object, now: datetime, name: str, project: str) -> datetime | None:
+    """The last tick of schedule `name` the state says, if it is a time in UTC's range and not in the future."""
+    moment = parse_time(value)  # in UTC, or None
+    if moment is None:
+        why = f"unreadable or out of range ({printable(value, 80)})"
+    elif moment > now + CLOCK_SKEW:
+        why = f"in the future ({format_time(moment)})"
+    else:
+        return moment
+    log.warning("scheduler %s: schedule %s starts afresh: its last tick in the state is %s", project, name, why)
+    return None

@@ -18,6 +18,7 @@ import dataclasses
 import importlib
 import inspect
 import logging
+import math
 import pkgutil
 import re
 import sys
@@ -115,11 +116,59 @@ class TaskSpec:
             except ValidationError as exc:
                 raise PayloadTypeError(self.reference, expected, _first_error(exc)) from None
         # What adapter.dump_json(payload) does with its defaults, without its argument handling.
-        return self.adapter.serializer.to_json(payload)
+        body = self.adapter.serializer.to_json(payload)
+        # JSON has no NaN or infinity: pydantic writes them as null, which the worker would then
+        # dead-letter as a validation error. Only a body with a null is looked into: most
+        # payloads cost one scan of their bytes (find: faster than `in` for short bodies).
+        if body.find(b"null") >= 0:
+            found = _non_finite(self.adapter.dump_python(payload))
+            if found is not None:
+                where, value = found
+                raise PayloadTypeError(
+                    self.reference, expected, f"{where} is {value!r}; JSON has no NaN or infinity: pass a finite number"
+                )
+        return body
 
     def decode(self, body: bytes) -> object:
         """Raises orjson.JSONDecodeError for bad JSON, ValidationError for a bad payload."""
         return self.adapter.validate_python(orjson.loads(body))
+
+
+def _non_finite(value: object) -> tuple[str, float] | None:
+    """Where a NaN or infinity in `value` (a payload as pydantic dumps it to Python) is, as a path
+    (`values[1]`, `by_name.b`; "the payload" for the whole), and what it is; None if there is none.
+    Paths are put together only for what is found, and a list of numbers is summed in C first
+    (a finite `math.fsum` means finite members), so a long vector costs little."""
+    todo: list[tuple[object, tuple[Any, ...]]] = [(value, ())]  # (item, (parent's place, key))
+    while todo:
+        item, place = todo.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return _path(place), item
+        elif isinstance(item, dict):
+            todo.extend((each, (place, key)) for key, each in item.items())
+        elif isinstance(item, list | tuple | set | frozenset) and not _finite_numbers(item):
+            todo.extend((each, (place, index)) for index, each in enumerate(item))
+    return None
+
+
+def _finite_numbers(items: Iterable[object]) -> bool:
+    """Whether `items` are all numbers, and finite: one pass in C."""
+    try:
+        return math.isfinite(math.fsum(items))  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):  # not numbers; inf - inf; a sum too big to tell
+        return False
+
+
+def _path(place: tuple[Any, ...]) -> str:
+    keys: list[object] = []
+    while place:
+        place, key = place
+        keys.append(key)
+    text = ""
+    for key in reversed(keys):
+        text += (f".{key}" if text else key) if isinstance(key, str) else f"[{key!r}]"
+    return text or "the payload"
 
 
 def is_request_model(tp: object) -> bool:

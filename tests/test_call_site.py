@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 
 import pytest
 
@@ -12,12 +14,14 @@ from nobs_amqp import (
     PayloadTypeError,
     Project,
     ProjectNotOpenError,
+    Schedule,
     TaskDefinitionError,
     TaskNotAllowedError,
     Worker,
 )
 
 from .apps import tasks
+from .support import ROOT, run_cli, take_messages
 
 
 def project_with(worker: Worker, **options: object) -> Project:
@@ -141,3 +145,64 @@ async def test_non_model_annotations_are_validated_strictly() -> None:
     assert spec.encode(3) == b"3"
     with pytest.raises(PayloadTypeError, match="int"):
         spec.encode("3")
+
+
+# -- NaN and infinity (issue 17, item 10): JSON has neither; they used to be sent as null ----------
+
+NON_FINITE = [pytest.param(math.nan, id="nan"), pytest.param(math.inf, id="inf"), pytest.param(-math.inf, id="-inf")]
+
+
+@pytest.mark.parametrize("bad", NON_FINITE)
+async def test_nan_and_infinity_fail_at_the_call_site_in_every_form(bad: float) -> None:
+    worker = Worker("finite")
+    project_with(worker, packages=["tests"], tasks=[tasks.total, tasks.scale])
+    point = tasks.Point(x=0.0, y=bad)
+    cases: list[tuple[object, object, str]] = [
+        (tasks.record, tasks.Job(key="x", sleep=bad), "sleep"),  # a pydantic model
+        (tasks.hang_sync, tasks.Hang(key="x", seconds=bad), "seconds"),  # a dataclass
+        (tasks.store_readings, tasks.Readings(values=[1.0, bad]), "values[1]"),  # a list in a model
+        (tasks.store_readings, tasks.Readings(by_name={"a": 1.0, "b": bad}), "by_name.b"),  # a dict in a model
+        (tasks.store_readings, tasks.Readings(points=[point]), "points[0].y"),  # a dataclass in a list
+        (tasks.store_readings, tasks.Readings(latest=tasks.Job(key="x", sleep=bad)), "latest.sleep"),  # a model
+        (tasks.total, {"a": [1.0], "b": [2.0, bad]}, "b[1]"),  # a plain dict of lists, no model
+        (tasks.scale, bad, "the payload"),  # a bare float
+    ]
+    for fn, payload, path in cases:
+        expected = rf"{re.escape(path)} is {re.escape(repr(bad))}; JSON has no NaN or infinity"
+        with pytest.raises(PayloadTypeError, match=expected):
+            await worker.queue(fn, payload)  # type: ignore[arg-type]
+    with pytest.raises(PayloadTypeError, match=r"sleep is"):
+        Schedule(tasks.record, tasks.Job(key="x", sleep=bad), worker=worker, every=60)
+    assert tasks.Job(key="x", sleep=1e308) and tasks.Readings(values=[-0.0, 5e-324])  # finite: fine
+
+
+@pytest.mark.timeout(30)
+async def test_queue_many_with_one_nan_sends_nothing(url: str, name: str) -> None:
+    worker = Worker(name)
+    project = Project(name="nobs-test", workers=[worker], packages=["tests"], url=url)
+    async with project:
+        await worker.queue(tasks.record, tasks.Job(key="first"))  # declares the queue
+        payloads = [tasks.Job(key="a"), tasks.Job(key="b", sleep=math.nan), tasks.Job(key="c")]
+        with pytest.raises(PayloadTypeError, match=r"sleep is nan"):
+            await worker.queue_many(tasks.record, payloads)
+        with pytest.raises(PayloadTypeError, match=r"sleep is inf"):
+            await worker.queue(tasks.record, tasks.Job(key="d", sleep=math.inf))
+        assert await project.session.transport.message_count(name) == 1, "only the first one"
+        [first] = await take_messages(project, name)
+    assert first.body == b'{"key":"first","fail_times":0,"sleep":0.0}'
+
+
+@pytest.mark.timeout(30)
+async def test_enqueue_refuses_nan_and_infinity_before_connecting(amqp_url: str, name: str) -> None:
+    env = {"NOBS_AMQP_URL": amqp_url, "NOBS_TEST_WORKER": name, "PYTHONPATH": str(ROOT)}
+    app = ("--app", "tests.apps.cli_app:project")
+    for value, shown in (('"NaN"', "nan"), ('"-Infinity"', "-inf"), ('"inf"', "inf")):
+        payload = f'{{"key": "k", "sleep": {value}}}'
+        code, output = await run_cli(*app, "enqueue", name, "tests.apps.tasks:record", payload, env=env)
+        assert code == 2, output
+        assert "payload does not fit tests.apps.tasks:record" in output
+        assert f"sleep is {shown}; JSON has no NaN or infinity" in output
+    project = Project(name="nobs-test", workers=[worker := Worker(name)], packages=["tests"], url=amqp_url)
+    async with project:
+        await worker.queue(tasks.record, tasks.Job(key="declares"))
+        assert await project.session.transport.message_count(name) == 1, "nothing was sent"

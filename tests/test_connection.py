@@ -1,5 +1,6 @@
 """The connection to the broker (issue 8): a first queue() while the broker is away, reconnecting
-quietly with backoff, and stopping a worker at once on a second signal.
+quietly with backoff, and stopping a worker at once on a second signal; and (issue 17) a project
+that cannot open leaves no connection behind.
 
 The broker is made unreachable through a local TCP proxy (tests/proxy.py); the shared broker
 is never touched.
@@ -8,6 +9,7 @@ is never touched.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -15,15 +17,20 @@ import signal
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import quote
 
+import aio_pika
 import pytest
 
-from nobs_amqp import BrokerUnavailableError, Project, Worker
+from nobs_amqp import BrokerUnavailableError, ConfigurationError, Project, Worker
+from nobs_amqp import project as project_module
 from nobs_amqp.failover import RECONNECT_MAX_SECONDS
+from nobs_amqp.management import Management
+from nobs_amqp.urls import parse
 
 from .apps import tasks
 from .proxy import Proxy
-from .support import Broker, count_is, eventually, exit_code, output, pids, worker_process
+from .support import APP, ROOT, Broker, count_is, eventually, exit_code, output, pids, run_cli, worker_process
 
 PROJECT = "nobs-test"
 
@@ -226,3 +233,69 @@ async def test_ctrl_c_under_processes_drains_and_a_second_one_stops_at_once(
     assert took < 4, f"took {took:.1f} s after the second Ctrl-C; log:\n{text}"
     assert pids(tmp_path, "p", "done") == []
     await eventually(lambda: count_is(broker, name, 1), timeout=10)
+
+
+# -- a configuration error after connecting (issue 17, item 9) ---------------------------------
+
+
+async def project_connections(amqp_url: str, project: str) -> list[str] | None:
+    """The names of the connections of `project` the management API lists in the URL's vhost;
+    None until it lists the control connection `control <project>` (opened after the project's
+    tries), so that an empty list is known to be the broker's word and not its statistics' lag."""
+    vhost = quote(parse(amqp_url).vhost, safe="")
+    listed = await Management(amqp_url).request("GET", f"/api/vhosts/{vhost}/connections?columns=client_properties")
+    names = [str((c.get("client_properties") or {}).get("connection_name", "")) for c in listed or []]
+    if f"control {project}" not in names:
+        return None
+    return [n for n in names if n.startswith(f"nobs-amqp {project} ")]
+
+
+@pytest.mark.timeout(40)
+async def test_open_with_an_invalid_signing_key_leaves_no_connection(
+    amqp_url: str, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NOBS_AMQP_SIGNING_KEY", "too short")
+    project = Project(name, workers=[Worker(name)], packages=["tests.apps"], url=amqp_url)
+    for _ in range(3):
+        with pytest.raises(ConfigurationError, match="a signing key must have at least 16 bytes"):
+            await project.open()
+        assert not project.is_open
+    monkeypatch.delenv("NOBS_AMQP_SIGNING_KEY")
+
+    def broken_session(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a session that fails once connected")
+
+    monkeypatch.setattr(project_module, "Session", broken_session)  # anything failing after the connection opened
+    with pytest.raises(RuntimeError, match="fails once connected"):
+        await project.open()
+    assert not project.is_open
+    control = await aio_pika.connect(amqp_url, client_properties={"connection_name": f"control {name}"})
+    seen: list[list[str] | None] = []
+
+    async def none_left() -> bool:
+        seen.append(await project_connections(amqp_url, name))
+        return seen[-1] == []
+
+    try:
+        await eventually(none_left, timeout=20, interval=0.25)
+    except AssertionError:
+        raise AssertionError(f"left open after 4 failed open(): {seen[-1]}") from None
+    finally:
+        await control.close()
+
+
+@pytest.mark.timeout(40)
+async def test_the_cli_says_a_bad_signing_key_once_in_json_and_nothing_else(amqp_url: str, name: str) -> None:
+    env = {
+        "NOBS_AMQP_URL": amqp_url,
+        "NOBS_AMQP_SIGNING_KEY": "too short",
+        "NOBS_TEST_WORKER": name,
+        "PYTHONPATH": str(ROOT),
+    }
+    code, text = await run_cli("--log-format", "json", "--app", APP, "consume", name, env=env)
+    assert code == 1, text
+    lines = [json.loads(line) for line in text.splitlines()]  # every line is JSON
+    assert [line["level"] for line in lines] == ["ERROR"], text
+    assert "a signing key must have at least 16 bytes" in lines[0]["message"]
+    for noise in ("reconnecting", "Event loop is closed", "Task was destroyed", "Traceback"):
+        assert noise not in text

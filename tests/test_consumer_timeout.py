@@ -13,6 +13,7 @@ from urllib.parse import quote
 import pytest
 
 from nobs_amqp import ConfigurationError, Project, Worker
+from nobs_amqp.amqp import PER_CONSUMER_TIMEOUT
 from nobs_amqp.consumer import Consumer
 from nobs_amqp.management import Management
 from nobs_amqp.urls import vhost_of
@@ -84,3 +85,18 @@ async def test_memory_has_no_ack_timeout(name: str) -> None:
     project, worker = make(f"memory://{name}", name, time_limit=3600)
     async with project, running(Consumer(project.session, worker)):
         assert project.session.transport.fixed_ack_timeout() is None
+
+
+async def test_the_refusal_names_the_version_that_takes_a_consumers_own_timeout(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 17: the refusal said 3.12 while the worker sets `x-consumer-timeout` from 3.11.15 on
+    (`amqp.PER_CONSUMER_TIMEOUT`). Any broker with a fixed timeout (memory:// made to act as one)."""
+    project, worker = make(f"memory://{name}", name, time_limit=3600)
+    async with project:
+        monkeypatch.setattr(project.session.transport, "fixed_ack_timeout", lambda: 1800.0)
+        with pytest.raises(ConfigurationError, match="consumer timeout of 1800 s") as refused:
+            await asyncio.wait_for(Consumer(project.session, worker).run(), 15)
+    version = ".".join(str(part) for part in PER_CONSUMER_TIMEOUT)
+    assert f"or use RabbitMQ {version} or newer, where the worker sets its own" in str(refused.value)
+    assert "3.12" not in str(refused.value)

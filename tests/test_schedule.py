@@ -7,7 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -105,6 +105,29 @@ def test_missed_ticks_enqueue_the_latest_once_and_skip_the_older_ones() -> None:
     assert missed == Due(utc(2024, 5, 1, 10, 15), skipped_from=utc(2024, 5, 1, 10, 5))
     assert five.due(utc(2024, 5, 1, 10, 15), utc(2024, 5, 1, 10, 17, 30)) is None, "done already"
     assert five.due(utc(2024, 5, 1, 10, 20), utc(2024, 5, 1, 10, 17)) is None, "a mark ahead of this clock"
+
+
+def test_a_mark_at_the_edges_of_time_never_makes_the_tick_computation_raise() -> None:
+    """A mark comes from the broker: far past, far future, odd offsets. `due` answers for each."""
+    now = utc(2024, 5, 1, 10, 0, 30)
+    schedules = [
+        cron("0 7 * * *", "America/New_York"),
+        cron("30 2 * * *"),
+        Schedule(tasks.record, tasks.Job(key="k"), worker=WORKER, every=1),
+        Schedule(tasks.record, tasks.Job(key="k"), worker=WORKER, every=timedelta(days=7)),
+    ]
+    odd = [timezone(timedelta(hours=23, minutes=59)), timezone(timedelta(hours=-23, minutes=-59)), UTC]
+    past = [datetime.min.replace(tzinfo=zone) for zone in odd] + [utc(1969, 12, 31, 23, 59, 59)]
+    future = [datetime.max.replace(tzinfo=zone) for zone in odd] + [utc(9999, 12, 31, 23, 59, 59)]
+    for schedule in schedules:
+        latest = schedule.latest_tick(now)
+        for mark in past:
+            due = schedule.due(mark, now)
+            assert due is not None, (schedule, mark)
+            assert due.tick == latest
+            assert due.skipped_from is not None and due.skipped_from <= latest
+        for mark in future:
+            assert schedule.due(mark, now) is None, (schedule, mark)
 
 
 def test_a_tick_has_an_id_derived_from_the_project_schedule_and_time() -> None:

@@ -21,7 +21,7 @@ from nobs_amqp.testing import drain
 from nobs_amqp.urls import memory_url
 
 from .apps import tasks
-from .support import take_messages
+from .support import eventually, take_messages
 
 PROJECT = "nobs-test"
 
@@ -140,3 +140,27 @@ async def test_invalid_delays_raise_the_projects_own_error(delay: object) -> Non
     with pytest.raises(ConfigurationError):
         Retry(delay=delay)  # type: ignore[arg-type]
     assert Retry(delay=MAX_DELAY_SECONDS).delay == MAX_DELAY_SECONDS
+
+
+async def test_a_time_whose_offset_leaves_the_calendar_is_unreadable_not_an_overflow(url: str, name: str) -> None:
+    """Bug: `parse_time` kept odd UTC offsets, so `9999-12-31T23:59:59-23:59` (year 10000 in UTC)
+    overflowed wherever it was used later: as a message's enqueue time, the worker's handling of
+    the delivery raised `OverflowError` before settling it ("Task exception was never
+    retrieved"), and the message came back until the delivery limit dead-lettered it, never run;
+    in the scheduler's state, it stopped the scheduler (tests/test_scheduler_state.py)."""
+    project, worker = make(url, name)
+    k = key()
+    async with project:
+        headers = {wire.ATTEMPT: 1, wire.ENQUEUED_AT: "9999-12-31T23:59:59-23:59"}
+        body = b'{"key": "%s"}' % k.encode()
+        message = wire.Message(body, "tests.apps.tasks:record", k, "someone", wire.wall_clock(), headers)
+        async with project.consuming(worker) as [consumer]:
+            await project.session.transport.publish("", name, message)
+            await eventually(lambda: consumer.processed >= 1, timeout=15)
+        assert await project.session.transport.message_count(name) == 0
+        assert await project.session.transport.message_count(f"{name}.dlq") == 0
+    assert len(tasks.calls(k)) == 1, "it ran, once"
+    for value in ("9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+23:59"):
+        assert wire.parse_time(value) is None
+    assert wire.parse_time("2024-05-01T12:00:00+02:00") == wire.parse_time("2024-05-01T10:00:00Z")
+    assert wire.parse_time("9999-12-31T23:59:59Z") is not None

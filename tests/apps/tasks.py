@@ -139,6 +139,35 @@ async def block_loop(job: FileJob) -> None:
     _touch(job, "done")
 
 
+@dataclass
+class Point:
+    x: float
+    y: float
+
+
+class Readings(BaseModel):
+    """Floats in each form a payload nests them: a list, a dict, dataclasses in a list, a model."""
+
+    values: list[float] = []
+    by_name: dict[str, float] = {}
+    points: list[Point] = []
+    latest: Job | None = None
+
+
+async def store_readings(readings: Readings) -> None:
+    _record(f"readings-{len(readings.values)}")
+
+
+def total(values: dict[str, list[float]]) -> float:
+    """Takes no request model: a project lists it in Project(tasks=[...]) to queue it."""
+    return sum(sum(v) for v in values.values())
+
+
+def scale(factor: float) -> float:
+    """Takes no request model: a project lists it in Project(tasks=[...]) to queue it."""
+    return factor
+
+
 def helper_int(n: int) -> int:
     """A project helper, not a task: a message must not run it."""
     _record(f"helper-{n}")
