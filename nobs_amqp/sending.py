@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import aiormq
 from pamqp.commands import Basic
@@ -36,12 +36,10 @@ from .errors import (
     PublishUnconfirmedError,
     UnroutableError,
 )
+from .frames import Publisher
 from .message import Message, resent
 from .transport import deadline, pursued
 from .urls import describe_error
-
-if TYPE_CHECKING:
-    from .amqp import AmqpTransport
 
 log = logging.getLogger("nobs_amqp")
 
@@ -67,10 +65,24 @@ _SIZE = re.compile(r"message size (\d+) is larger than configured max size (\d+)
 _EXCHANGE = re.compile(r"(?:no exchange|access to exchange) '([^']*)'")
 
 
+class Channels(Protocol):
+    """What a `Sending` needs of the transport that owns the publishing connection."""
+
+    @property
+    def blocked(self) -> str | None: ...
+    @property
+    def publish_timeout(self) -> float: ...
+    def check_size(self, destination: str, message: Message) -> None: ...
+    def unavailable(self, *, nacked: bool) -> str: ...
+    async def until_unblocked(self) -> None: ...
+    async def publisher(self, index: int) -> Publisher: ...
+    async def renew(self, index: int) -> None: ...
+
+
 class Sending:
     """Publishes `message` through pool channel `index` of `transport` until confirmed."""
 
-    def __init__(self, transport: AmqpTransport, index: int, exchange: str, routing_key: str, message: Message) -> None:
+    def __init__(self, transport: Channels, index: int, exchange: str, routing_key: str, message: Message) -> None:
         self.transport = transport
         self.index = index
         self.exchange = exchange
