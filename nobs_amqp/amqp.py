@@ -22,7 +22,13 @@ from pamqp.commands import Basic
 from . import decoding
 from .acks import Acker
 from .delivery import AmqpDelivery, DirectQueue
-from .errors import BrokerConnectionError, BrokerUnavailableError, NobsAmqpError, TopologyMismatchError
+from .errors import (
+    BrokerBlockedError,
+    BrokerConnectionError,
+    BrokerUnavailableError,
+    NobsAmqpError,
+    TopologyMismatchError,
+)
 from .frames import Publisher
 from .leases import ExclusiveQueues
 from .link import DEFAULT_HEARTBEAT, PUBLISHING, Link
@@ -216,6 +222,9 @@ class AmqpTransport:
                 raise
             except CONNECTION_ERRORS as exc:
                 if loop.time() + pause >= until:
+                    blocked = self._control().blocked
+                    if blocked is not None:  # an alarm: the broker reads nothing more from that connection
+                        raise BrokerBlockedError(name, blocked, self._publish_timeout) from exc
                     raise BrokerUnavailableError(name, self.unavailable(nacked=False)) from exc
                 log.debug("%s: the broker is unreachable (%s); retrying", name, _describe(exc))
                 await asyncio.sleep(pause)

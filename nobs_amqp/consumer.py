@@ -160,13 +160,18 @@ class Consumer:
             raise self._failure
 
     async def _consume(self, tasks: TaskTable) -> None:
-        # The delay ladder (for retries) is declared while the first messages already run;
-        # a ladder that exists with other arguments stops the worker at once.
-        ladder = asyncio.create_task(self.session.declare(self.worker, delayed=True))
-        ladder.add_done_callback(self._ladder_declared)
         self.watchdog = LoopWatchdog(asyncio.get_running_loop(), self.runner.labels)
         self.watchdog.start()
-        await self._subscribe()
+        try:
+            await self._subscribe()
+        except BaseException:
+            self.watchdog.stop()
+            raise
+        # The delay ladder (for retries) is declared while the first messages already run, on the
+        # consuming connection (never blocked by a resource alarm: it publishes nothing); a ladder
+        # that exists with other arguments stops the worker at once.
+        ladder = asyncio.create_task(self.session.declare(self.worker, delayed=True))
+        ladder.add_done_callback(self._ladder_declared)
         self.ready.set()
         self.session.observers.consumer_state(self.worker.name, READY)
         log.info(

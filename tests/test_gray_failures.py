@@ -180,9 +180,12 @@ async def test_a_worker_during_a_memory_alarm_keeps_acking_and_never_forks_a_ret
                 assert health["ready"] and health["connection"] == "blocked", health
                 assert gauge(metrics, "nobs_amqp_publishing_blocked") == 1
                 blocked_at = time.monotonic()
-                # Past the publish timeout, where the old code gave the retry copies up.
-                await asyncio.sleep(2 * PUBLISH_TIMEOUT)
+                # Past twice the publish timeout, where the old code gave the retry copies up (and
+                # a copy given up is published once more after declaring the topology again).
+                await asyncio.sleep(3 * PUBLISH_TIMEOUT)
                 assert all(len(tasks.calls(k)) == 1 for k in failing), "a delivery ran again during the alarm"
+                for given_up in ("cannot be placed", "declaring the topology again", "was not confirmed"):
+                    assert given_up not in caplog.text, caplog.text
                 await alarm(alarm_node, False)
                 await eventually(lambda: _dead(project, name, len(failing)), timeout=30)
                 health = metrics.health.report()
