@@ -100,6 +100,17 @@ async def assert_on_time(project: Project, scheduler: Scheduler, started: dateti
     assert all(timedelta(seconds=1) <= gap <= timedelta(seconds=2) for gap in gaps), times
 
 
+async def tick_over_forged(project: Project, url: str, body: bytes, message_id: str) -> tuple[datetime, dict[str, str]]:
+    """Forge the state, run a scheduler for 3 ticks that must come on time: when it started, and
+    the ticks of the state it left."""
+    await forge(project, url, body, message_id)
+    started = project.session.now()
+    scheduler = await ticking(project)
+    saved = await saved_state(project)
+    await assert_on_time(project, scheduler, started)
+    return started, saved
+
+
 def assert_quiet(caplog: pytest.LogCaptureFixture) -> None:
     """Nothing failed in a step, and every line the scheduler logged is one printable line."""
     assert "step failed" not in caplog.text
@@ -128,11 +139,7 @@ async def test_a_forged_state_costs_only_its_own_entries(
     ticks = {key: recent if value == NOW else value for key, value in ticks.items()}
     project = every_second(url, name)
     async with project:
-        await forge(project, url, orjson.dumps({"ticks": ticks}), "forged-state")
-        started = project.session.now()
-        scheduler = await ticking(project)
-        saved = await saved_state(project)
-        await assert_on_time(project, scheduler, started)
+        started, saved = await tick_over_forged(project, url, orjson.dumps({"ticks": ticks}), "forged-state")
     assert list(saved) == ["every-second"], "names no schedule has are dropped"
     last = datetime.fromisoformat(saved["every-second"])
     assert started - timedelta(seconds=4) < last <= datetime.now(UTC), "the last tick saved is a real one"
@@ -147,11 +154,7 @@ async def test_garbage_in_the_state_is_ignored_and_logged_printably(
     caplog.set_level(logging.INFO, logger="nobs_amqp")
     project = every_second(url, name)
     async with project:
-        await forge(project, url, b'{"ticks": [\x00\xff', "forged\nscheduler x: active")
-        started = project.session.now()
-        scheduler = await ticking(project)
-        saved = await saved_state(project)
-        await assert_on_time(project, scheduler, started)
+        _, saved = await tick_over_forged(project, url, b'{"ticks": [\x00\xff', "forged\nscheduler x: active")
     assert list(saved) == ["every-second"]
     assert "ignored state message forged\\nscheduler x: active: unreadable" in caplog.text
     assert_quiet(caplog)
