@@ -23,6 +23,7 @@ from .errors import (
     TopologyMismatchError,
     UnroutableError,
 )
+from .observe import Observer, TaskRun
 from .project import Project
 from .retry import Reject, Retry, task
 from .worker import Worker
@@ -44,6 +45,7 @@ __all__ = [
     "NobsAmqpError",
     "NotFoundError",
     "NotInProjectError",
+    "Observer",
     "PayloadTypeError",
     "Project",
     "ProjectNotOpenError",
@@ -56,6 +58,7 @@ __all__ = [
     "TaskContext",
     "TaskDefinitionError",
     "TaskNotAllowedError",
+    "TaskRun",
     "TopologyMismatchError",
     "UnroutableError",
     "Worker",

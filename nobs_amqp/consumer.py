@@ -34,7 +34,7 @@ from .errors import (
     UnknownTaskError,
 )
 from .message import Reason, printable
-from .observe import (
+from .observe.observer import (
     DEAD_LETTERED,
     DRAINING,
     DUPLICATE,
@@ -46,6 +46,7 @@ from .observe import (
     SUCCEEDED,
     TaskRun,
 )
+from .observe.watchdog import LoopWatchdog
 from .outcome import (
     DeadLetter,
     Happened,
@@ -58,11 +59,11 @@ from .outcome import (
     decide,
 )
 from .retry import Reject, Retry
-from .runner import Label, LoopWatchdog, TaskRunner, resident_mb
+from .runner import Label, TaskRunner, resident_mb
 from .session import Session
 from .settled import Identity, SettledAttempts
 from .tasks import TaskTable
-from .transport import Delivery, Subscription
+from .transports.base import Delivery, Subscription
 from .worker import Worker
 
 log = logging.getLogger("nobs_amqp")

@@ -14,7 +14,7 @@ from .errors import BrokerUnavailableError, NobsAmqpError, RetryNotPlacedError
 from .message import printable
 from .outcome import DeadLetter, Happened, NotPlaced, Outcome, RetryLater
 from .session import Session
-from .transport import until_confirmed
+from .transports.base import until_confirmed
 from .worker import Worker
 
 log = logging.getLogger("nobs_amqp")

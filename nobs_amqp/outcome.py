@@ -17,7 +17,6 @@ from typing import Any
 import tenacity
 from pydantic import ValidationError
 
-from .delay import MAX_DELAY_SECONDS, delay_seconds
 from .errors import (
     BadSignatureError,
     DeliveryLimitExceeded,
@@ -26,6 +25,7 @@ from .errors import (
     UndecodableMessageError,
     UnknownTaskError,
 )
+from .ladder import MAX_DELAY_SECONDS, delay_seconds
 from .message import Reason
 from .retry import Reject, Retry, RetryPolicy
 

@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 from .consumer import Consumer
 from .errors import ConfigurationError, ProjectNotOpenError, TaskNotAllowedError, UnknownTaskError
-from .link import DEFAULT_HEARTBEAT
-from .logs import TaskLog
-from .observe import Observer
-from .session import Lifespan, Session, connect
+from .observe.logs import TaskLog
+from .observe.observer import Observer
+from .observe.tracing import automatic as automatic_tracing
+from .session import Lifespan, Session
 from .signing import Signer, SigningKeys
 from .tasks import Allowlist, TaskFunction, TaskSpec, TaskTable, task_spec
 from .topology import Topology, check_name
-from .tracing import automatic as automatic_tracing
+from .transports import DEFAULT_HEARTBEAT, connect
 from .urls import broker_urls as checked_urls
 from .worker import Worker
 

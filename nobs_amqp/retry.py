@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 
 import tenacity
 
-from .delay import checked_seconds
 from .errors import NobsAmqpError, TaskDefinitionError
+from .ladder import checked_seconds
 
 StopStrategy = Callable[[tenacity.RetryCallState], bool]
 WaitStrategy = Callable[[tenacity.RetryCallState], float]

@@ -15,17 +15,15 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 from datetime import datetime
 from typing import Any, Protocol
 
-from . import delay as ladder
-from .amqp import AmqpTransport
+from . import ladder
 from .errors import LifespanError
-from .link import DEFAULT_HEARTBEAT
 from .message import Message
-from .observe import Observer, Observers
+from .observe.observer import Observer, Observers
 from .signing import Signer
 from .tasks import TaskTable
 from .topology import QueueOptions, Topology, dead_letter_exchange, dead_letter_queue, worker_topology
-from .transport import ConnectionEvents, Transport, one_deadline
-from .urls import in_process, node_address
+from .transports.base import ConnectionEvents, Transport, one_deadline
+from .urls import node_address
 
 log = logging.getLogger("nobs_amqp")
 
@@ -42,34 +40,6 @@ class Destination(Protocol):
 
     @property
     def queue_options(self) -> QueueOptions: ...
-
-
-def connect(
-    urls: Sequence[str],
-    *,
-    name: str,
-    pool_size: int,
-    publish_timeout: float,
-    consumer_timeout: float,
-    replicas: int = 3,
-    heartbeat: int = DEFAULT_HEARTBEAT,
-    max_message_size: int | None = None,
-) -> Transport:
-    """The transport for `urls` (not opened yet): the in-process broker, or RabbitMQ."""
-    if in_process(urls[0]):
-        from .memory import MemoryTransport  # here: a worker on RabbitMQ never loads the memory broker
-
-        return MemoryTransport(urls[0], max_message_size=max_message_size)
-    return AmqpTransport(
-        urls,
-        name=name,
-        pool_size=pool_size,
-        publish_timeout=publish_timeout,
-        consumer_timeout=consumer_timeout,
-        replicas=replicas,
-        heartbeat=heartbeat,
-        max_message_size=max_message_size,
-    )
 
 
 class Session:

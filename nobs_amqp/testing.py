@@ -7,12 +7,12 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from . import delay as ladder
+from . import ladder
 from .consumer import Consumer
 from .errors import ConfigurationError
 from .project import URL_ENV, Project, broker_urls
 from .session import Session
-from .transport import VirtualClock
+from .transports.base import VirtualClock
 from .worker import Worker
 
 POLL_SECONDS = 0.05

@@ -1,4 +1,4 @@
-"""The batched-ack writer of the RabbitMQ transport (`nobs_amqp.acks.Acker`), against a fake channel.
+"""The batched-ack writer of the RabbitMQ transport (`nobs_amqp.transports.amqp.acks.Acker`), against a fake channel.
 
 The fake records the frames `Acker` writes (basic_ack and basic_nack, the only channel methods it
 calls) and plays them against a model of what RabbitMQ accepts on a channel: a frame whose tag is
@@ -23,8 +23,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nobs_amqp import acks
-from nobs_amqp.acks import Acker
+from nobs_amqp.transports.amqp import acks
+from nobs_amqp.transports.amqp.acks import Acker
 
 from .support import eventually
 

@@ -24,8 +24,8 @@ import pytest
 
 from nobs_amqp import BrokerUnavailableError, ConfigurationError, Project, Worker
 from nobs_amqp import project as project_module
-from nobs_amqp.failover import RECONNECT_MAX_SECONDS
 from nobs_amqp.management import Management
+from nobs_amqp.transports.amqp.failover import RECONNECT_MAX_SECONDS
 from nobs_amqp.urls import parse
 
 from .apps import tasks

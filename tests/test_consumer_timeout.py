@@ -13,9 +13,9 @@ from urllib.parse import quote
 import pytest
 
 from nobs_amqp import ConfigurationError, Project, Worker
-from nobs_amqp.amqp import PER_CONSUMER_TIMEOUT
 from nobs_amqp.consumer import Consumer
 from nobs_amqp.management import Management
+from nobs_amqp.transports.amqp.transport import PER_CONSUMER_TIMEOUT
 from nobs_amqp.urls import vhost_of
 
 from .support import eventually

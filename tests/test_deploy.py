@@ -16,9 +16,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from nobs_amqp import Project, Worker, cli_deploy
-from nobs_amqp.deploy import Release, compose, dns_label, kubernetes, worker_labels
+from nobs_amqp import Project, Worker
+from nobs_amqp.cli import deploy as cli_deploy
 from nobs_amqp.errors import ConfigurationError
+from nobs_amqp.ops.deploy import Release, compose, dns_label, kubernetes, worker_labels
 
 from .apps import cli_app, deploy_app
 from .keda import check_keda

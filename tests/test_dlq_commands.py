@@ -15,11 +15,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from nobs_amqp import Project, Worker, dlq
+from nobs_amqp import Project, Worker
 from nobs_amqp import message as wire
-from nobs_amqp.cli_dlq import ERROR_WIDTH, _summary
+from nobs_amqp.cli.dlq import ERROR_WIDTH, _summary
+from nobs_amqp.ops import dlq
 from nobs_amqp.topology import dead_letter_queue
-from nobs_amqp.transport import Delivery
+from nobs_amqp.transports.base import Delivery
 
 from .support import Broker, eventually, publish_raw_message, run_cli, take_messages
 

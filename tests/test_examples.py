@@ -13,8 +13,8 @@ import pytest
 from examples.send_email.app import SendEmail, priority_queue, project, send_email
 from nobs_amqp import Scheduler
 from nobs_amqp.management import Management
-from nobs_amqp.memory import MemoryBroker
 from nobs_amqp.testing import drain, use_broker
+from nobs_amqp.transports.memory import MemoryBroker
 from nobs_amqp.urls import memory_url, vhost_of
 
 from .support import run_cli, run_demo

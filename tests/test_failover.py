@@ -22,17 +22,17 @@ from prometheus_client import CollectorRegistry
 
 from nobs_amqp import BrokerUnavailableError, ConfigurationError, Project, TopologyMismatchError, Worker
 from nobs_amqp.consumer import Consumer
-from nobs_amqp.failover import (
+from nobs_amqp.management import Management
+from nobs_amqp.observe.metrics import PrometheusMetrics
+from nobs_amqp.ops.status import project_status, topology_diff
+from nobs_amqp.topology import INITIAL_GROUP_SIZE, QueueOptions, worker_topology
+from nobs_amqp.transports.amqp.failover import (
     ATTEMPT_METHOD,
     NEXT_NODE_SECONDS,
     RECONNECT_MAX_SECONDS,
     RECONNECT_MIN_SECONDS,
     pause_after,
 )
-from nobs_amqp.management import Management
-from nobs_amqp.metrics import PrometheusMetrics
-from nobs_amqp.status import project_status, topology_diff
-from nobs_amqp.topology import INITIAL_GROUP_SIZE, QueueOptions, worker_topology
 from nobs_amqp.urls import node_address, vhost_of
 
 from .apps import tasks

@@ -1,4 +1,4 @@
-"""The publish frames nobs_amqp builds itself (`nobs_amqp.frames`): byte for byte what aiormq's
+"""The publish frames nobs_amqp builds itself (`nobs_amqp.transports.amqp.frames`): byte for byte what aiormq's
 basic_publish writes for the same message, and delivery tags taken in the order the frames are
 queued, against a fake aiormq channel.
 
@@ -24,9 +24,9 @@ from pamqp.body import ContentBody
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
-from nobs_amqp import frames
 from nobs_amqp import message as wire
 from nobs_amqp.message import Message, Reason
+from nobs_amqp.transports.amqp import frames
 
 NOW = datetime(2026, 11, 29, 6, 30, 15, 123456, tzinfo=UTC)
 

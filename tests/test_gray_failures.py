@@ -31,10 +31,10 @@ from nobs_amqp import (
     Worker,
 )
 from nobs_amqp.cli import STOP_MARGIN_SECONDS
-from nobs_amqp.metrics import PrometheusMetrics
-from nobs_amqp.observe import Observer
+from nobs_amqp.observe.metrics import PrometheusMetrics
+from nobs_amqp.observe.observer import Observer
 from nobs_amqp.topology import dead_letter_queue
-from nobs_amqp.transport import default_max_message_size
+from nobs_amqp.transports.base import default_max_message_size
 
 from .apps import tasks
 from .nodes import Node, node_or_skip

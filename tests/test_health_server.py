@@ -1,4 +1,4 @@
-"""The metrics/health endpoint as a server (`nobs_amqp.httpserve`): one thread whatever the
+"""The metrics/health endpoint as a server (`nobs_amqp.observe.httpserve`): one thread whatever the
 connections, a bound on how many it keeps open, idle and slowloris clients closed after a short
 while, heads bounded, GET only; and where `--metrics-host` listens by default."""
 
@@ -18,9 +18,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from nobs_amqp.errors import MetricsPortError
-from nobs_amqp.health import ANY_HOST, KUBERNETES_ENV, LOOPBACK_HOST, PATHS, Health, default_host, serve
-from nobs_amqp.httpserve import IDLE_SECONDS, MAX_CONNECTIONS, MAX_HEAD_BYTES, answer
-from nobs_amqp.metrics import PrometheusMetrics
+from nobs_amqp.observe.health import ANY_HOST, KUBERNETES_ENV, LOOPBACK_HOST, PATHS, Health, default_host, serve
+from nobs_amqp.observe.httpserve import IDLE_SECONDS, MAX_CONNECTIONS, MAX_HEAD_BYTES, answer
+from nobs_amqp.observe.metrics import PrometheusMetrics
 
 from .support import run_cli
 

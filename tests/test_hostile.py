@@ -49,10 +49,11 @@ from hypothesis import strategies as st
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
-from nobs_amqp import Project, Worker, decoding
+from nobs_amqp import Project, Worker
 from nobs_amqp import message as wire_message
 from nobs_amqp.consumer import Consumer
-from nobs_amqp.memory import MemoryBroker
+from nobs_amqp.transports.amqp import decoding
+from nobs_amqp.transports.memory import MemoryBroker
 
 from . import wire
 from .apps import tasks

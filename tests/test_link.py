@@ -1,11 +1,11 @@
-"""What `nobs_amqp.link` takes from aiormq's private parts (aiormq is pinned to 7.x): if an
+"""What `nobs_amqp.transports.amqp.link` takes from aiormq's private parts (aiormq is pinned to 7.x): if an
 upgrade renames them, these fail, not a stall that goes unnoticed or an alarm nobody hears of."""
 
 from __future__ import annotations
 
 import aiormq
 
-from nobs_amqp import link
+from nobs_amqp.transports.amqp import link
 
 
 async def test_aiormq_still_has_what_link_uses() -> None:

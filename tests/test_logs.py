@@ -15,7 +15,7 @@ import pytest
 import tenacity
 
 from nobs_amqp import Project, Worker
-from nobs_amqp.logs import TASK_FIELDS
+from nobs_amqp.observe.logs import TASK_FIELDS
 from nobs_amqp.testing import drain
 
 from .apps import tasks
@@ -139,7 +139,8 @@ async def test_a_json_log_of_a_connection_failure_shows_no_password() -> None:
 
 
 def test_json_logs_without_the_library_say_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    from nobs_amqp import ConfigurationError, logs
+    from nobs_amqp import ConfigurationError
+    from nobs_amqp.observe import logs
 
     monkeypatch.setitem(sys.modules, "pythonjsonlogger", None)
     monkeypatch.setitem(sys.modules, "pythonjsonlogger.json", None)

@@ -24,9 +24,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from nobs_amqp import Project, Worker
-from nobs_amqp.health import STALE_SECONDS, Children
-from nobs_amqp.metrics import FOLDER_PREFIX, PrometheusMetrics, exporting, remove_orphan_folders
-from nobs_amqp.observe import DRAINING, READY, STOPPED, Observer
+from nobs_amqp.observe.health import STALE_SECONDS, Children
+from nobs_amqp.observe.metrics import FOLDER_PREFIX, PrometheusMetrics, exporting, remove_orphan_folders
+from nobs_amqp.observe.observer import DRAINING, READY, STOPPED, Observer
 from nobs_amqp.testing import drain
 
 from .apps import tasks

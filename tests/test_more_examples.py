@@ -32,8 +32,8 @@ from examples.webhooks import demo
 from examples.webhooks.endpoint import Endpoint
 from examples.webhooks.tasks import project as webhook_project
 from examples.webhooks.tasks import webhooks
-from nobs_amqp.memory import MemoryBroker
 from nobs_amqp.testing import drain
+from nobs_amqp.transports.memory import MemoryBroker
 
 from . import support
 from .proxy import Proxy, broker_address

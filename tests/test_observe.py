@@ -13,7 +13,7 @@ import tenacity
 from nobs_amqp import Project, Worker
 from nobs_amqp import message as wire
 from nobs_amqp.message import Message
-from nobs_amqp.observe import DEAD_LETTERED, DRAINING, READY, RETRIED, STOPPED, SUCCEEDED, Observer, TaskRun
+from nobs_amqp.observe.observer import DEAD_LETTERED, DRAINING, READY, RETRIED, STOPPED, SUCCEEDED, Observer, TaskRun
 from nobs_amqp.testing import drain
 
 from .apps import tasks

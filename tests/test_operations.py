@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nobs_amqp import Project, Worker, dlq
+from nobs_amqp import Project, Worker
 from nobs_amqp import message as wire
+from nobs_amqp.ops import dlq
 from nobs_amqp.testing import drain
 
 from .apps import tasks

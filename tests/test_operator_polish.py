@@ -6,7 +6,8 @@ import json
 
 import tenacity
 
-from nobs_amqp import Project, Worker, dlq
+from nobs_amqp import Project, Worker
+from nobs_amqp.ops import dlq
 from nobs_amqp.testing import drain
 
 from .apps import tasks

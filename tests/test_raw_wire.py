@@ -2,7 +2,7 @@
 
 One such message used to take the consumer's whole connection down on every delivery
 (pamqp raised in the connection's reader). Now the property decoding is total
-(nobs_amqp.decoding): the message goes to W.dlq as `decode_error`, the worker keeps its
+(nobs_amqp.transports.amqp.decoding): the message goes to W.dlq as `decode_error`, the worker keeps its
 one connection, and the healthy tasks around it run exactly once.
 """
 
@@ -26,9 +26,10 @@ from pamqp import base
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
-from nobs_amqp import Project, Worker, decoding
-from nobs_amqp import dlq as dead
+from nobs_amqp import Project, Worker
 from nobs_amqp.message import UNDECODABLE
+from nobs_amqp.ops import dlq as dead
+from nobs_amqp.transports.amqp import decoding
 
 from . import wire
 from .apps import tasks

@@ -26,7 +26,7 @@ from types import ModuleType
 import pytest
 
 from nobs_amqp import ConfigurationError, Project
-from nobs_amqp.reload import SourceFilter, reloading, source_roots, syntax_error
+from nobs_amqp.cli.reload import SourceFilter, reloading, source_roots, syntax_error
 
 from .support import ROOT, Broker, count_is, eventually, exit_code, output, process, run_cli
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from nobs_amqp import Project, Worker, dlq
+from nobs_amqp import Project, Worker
 from nobs_amqp.message import Message, wall_clock
+from nobs_amqp.ops import dlq
 from nobs_amqp.topology import dead_letter_queue
 
 from .apps import tasks

@@ -23,10 +23,10 @@ from nobs_amqp import (
     Worker,
     models,
 )
-from nobs_amqp.memory import MemoryBroker
 from nobs_amqp.schedule import SCHEDULE, TICK, Due, tick_id
 from nobs_amqp.scheduler import state_queue
 from nobs_amqp.testing import drain
+from nobs_amqp.transports.memory import MemoryBroker
 
 from .apps import tasks
 from .support import run_cli

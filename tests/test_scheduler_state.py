@@ -17,11 +17,11 @@ import orjson
 import pytest
 
 from nobs_amqp import Project, Schedule, Scheduler, Worker
-from nobs_amqp.memory import MemoryBroker
 from nobs_amqp.message import Message, format_time, wall_clock
 from nobs_amqp.schedule import TICK
 from nobs_amqp.scheduler import STATE_TYPE, state_queue, state_topology
 from nobs_amqp.signing import Signer
+from nobs_amqp.transports.memory import MemoryBroker
 
 from .apps import tasks
 from .support import eventually, take_messages

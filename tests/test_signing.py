@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 
-from nobs_amqp import Project, Worker, dlq
+from nobs_amqp import Project, Worker
 from nobs_amqp import message as wire
 from nobs_amqp.consumer import Consumer
+from nobs_amqp.ops import dlq
 from nobs_amqp.signing import Signer
 from nobs_amqp.topology import dead_letter_queue
 

@@ -8,8 +8,8 @@ import pytest
 import tenacity
 
 from nobs_amqp import Project, Worker
-from nobs_amqp.memory import MemoryBroker
 from nobs_amqp.testing import drain
+from nobs_amqp.transports.memory import MemoryBroker
 
 from .apps import tasks
 from .support import take_messages

@@ -15,9 +15,9 @@ import tenacity
 
 from nobs_amqp import ConfigurationError, Project, Retry, Worker
 from nobs_amqp import message as wire
-from nobs_amqp.delay import MAX_DELAY_SECONDS
-from nobs_amqp.memory import MemoryBroker
+from nobs_amqp.ladder import MAX_DELAY_SECONDS
 from nobs_amqp.testing import drain
+from nobs_amqp.transports.memory import MemoryBroker
 from nobs_amqp.urls import memory_url
 
 from .apps import tasks

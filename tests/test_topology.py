@@ -6,8 +6,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from nobs_amqp import ConfigurationError, Project, TopologyMismatchError, UnroutableError, Worker
-from nobs_amqp import delay as ladder
+from nobs_amqp import ConfigurationError, Project, TopologyMismatchError, UnroutableError, Worker, ladder
 from nobs_amqp.consumer import Consumer
 from nobs_amqp.management import Management
 

@@ -22,9 +22,9 @@ from pydantic import BaseModel
 
 from nobs_amqp import Project, Worker
 from nobs_amqp import message as wire
-from nobs_amqp.observe import Observer
+from nobs_amqp.observe.observer import Observer
+from nobs_amqp.observe.tracing import Tracing, automatic
 from nobs_amqp.testing import drain
-from nobs_amqp.tracing import Tracing, automatic
 
 from .support import ROOT
 

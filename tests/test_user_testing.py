@@ -23,9 +23,9 @@ from examples.fastapi_service.tasks import OUTBOX_ENV
 from examples.fastapi_service.tasks import project as email_project
 from nobs_amqp import ConfigurationError, Project, Retry, Worker
 from nobs_amqp import message as wire
-from nobs_amqp.delay import LEVELS, MAX_DELAY_SECONDS, delivery_exchange, level_name, unroutable_name
-from nobs_amqp.memory import MemoryBroker
+from nobs_amqp.ladder import LEVELS, MAX_DELAY_SECONDS, delivery_exchange, level_name, unroutable_name
 from nobs_amqp.testing import drain, use_broker
+from nobs_amqp.transports.memory import MemoryBroker
 
 from .apps import tasks, unloaded
 from .support import take_messages

@@ -8,12 +8,12 @@ from collections.abc import Awaitable, Callable
 
 import click
 
-from . import dlq as dead
-from . import message as wire
-from .cli_common import T, app_reference, load_project, refuse_memory, run_open, worker_of
-from .message import Message, printable
-from .session import Session
-from .worker import Worker
+from .. import message as wire
+from ..message import Message, printable
+from ..ops import dlq as dead
+from ..session import Session
+from ..worker import Worker
+from .common import T, app_reference, load_project, refuse_memory, run_open, worker_of
 
 
 @click.group()

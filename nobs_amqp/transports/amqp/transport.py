@@ -19,27 +19,26 @@ from aio_pika.abc import AbstractRobustChannel
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
-from . import decoding
-from .acks import Acker
-from .delivery import AmqpDelivery, DirectQueue
-from .errors import (
+from ...errors import (
     BrokerBlockedError,
     BrokerConnectionError,
     BrokerUnavailableError,
     NobsAmqpError,
     TopologyMismatchError,
 )
+from ...management import Management
+from ...message import Message, wall_clock
+from ...topology import INITIAL_GROUP_SIZE, ExchangeSpec, QueueSpec, ServerVersion, Topology, difference
+from ...urls import describe_error as _describe
+from ...urls import redact, vhost_of
+from ..base import DEFAULT_HEARTBEAT, Handler, LeaseState, check_size, deadline
+from . import decoding
+from .acks import Acker
+from .delivery import AmqpDelivery, DirectQueue
 from .frames import Publisher
 from .leases import ExclusiveQueues
-from .link import DEFAULT_HEARTBEAT, PUBLISHING, Link
-from .management import Management
-from .message import Message, wall_clock
+from .link import PUBLISHING, Link
 from .sending import CONNECTION_ERRORS, REFUSALS, Sending
-from .topology import INITIAL_GROUP_SIZE, ExchangeSpec, QueueSpec, ServerVersion, Topology, difference
-from .transport import Handler, LeaseState, check_size, deadline
-from .urls import describe_error as _describe
-from .urls import redact as redact  # re-exported: examples and status use them from here
-from .urls import vhost_of as vhost_of
 
 log = logging.getLogger("nobs_amqp")
 

@@ -25,7 +25,7 @@ from pamqp import base, common, decode
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
-from .message import UNDECODABLE
+from ...message import UNDECODABLE
 
 MAX_NOTE = 1000
 MAX_QUOTE = 60

@@ -7,10 +7,10 @@ import sys
 
 import click
 
-from .cli_common import with_project
-from .project import Project
-from .status import delete, deletion, topology_diff, topology_json, topology_table
-from .topology import Topology, definitions
+from ..ops.status import delete, deletion, topology_diff, topology_json, topology_table
+from ..project import Project
+from ..topology import Topology, definitions
+from .common import with_project
 
 
 @click.group()

@@ -6,12 +6,12 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from . import delay as ladder
-from .amqp import vhost_of
-from .errors import ConfigurationError
-from .management import MANAGEMENT_ENV, Management
-from .project import Project
-from .topology import Binding, Topology, dead_letter_queue, difference
+from .. import ladder
+from ..errors import ConfigurationError
+from ..management import MANAGEMENT_ENV, Management
+from ..project import Project
+from ..topology import Binding, Topology, dead_letter_queue, difference
+from ..urls import vhost_of
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ from pamqp import encode
 from pamqp.commands import Basic
 from pamqp.constants import FRAME_BODY, FRAME_END_CHAR, FRAME_HEADER, FRAME_METHOD
 
-from .message import CONTENT_TYPE, Message
+from ...message import CONTENT_TYPE, Message
 
 PERSISTENT = 2
 _FRAME = struct.Struct(">BHI")  # type, channel, payload size

@@ -16,9 +16,9 @@ import time
 from datetime import UTC, datetime
 from typing import IO, Literal
 
-from .errors import ConfigurationError
-from .message import format_time, printable
-from .observe import DEAD_LETTERED, DUPLICATE, REJECTED, REQUEUED, RETRIED, SUCCEEDED, Observer, TaskRun
+from ..errors import ConfigurationError
+from ..message import format_time, printable
+from .observer import DEAD_LETTERED, DUPLICATE, REJECTED, REQUEUED, RETRIED, SUCCEEDED, Observer, TaskRun
 
 log = logging.getLogger("nobs_amqp")
 

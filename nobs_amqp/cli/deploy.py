@@ -9,10 +9,10 @@ from typing import Any
 
 import click
 
-from . import deploy as fleet
-from .cli_common import app_reference, load_project
-from .errors import ConfigurationError
-from .project import Project
+from ..errors import ConfigurationError
+from ..ops import deploy as fleet
+from ..project import Project
+from .common import app_reference, load_project
 
 INSTALL_HINT = "pip install 'nobs_amqp[deploy]'"
 

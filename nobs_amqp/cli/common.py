@@ -12,10 +12,10 @@ from typing import TypeVar
 
 import click
 
-from .errors import NobsAmqpError
-from .project import Project
-from .urls import in_process
-from .worker import Worker
+from ..errors import NobsAmqpError
+from ..project import Project
+from ..urls import in_process
+from ..worker import Worker
 
 APP_ENV = "NOBS_AMQP_APP"
 

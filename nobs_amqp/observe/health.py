@@ -30,10 +30,10 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from ..errors import ConfigurationError, MetricsPortError
 from . import httpserve
-from .errors import ConfigurationError, MetricsPortError
-from .observe import DRAINING, READY, RECONNECTING, STOPPED, Observer
-from .runner import LoopWatchdog
+from .observer import DRAINING, READY, RECONNECTING, STOPPED, Observer
+from .watchdog import LoopWatchdog
 
 log = logging.getLogger("nobs_amqp")
 

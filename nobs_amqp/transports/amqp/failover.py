@@ -23,7 +23,7 @@ from typing import Any
 import aio_pika
 from yarl import URL
 
-from .urls import describe_error, node_address, redact
+from ...urls import describe_error, node_address, redact
 
 log = logging.getLogger("nobs_amqp")
 

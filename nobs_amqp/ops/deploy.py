@@ -24,9 +24,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigurationError
-from .project import Project
-from .worker import Worker
+from ..errors import ConfigurationError
+from ..project import Project
+from ..worker import Worker
 
 #: One manifest (a Kubernetes object) or a Compose file, ready for a YAML or JSON writer.
 Manifest = dict[str, Any]

@@ -31,16 +31,15 @@ import aiormq
 from aio_pika.abc import AbstractRobustConnection
 from yarl import URL
 
-from .errors import BrokerConnectionError
+from ...errors import BrokerConnectionError
+from ...urls import describe_error, redact
+from ..base import DEFAULT_HEARTBEAT
 from .failover import RECONNECT_MAX_SECONDS, FailoverConnection
-from .urls import describe_error, redact
 
 log = logging.getLogger("nobs_amqp")
 
 #: The role of the connection a process always has (its reconnection attempts are logged at INFO).
 PUBLISHING = "publishing"
-#: Seconds: the heartbeat a connection asks for, unless its URL says `?heartbeat=N`.
-DEFAULT_HEARTBEAT = 10
 #: How long closing waits for the broker's answer before it drops the connection (a stalled peer).
 CLOSE_SECONDS = 5.0
 #: aiormq's private attributes used here (aiormq is pinned to 7.x; tests/test_link.py checks them).

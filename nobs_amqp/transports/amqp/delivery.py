@@ -15,8 +15,8 @@ from typing import Any
 import aio_pika
 from aiormq.abc import DeliveredMessage
 
+from ...message import Message, wall_clock
 from .acks import Acker
-from .message import Message, wall_clock
 
 
 class DirectQueue(aio_pika.RobustQueue):

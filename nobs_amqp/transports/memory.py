@@ -25,11 +25,11 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import ClassVar
 
-from .errors import NotFoundError, TopologyMismatchError, UnroutableError
-from .message import Message, wall_clock
-from .topology import ExchangeSpec, QueueSpec, ServerVersion, Topology, difference
-from .transport import Handler, LeaseState, check_size
-from .urls import memory_name
+from ..errors import NotFoundError, TopologyMismatchError, UnroutableError
+from ..message import Message, wall_clock
+from ..topology import ExchangeSpec, QueueSpec, ServerVersion, Topology, difference
+from ..urls import memory_name
+from .base import Handler, LeaseState, check_size
 
 log = logging.getLogger("nobs_amqp")
 

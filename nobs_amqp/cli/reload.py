@@ -21,8 +21,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import FrameType
 
-from .errors import ConfigurationError
-from .project import Project
+from ..errors import ConfigurationError
+from ..project import Project
 from .supervisor import RECYCLE_EXIT, ended, exit_status, spawn
 
 log = logging.getLogger("nobs_amqp")

@@ -16,18 +16,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from . import logs
-from . import message as wire
-from .cli_common import APP_ENV, APP_ROOTS, app_reference, load_project, refuse_memory, run_open, worker_of
-from .consumer import Consumer
-from .errors import NobsAmqpError, PayloadTypeError, UnknownTaskError
-from .health import ANY_HOST, KUBERNETES_ENV, LOOPBACK_HOST, default_host
-from .project import Project
-from .session import Session
+from .. import message as wire
+from ..consumer import Consumer
+from ..errors import NobsAmqpError, PayloadTypeError, UnknownTaskError
+from ..observe import logs
+from ..observe.health import ANY_HOST, KUBERNETES_ENV, LOOPBACK_HOST, default_host
+from ..project import Project
+from ..session import Session
+from .common import APP_ENV, APP_ROOTS, app_reference, load_project, refuse_memory, run_open, worker_of
 from .supervisor import RECYCLE_EXIT, supervise
 
 if TYPE_CHECKING:
-    from .status import ProjectStatus
+    from ..ops.status import ProjectStatus
 
 __all__ = ["APP_ENV", "app_reference", "load_project", "main"]
 
@@ -252,7 +252,7 @@ def consume(
 def _supervise_served(command: list[str], processes: int, *, restart: bool, grace_period: float, **served: Any) -> int:
     """`supervise`, with the metrics and health of every worker process served as one (`supervising(**served)`)."""
     try:
-        from .metrics import supervising  # prometheus-client only when metrics are asked for
+        from ..observe.metrics import supervising  # prometheus-client only when metrics are asked for
 
         with supervising(processes=processes, **served) as (folder, exited):
             command = [*command, f"--metrics-dir={folder}"]
@@ -267,7 +267,7 @@ def _metrics(
     """Metrics and health served on `port`, or reported into a supervisor's `folder`; else nothing."""
     if port is None and folder is None:
         return contextlib.nullcontext()
-    from .metrics import exporting  # prometheus-client only when metrics are asked for
+    from ..observe.metrics import exporting  # prometheus-client only when metrics are asked for
 
     return exporting(project.observers, host=host, port=port, directory=folder, max_blocked=max_blocked)
 
@@ -280,7 +280,7 @@ def _metrics(
 @click.pass_obj
 def status(app: str | None, as_json: bool, watch: bool, interval: float, count: int | None) -> None:
     """Per worker: messages ready, in flight, consumers, dead letters; and retries waiting."""
-    from .status import project_status, task_options
+    from ..ops.status import project_status, task_options
 
     project = load_project(app_reference(app))
     refuse_memory(project, "status")
@@ -382,7 +382,7 @@ async def _schedule(project: Project) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum.name)
-    from .scheduler import Scheduler
+    from ..scheduler import Scheduler
 
     async with project:
         await Scheduler(project).run(stop)

@@ -27,7 +27,7 @@ from typing import Protocol
 import aiormq
 from pamqp.commands import Basic
 
-from .errors import (
+from ...errors import (
     BrokerBlockedError,
     BrokerUnavailableError,
     MessageTooLargeError,
@@ -36,10 +36,10 @@ from .errors import (
     PublishUnconfirmedError,
     UnroutableError,
 )
+from ...message import Message, resent
+from ...urls import describe_error
+from ..base import deadline, pursued
 from .frames import Publisher
-from .message import Message, resent
-from .transport import deadline, pursued
-from .urls import describe_error
 
 log = logging.getLogger("nobs_amqp")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import aiormq
 
-from .transport import LeaseState
+from ..base import LeaseState
 
 
 class ExclusiveQueues:

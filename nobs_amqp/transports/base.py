@@ -13,13 +13,16 @@ from contextvars import ContextVar
 from datetime import datetime
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from .errors import MessageTooLargeError
-from .message import Message
-from .topology import ServerVersion, Topology
+from ..errors import MessageTooLargeError
+from ..message import Message
+from ..topology import ServerVersion, Topology
 
 #: What RabbitMQ takes unless its `max_message_size` says otherwise: 128 MiB on 3.x, 16 MiB from 4.0.
 MAX_MESSAGE_SIZE_3 = 128 * 1024 * 1024
 MAX_MESSAGE_SIZE_4 = 16 * 1024 * 1024
+
+#: Seconds: the heartbeat a RabbitMQ connection asks for, unless its URL says `?heartbeat=N`.
+DEFAULT_HEARTBEAT = 10
 
 
 def default_max_message_size(version: ServerVersion) -> int:

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from .message import Message
+from ..message import Message
 
 log = logging.getLogger("nobs_amqp")
 _T = TypeVar("_T")
