@@ -25,7 +25,8 @@ from .errors import (
 )
 from .observe import Observer, TaskRun
 from .project import Project
-from .retry import Reject, Retry, task
+from .retry import Reject, Retry
+from .tasks import task
 from .worker import Worker
 
 if TYPE_CHECKING:

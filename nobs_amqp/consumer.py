@@ -14,7 +14,10 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import datetime
+from typing import Any
 
 import orjson
 from pydantic import ValidationError
@@ -503,3 +506,25 @@ async def _quietly(settle: object) -> None:
         await settle  # type: ignore[misc]
     except Exception as exc:  # noqa: BLE001 - the channel is gone; the broker requeues
         log.debug("settle failed: %s", exc)
+
+
+@asynccontextmanager
+async def consuming(session: Session, workers: Sequence[Worker], **options: Any) -> AsyncIterator[list[Consumer]]:
+    """Consume `workers` in the background until the block ends (each is ready when it starts);
+    then stop taking messages and let running tasks finish (`grace_period`)."""
+    consumers = [Consumer(session, worker, **options) for worker in workers]
+    runs = [asyncio.create_task(c.run(), name=f"nobs-consume-{c.worker.name}") for c in consumers]
+    try:
+        for consumer, run in zip(consumers, runs, strict=True):
+            ready = asyncio.create_task(consumer.ready.wait())
+            await asyncio.wait({run, ready}, return_when=asyncio.FIRST_COMPLETED)
+            ready.cancel()
+            if run.done():
+                run.result()  # raise what stopped it from starting
+        yield consumers
+    finally:
+        for consumer in consumers:
+            consumer.stop()
+        for result in await asyncio.gather(*runs, return_exceptions=True):
+            if isinstance(result, Exception):
+                log.error("consumer stopped with an error: %s", result)

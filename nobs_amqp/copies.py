@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from . import message as wire
 from .errors import BrokerUnavailableError, NobsAmqpError, RetryNotPlacedError
 from .message import printable
+from .observe.observer import PublishKind
 from .outcome import DeadLetter, Happened, NotPlaced, Outcome, RetryLater
 from .session import Session
 from .transports.base import until_confirmed
@@ -34,7 +35,9 @@ class Copies:
     async def retry(self, message: wire.Message, outcome: RetryLater) -> Outcome:
         """Place the retry copy; if it cannot be placed, the dead letter that replaces it."""
         copy = wire.retry_copy(message, outcome.delay, now=self.session.now())
-        error = await self._publish_once_more(lambda: self.session.send(self.worker, copy, outcome.delay))
+        error = await self._publish_once_more(
+            lambda: self.session.send(self.worker, copy, outcome.delay, PublishKind.RETRY)
+        )
         if error is None:
             return outcome  # logged with the delivery's outcome (logs.TaskLog)
         log.error(

@@ -15,7 +15,7 @@ from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from .consumer import Consumer
+from .consumer import Consumer, consuming
 from .errors import ConfigurationError, ProjectNotOpenError, TaskNotAllowedError, UnknownTaskError
 from .observe.logs import TaskLog
 from .observe.observer import Observer
@@ -37,7 +37,7 @@ DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
 URL_ENV = "NOBS_AMQP_URL"
 
 
-def broker_urls(url: str | Sequence[str] | None) -> tuple[str, ...]:
+def project_urls(url: str | Sequence[str] | None) -> tuple[str, ...]:
     """The broker URL(s): the argument, else NOBS_AMQP_URL (comma-separated), else localhost;
     each checked (ConfigurationError, never showing a credential, for a malformed one)."""
     if url is not None:
@@ -120,7 +120,7 @@ class Project:
             self._add(worker)
         self._url = url
         if url is not None:
-            broker_urls(url)  # fail at construction for a bad explicit URL
+            project_urls(url)  # fail at construction for a bad explicit URL
         if packages is None:
             caller = _caller_package()
             packages = [caller] if caller else []
@@ -194,7 +194,7 @@ class Project:
     @property
     def urls(self) -> tuple[str, ...]:
         """Where the broker is: Project(url=...), else NOBS_AMQP_URL as it is when the project opens."""
-        return broker_urls(self._url)
+        return project_urls(self._url)
 
     @property
     def is_open(self) -> bool:
@@ -267,9 +267,7 @@ class Project:
     def consuming(self, *workers: Worker | str, **options: Any) -> AbstractAsyncContextManager[list[Consumer]]:
         """Consume `workers` (default: all) in the background of an open project until the block
         ends; then stop taking messages and let running tasks finish (`grace_period`)."""
-        from . import asgi  # the FastAPI glue, when it is used
-
-        return asgi.consuming(self.session, self._chosen(workers), **options)
+        return consuming(self.session, self._chosen(workers), **options)
 
     def _chosen(self, workers: Iterable[Worker | str]) -> list[Worker]:
         return [self.worker(w) if isinstance(w, str) else w for w in workers] or list(self.workers.values())

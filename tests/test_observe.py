@@ -13,7 +13,18 @@ import tenacity
 from nobs_amqp import Project, Worker
 from nobs_amqp import message as wire
 from nobs_amqp.message import Message
-from nobs_amqp.observe.observer import DEAD_LETTERED, DRAINING, READY, RETRIED, STOPPED, SUCCEEDED, Observer, TaskRun
+from nobs_amqp.observe.observer import (
+    DEAD_LETTERED,
+    DRAINING,
+    READY,
+    RETRIED,
+    STOPPED,
+    SUCCEEDED,
+    Observer,
+    Publish,
+    PublishKind,
+    TaskRun,
+)
 from nobs_amqp.testing import drain
 
 from .apps import tasks
@@ -25,7 +36,7 @@ PROJECT = "nobs-test"
 class Recorder(Observer):
     def __init__(self) -> None:
         self.runs: list[TaskRun] = []
-        self.published: list[tuple[str, str]] = []
+        self.published: list[Publish] = []
         self.states: list[str] = []
 
     @contextlib.contextmanager
@@ -34,10 +45,11 @@ class Recorder(Observer):
         self.runs.append(run)
 
     @contextlib.contextmanager
-    def publishing(self, worker: str, message: Message) -> Iterator[Message]:
+    def publishing(self, publish: Publish) -> Iterator[Message]:
+        message = publish.message
         yield Message(message.body, message.task, message.message_id, message.app_id, message.timestamp,
                       {**message.headers, "x-observed": "yes"}, message.priority)  # fmt: skip
-        self.published.append((worker, message.message_id))
+        self.published.append(publish)
 
     def consumer_state(self, worker: str, state: str) -> None:
         self.states.append(state)
@@ -75,9 +87,18 @@ async def test_observers_see_every_outcome_and_publish(url: str, name: str) -> N
     assert outcomes[failing_id] == [(RETRIED, None), (DEAD_LETTERED, "max_attempts")]
     failed = [r for r in recorder.runs if r.message_id == failing_id]
     assert all(isinstance(r.error, RuntimeError) and r.seconds >= 0 for r in failed)
-    # queue() twice, a retry copy and a dead letter: every publish went through the observer
-    assert [m for _, m in recorder.published].count(failing_id) == 3
-    assert (name, ok_id) in recorder.published
+    # queue() twice, a retry copy and a dead letter: every publish went through the observer,
+    # which was told what each one is and where it goes
+    seen = [(p.kind, p.worker, p.exchange, p.routing_key, p.queue, p.delay) for p in recorder.published]
+    failing_publishes = [s for s, p in zip(seen, recorder.published, strict=True) if p.message.message_id == failing_id]
+    assert failing_publishes[0] == (PublishKind.TASK, name, "", name, name, 0)
+    kind, worker_name, exchange, routing_key, queue, delay = failing_publishes[1]
+    assert (kind, worker_name, queue, delay) == (PublishKind.RETRY, name, name, 1) and exchange and routing_key
+    assert failing_publishes[2] == (PublishKind.DEAD_LETTER, name, f"{name}.dlx", "", f"{name}.dlq", 0)
+    assert len(failing_publishes) == 3
+    assert (PublishKind.TASK, name, "", name, name, 0) in [
+        s for s, p in zip(seen, recorder.published, strict=True) if p.message.message_id == ok_id
+    ]
     assert READY in recorder.states and DRAINING in recorder.states and recorder.states[-1] == STOPPED
 
 

@@ -17,7 +17,7 @@ import pytest
 from nobs_amqp import LifespanError, NoTaskContextError, Project, Worker, current_task
 from nobs_amqp import message as wire
 from nobs_amqp.consumer import Consumer
-from nobs_amqp.retry import options_of
+from nobs_amqp.tasks import options_of
 from nobs_amqp.testing import drain
 
 from .apps import tasks

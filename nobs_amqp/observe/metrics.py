@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import ConfigurationError
-from ..message import REASON, Message, Reason
+from ..message import Message, Reason
 from .health import MAX_BLOCKED_SECONDS, Children, Health, serve
 from .observer import (
     DEAD_LETTERED,
@@ -42,6 +42,7 @@ from .observer import (
     STOPPED,
     SUCCEEDED,
     Observer,
+    Publish,
     TaskRun,
 )
 
@@ -60,8 +61,6 @@ FOLDER_PREFIX = "nobs-amqp-metrics-"
 #: The `task` label of a task the project does not know (whatever the message named).
 UNKNOWN = "unknown"
 OTHER = "other"
-#: The `kind` label of a publish: a task (a first attempt, or a replay), a retry, a dead letter.
-TASK, RETRY, DEAD_LETTER = "task", "retry", "dead_letter"
 STATES = (READY, RECONNECTING, DRAINING, STOPPED)
 OUTCOMES = frozenset({SUCCEEDED, RETRIED, DEAD_LETTERED, REJECTED, DUPLICATE, REQUEUED})
 REASONS = frozenset(reason.value for reason in Reason)
@@ -239,11 +238,11 @@ class PrometheusMetrics(Observer):
     # -- producers -------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def publishing(self, worker: str, message: Message) -> Iterator[Message]:
-        kind = DEAD_LETTER if REASON in message.headers else RETRY if message.attempt > 1 else TASK
+    def publishing(self, publish: Publish) -> Iterator[Message]:
+        worker, kind = publish.worker, publish.kind.value
         started = time.perf_counter()
         try:
-            yield message
+            yield publish.message
         except Exception as exc:
             self._metrics.publish_errors.labels(worker, kind, type(exc).__name__).inc()
             raise

@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import TypeVar
 
 from ..message import Message
@@ -62,6 +63,33 @@ class TaskRun:
     delay: int | None = None
 
 
+class PublishKind(StrEnum):
+    """What a publish is: a task queued (`queue()`, a schedule's tick, a replay), a worker's
+    retry copy, or a dead letter."""
+
+    TASK = "task"
+    RETRY = "retry"
+    DEAD_LETTER = "dead_letter"
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """One publish, as `Observer.publishing` sees it."""
+
+    kind: PublishKind
+    #: The worker whose queue (or dead-letter queue) it is for.
+    worker: str
+    #: Where it is sent: "" (the default exchange) and the queue's name, a delay ladder's
+    #: exchange and routing key, or the worker's dead-letter exchange (`W.dlx`).
+    exchange: str
+    routing_key: str
+    #: The queue it ends in: the worker's, or its dead-letter queue (`W.dlq`).
+    queue: str
+    #: Whole seconds it waits in the delay ladder (0: none).
+    delay: int
+    message: Message
+
+
 class Observer:
     """Does nothing; override the hooks you need."""
 
@@ -71,10 +99,10 @@ class Observer:
         return _NOTHING
 
     @contextlib.contextmanager
-    def publishing(self, worker: str, message: Message) -> Iterator[Message]:
-        """Around one publish and its confirm; may yield a copy of `message` to send instead
-        (with trace headers, say). An exception from the publish passes through."""
-        yield message
+    def publishing(self, publish: Publish) -> Iterator[Message]:
+        """Around one publish and its confirm; may yield a copy of `publish.message` to send
+        instead (with trace headers, say). An exception from the publish passes through."""
+        yield publish.message
 
     def started(self, run: TaskRun) -> None:
         """The task of `run` is about to be called: it is known (`run.known`) and its payload valid."""
@@ -134,16 +162,16 @@ class Observers(Observer):
             yield
 
     @contextlib.contextmanager
-    def publishing(self, worker: str, message: Message) -> Iterator[Message]:
+    def publishing(self, publish: Publish) -> Iterator[Message]:
         if not self._publishers:
-            yield message
+            yield publish.message
             return
         with contextlib.ExitStack() as stack:
             for observer in self._publishers:
-                observed = _enter(stack, observer, observer.publishing(worker, message))
+                observed = _enter(stack, observer, observer.publishing(publish))
                 if isinstance(observed, Message):  # else it failed: the message as it was
-                    message = observed
-            yield message
+                    publish = replace(publish, message=observed)
+            yield publish.message
 
     def started(self, run: TaskRun) -> None:
         for observer in self._starters:

@@ -24,8 +24,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from ..message import ETA, REASON, Message, printable
-from .observer import DUPLICATE, Observer, TaskRun
+from ..message import ETA, Message, printable
+from .observer import DUPLICATE, Observer, Publish, PublishKind, TaskRun
 
 if TYPE_CHECKING:
     from opentelemetry.propagators.textmap import Getter
@@ -61,14 +61,14 @@ class Tracing(Observer):
         return "Tracing()"
 
     @contextlib.contextmanager
-    def publishing(self, worker: str, message: Message) -> Iterator[Message]:
-        dead_letter = REASON in message.headers
-        destination = f"{worker}.dlx" if dead_letter else worker
+    def publishing(self, publish: Publish) -> Iterator[Message]:
+        message, dead_letter = publish.message, publish.kind is PublishKind.DEAD_LETTER
+        destination = publish.exchange if dead_letter else publish.worker
         attributes = _attributes("send", "publish", destination, message.message_id, message.task, message.attempt)
         if ETA in message.headers:  # through the delay ladder, whose routing key says the delay
             attributes[ETA_ATTRIBUTE] = str(message.headers[ETA])
         elif not dead_letter:  # the default exchange, straight to the worker's queue
-            attributes["messaging.rabbitmq.destination.routing_key"] = worker
+            attributes["messaging.rabbitmq.destination.routing_key"] = publish.routing_key
         with self._tracer.start_as_current_span(
             f"publish {destination}",
             kind=self._trace.SpanKind.PRODUCER,
