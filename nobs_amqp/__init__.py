@@ -23,7 +23,7 @@ from .errors import (
     TopologyMismatchError,
     UnroutableError,
 )
-from .observe import Observer, TaskRun
+from .observe import Fate, Observer, Publish, TaskRun
 from .project import Project
 from .retry import Reject, Retry
 from .tasks import task
@@ -40,6 +40,7 @@ __all__ = [
     "BrokerConnectionError",
     "BrokerUnavailableError",
     "ConfigurationError",
+    "Fate",
     "LifespanError",
     "MessageTooLargeError",
     "NoTaskContextError",
@@ -50,6 +51,7 @@ __all__ = [
     "PayloadTypeError",
     "Project",
     "ProjectNotOpenError",
+    "Publish",
     "PublishError",
     "PublishUnconfirmedError",
     "Reject",

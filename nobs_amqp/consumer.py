@@ -27,7 +27,6 @@ from .context import TaskContext, running
 from .copies import Copies
 from .errors import (
     BadSignatureError,
-    BrokerUnavailableError,
     ConfigurationError,
     DeliveryLimitExceeded,
     ForeignTaskError,
@@ -37,29 +36,24 @@ from .errors import (
     UnknownTaskError,
 )
 from .message import Reason, printable
-from .observe.observer import (
-    DEAD_LETTERED,
-    DRAINING,
-    DUPLICATE,
-    READY,
-    REJECTED,
-    REQUEUED,
-    RETRIED,
-    STOPPED,
-    SUCCEEDED,
-    TaskRun,
-)
+from .observe.observer import DRAINING, READY, STOPPED, TaskRun
 from .observe.watchdog import LoopWatchdog
 from .outcome import (
     DeadLetter,
+    Duplicate,
+    GivenBack,
     Happened,
+    NotPlaced,
     Outcome,
     Raised,
     Refused,
+    RejectToDlx,
+    Requeue,
     RetryLater,
     Succeeded,
     WorkerFailed,
     decide,
+    record,
 )
 from .retry import Reject, Retry
 from .runner import Label, TaskRunner, resident_mb
@@ -131,7 +125,7 @@ class Consumer:
         self._subscription: Subscription | None = None
         self._failure: BaseException | None = None
         self._attempts = SettledAttempts()
-        self._copies = Copies(session, worker, self._decide)
+        self._copies = Copies(session, worker)
         self._quorum = worker.queue_options.queue_type == "quorum"
 
     def stop(self) -> None:
@@ -310,7 +304,7 @@ class Consumer:
     async def _process(self, delivery: Delivery) -> None:
         async with self._slots:
             if self._stopping.is_set():
-                await _quietly(delivery.nack(requeue=True))
+                await self._settle(delivery, self._decide(GivenBack()))
                 return
             message = delivery.message
             attempt, enqueued_at = message.attempt, message.enqueued_at  # read from headers once
@@ -320,10 +314,12 @@ class Consumer:
                 identity, message, redelivered=delivery.redelivered, signer=self.session.signer, queue=self.worker.name
             ):
                 self.duplicates += 1
-                duplicate = TaskRun(self.worker.name, message.task, message.message_id, attempt, outcome=DUPLICATE)
+                duplicate = TaskRun(self.worker.name, message.task, message.message_id, attempt)
+                outcome = self._decide(Duplicate())
+                record(duplicate, outcome)  # before `handling`: tracing makes no span of a duplicate
                 with observers.handling(duplicate):
                     try:
-                        await _quietly(delivery.ack())
+                        await self._settle(delivery, outcome, duplicate)
                     finally:
                         observers.finished(duplicate)
                 return
@@ -344,10 +340,12 @@ class Consumer:
         self, delivery: Delivery, run: TaskRun, identity: Identity | None, enqueued_at: datetime
     ) -> None:
         try:
-            await self._handle(delivery, run, identity, enqueued_at)
+            happened = await self._execute(delivery, run, enqueued_at)
+            outcome = await self._placed(delivery.message, self._decide(happened))
+            if not isinstance(happened, Refused) and not isinstance(outcome, RejectToDlx):
+                self._attempts.remember(identity)  # only an attempt that verified and ran is remembered
         except asyncio.CancelledError:
-            run.outcome = REQUEUED
-            await _quietly(delivery.nack(requeue=True))  # shutdown past the grace period
+            await self._settle(delivery, self._decide(GivenBack()), run)  # shutdown past the grace period
             raise
         except Exception as exc:
             log.exception(
@@ -355,26 +353,34 @@ class Consumer:
                 printable(delivery.message.task),
                 printable(delivery.message.message_id),
             )
-            await self._last_resort(delivery, exc, run)
-
-    async def _handle(self, delivery: Delivery, run: TaskRun, identity: Identity | None, enqueued_at: datetime) -> None:
-        message = delivery.message
-        happened = await self._execute(delivery, run, enqueued_at)
-        outcome = self._decide(happened)
-        if isinstance(outcome, RetryLater):
-            outcome = await self._copies.retry(message, outcome)
-        if isinstance(outcome, DeadLetter) and not await self._copies.dead_letter(message, outcome):
-            run.outcome, run.reason = REJECTED, outcome.reason.value
-            run.error = run.error or outcome.error
-            await delivery.nack(requeue=False)  # the broker's own dead-lettering, to W.dlx
-            return
-        _record(run, outcome)
-        if not isinstance(happened, Refused):  # only an attempt that verified and ran is remembered
-            self._attempts.remember(identity)
-        await delivery.ack()
+            outcome = await self._worker_failed(delivery, exc, run)
+        await self._settle(delivery, outcome, run)
 
     def _decide(self, happened: Happened) -> Outcome:
         return decide(happened, self.worker.policy, self.session.now())
+
+    async def _placed(self, message: wire.Message, outcome: Outcome) -> Outcome:
+        """Publish the copy `outcome` needs (a retry, a dead letter); the outcome that holds then:
+        a retry that cannot be placed is dead-lettered, a dead letter rejected to `W.dlx`."""
+        while isinstance(outcome, RetryLater | DeadLetter):
+            error = await self._copies.place(message, outcome)
+            if error is None:
+                return outcome
+            outcome = self._decide(NotPlaced(error, outcome))
+        return outcome
+
+    async def _settle(self, delivery: Delivery, outcome: Outcome, run: TaskRun | None = None) -> None:
+        """The one place a delivery is settled: acked (done, or its copy placed), rejected to the
+        broker's dead-lettering, or given back; and its fate written into `run`."""
+        if run is not None:
+            record(run, outcome)
+        match outcome:
+            case Requeue():
+                await _quietly(delivery.nack(requeue=True))
+            case RejectToDlx():
+                await _quietly(delivery.nack(requeue=False))  # the broker's own dead-lettering, to W.dlx
+            case _:
+                await _quietly(delivery.ack())
 
     async def _execute(self, delivery: Delivery, run: TaskRun, enqueued_at: datetime) -> Happened:
         """Run the delivery's task if it may run; what happened (`enqueued_at`: the message's)."""
@@ -469,36 +475,19 @@ class Consumer:
         headers = delivery.message.headers
         return max((n for h in DELIVERY_COUNTS if type(n := headers.get(h)) is int), default=0)
 
-    async def _last_resort(self, delivery: Delivery, error: BaseException, run: TaskRun) -> None:
-        """Settle a delivery whose handling failed in the worker itself: dead-letter it with the
-        error, else reject it to the dead-letter exchange; never leave it unsettled."""
-        if isinstance(error, BrokerUnavailableError):
-            run.outcome = REQUEUED
+    async def _worker_failed(self, delivery: Delivery, error: BaseException, run: TaskRun) -> Outcome:
+        """The outcome of a delivery whose handling failed in the worker itself: given back if
+        the broker went away, else dead-lettered with the error, else rejected to `W.dlx`."""
+        outcome = self._decide(WorkerFailed(error))
+        if isinstance(outcome, Requeue):
             await asyncio.sleep(REQUEUE_PAUSE_SECONDS)  # no busy loop while the broker is away
-            await _quietly(delivery.nack(requeue=True))
-            return
-        run.error, run.reason = error, Reason.WORKER_ERROR.value
+            return outcome
+        run.error = error
         try:
-            outcome = self._decide(WorkerFailed(error))
-            if isinstance(outcome, DeadLetter) and await self._copies.dead_letter(delivery.message, outcome):
-                run.outcome = DEAD_LETTERED
-                await delivery.ack()
-                return
+            return await self._placed(delivery.message, outcome)
         except Exception as exc:  # noqa: BLE001 - the dead letter failed too: the broker's own dead-lettering
             log.warning("id %s: cannot dead-letter it (%s)", printable(delivery.message.message_id), printable(exc))
-        run.outcome = REJECTED
-        await _quietly(delivery.nack(requeue=False))
-
-
-def _record(run: TaskRun, outcome: Outcome) -> None:
-    """How a delivery ended, for observers."""
-    if isinstance(outcome, RetryLater):
-        run.outcome, run.delay = RETRIED, outcome.delay
-    elif isinstance(outcome, DeadLetter):
-        run.outcome, run.reason = DEAD_LETTERED, outcome.reason.value
-        run.error = run.error or outcome.error  # a refusal: why it did not run
-    else:
-        run.outcome = SUCCEEDED
+            return self._decide(NotPlaced(exc, DeadLetter(Reason.WORKER_ERROR, error)))
 
 
 async def _quietly(settle: object) -> None:

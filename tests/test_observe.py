@@ -14,12 +14,10 @@ from nobs_amqp import Project, Worker
 from nobs_amqp import message as wire
 from nobs_amqp.message import Message
 from nobs_amqp.observe.observer import (
-    DEAD_LETTERED,
     DRAINING,
     READY,
-    RETRIED,
     STOPPED,
-    SUCCEEDED,
+    Fate,
     Observer,
     Publish,
     PublishKind,
@@ -83,8 +81,8 @@ async def test_observers_see_every_outcome_and_publish(url: str, name: str) -> N
     for run in recorder.runs:
         outcomes.setdefault(run.message_id, []).append((run.outcome, run.reason))
         assert run.known and run.worker == name
-    assert outcomes[ok_id] == [(SUCCEEDED, None)]
-    assert outcomes[failing_id] == [(RETRIED, None), (DEAD_LETTERED, "max_attempts")]
+    assert outcomes[ok_id] == [(Fate.SUCCEEDED, None)]
+    assert outcomes[failing_id] == [(Fate.RETRIED, None), (Fate.DEAD_LETTERED, "max_attempts")]
     failed = [r for r in recorder.runs if r.message_id == failing_id]
     assert all(isinstance(r.error, RuntimeError) and r.seconds >= 0 for r in failed)
     # queue() twice, a retry copy and a dead letter: every publish went through the observer,

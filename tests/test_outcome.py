@@ -11,8 +11,10 @@ from pydantic import BaseModel, ValidationError
 
 from nobs_amqp.errors import (
     BadSignatureError,
+    BrokerUnavailableError,
     DeliveryLimitExceeded,
     ForeignTaskError,
+    NotFoundError,
     RetryNotPlacedError,
     TaskDefinitionError,
     TimeLimitExceeded,
@@ -20,16 +22,24 @@ from nobs_amqp.errors import (
     UnknownTaskError,
 )
 from nobs_amqp.message import Reason, wall_clock
+from nobs_amqp.observe import TaskRun
+from nobs_amqp.observe.observer import Fate
 from nobs_amqp.outcome import (
     Ack,
     DeadLetter,
+    Duplicate,
+    GivenBack,
     NotPlaced,
     Raised,
     Refused,
+    RejectToDlx,
+    Requeue,
     RetryLater,
     Succeeded,
     WorkerFailed,
     decide,
+    fate,
+    record,
 )
 from nobs_amqp.retry import Reject, Retry, RetryPolicy
 
@@ -75,10 +85,37 @@ def test_a_refused_message_is_dead_lettered_at_once_whatever_the_policy(error: E
 
 
 def test_what_went_wrong_in_the_worker() -> None:
-    error = RetryNotPlacedError("x")
-    assert decide(NotPlaced(error), POLICY, NOW) == DeadLetter(Reason.RETRY_FAILED, error)
+    failure, unreachable = ValueError("the task's"), NotFoundError("W", "no queue")
+    outcome = decide(NotPlaced(unreachable, RetryLater(3, failure)), POLICY, NOW)
+    assert isinstance(outcome, DeadLetter) and outcome.reason == Reason.RETRY_FAILED
+    assert isinstance(outcome.error, RetryNotPlacedError) and outcome.error.__cause__ is failure
+    assert str(outcome.error) == f"the task's; and its retry could not be published: {unreachable}"
+    letter = DeadLetter(Reason.MAX_ATTEMPTS, failure)
+    assert decide(NotPlaced(unreachable, letter), POLICY, NOW) == RejectToDlx(Reason.MAX_ATTEMPTS, failure)
     bug = KeyError("bug")
     assert decide(WorkerFailed(bug), POLICY, NOW) == DeadLetter(Reason.WORKER_ERROR, bug)
+    assert decide(WorkerFailed(BrokerUnavailableError("W", "gone")), POLICY, NOW) == Requeue()
+
+
+def test_duplicates_and_shutdowns_are_decided_too_and_each_outcome_has_one_fate() -> None:
+    assert decide(Duplicate(), POLICY, NOW) == Ack(ran=False)
+    assert decide(GivenBack(), POLICY, NOW) == Requeue()
+    error = ValueError("x")
+    fates = {
+        Ack(): Fate.SUCCEEDED,
+        Ack(ran=False): Fate.DUPLICATE,
+        RetryLater(1, error): Fate.RETRIED,
+        DeadLetter(Reason.REJECTED, error): Fate.DEAD_LETTERED,
+        RejectToDlx(Reason.REJECTED, error): Fate.REJECTED,
+        Requeue(): Fate.REQUEUED,
+    }
+    assert {outcome: fate(outcome) for outcome in fates} == fates
+    assert set(fates.values()) == set(Fate)
+    run = TaskRun("w", "t", "id", 1)
+    record(run, RejectToDlx(Reason.MAX_ATTEMPTS, error))
+    assert (run.outcome, run.reason, run.error) == (Fate.REJECTED, "max_attempts", error)
+    record(run, RetryLater(4, error))
+    assert (run.outcome, run.delay) == (Fate.RETRIED, 4)
 
 
 def test_a_failure_is_retried_after_whole_seconds_until_the_policy_stops() -> None:

@@ -136,7 +136,7 @@ def test_the_documented_imports_work() -> None:
     import importlib
 
     for module, names in {
-        "nobs_amqp": ["Project", "Worker", "Observer", "TaskRun", "task", "Retry", "Reject", "Schedule"],
+        "nobs_amqp": ["Project", "Worker", "Observer", "TaskRun", "Publish", "Fate", "task", "Retry", "Reject", "Schedule"],
         "nobs_amqp.models": ["Project", "Worker"],
         "nobs_amqp.testing": ["drain", "use_broker"],
         "nobs_amqp.metrics": ["PrometheusMetrics"],

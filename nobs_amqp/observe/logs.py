@@ -18,7 +18,7 @@ from typing import IO, Literal
 
 from ..errors import ConfigurationError
 from ..message import format_time, printable
-from .observer import DEAD_LETTERED, DUPLICATE, REJECTED, REQUEUED, RETRIED, SUCCEEDED, Observer, TaskRun
+from .observer import Fate, Observer, TaskRun
 
 log = logging.getLogger("nobs_amqp")
 
@@ -42,12 +42,12 @@ TASK_FIELDS = (
 JSON_FIELDS = {"asctime": "time", "levelname": "level", "name": "logger", "message": "message"}
 
 _LEVELS = {
-    SUCCEEDED: logging.INFO,
-    DUPLICATE: logging.INFO,
-    RETRIED: logging.WARNING,
-    REQUEUED: logging.WARNING,
-    DEAD_LETTERED: logging.ERROR,
-    REJECTED: logging.ERROR,
+    Fate.SUCCEEDED: logging.INFO,
+    Fate.DUPLICATE: logging.INFO,
+    Fate.RETRIED: logging.WARNING,
+    Fate.REQUEUED: logging.WARNING,
+    Fate.DEAD_LETTERED: logging.ERROR,
+    Fate.REJECTED: logging.ERROR,
 }
 
 
@@ -55,7 +55,7 @@ class TaskLog(Observer):
     """Logs how each delivery ended, once, with its fields as `extra`."""
 
     def finished(self, run: TaskRun) -> None:
-        level = _LEVELS.get(run.outcome, logging.WARNING)
+        level = logging.WARNING if run.outcome is None else _LEVELS[run.outcome]
         if log.isEnabledFor(level):
             line, fields = task_line(run)
             # log.log(level, "%s", line, extra=fields), without looking for the caller up the stack
@@ -88,17 +88,17 @@ def task_line(run: TaskRun) -> tuple[str, dict[str, object]]:
     }
     head = f"task {fields['task'] or '?'} id {fields['message_id']} attempt {run.attempt}"
     failure = f"{fields['error_type']}: {fields['error']}" if error is not None else "no error"
-    if run.outcome == SUCCEEDED:
+    if run.outcome == Fate.SUCCEEDED:
         line = f"{head} succeeded in {run.seconds:.3f} s"
-    elif run.outcome == RETRIED:
+    elif run.outcome == Fate.RETRIED:
         line = f"{head} failed ({failure}); retry in {run.delay} s"
-    elif run.outcome == DEAD_LETTERED:
+    elif run.outcome == Fate.DEAD_LETTERED:
         line = f"{head} dead-lettered to {run.worker}.dlq ({run.reason}: {fields['error'] or 'no error'})"
-    elif run.outcome == REJECTED:
+    elif run.outcome == Fate.REJECTED:
         line = f"{head} rejected to {run.worker}.dlx, its dead letter could not be placed ({run.reason}: {failure})"
-    elif run.outcome == DUPLICATE:
+    elif run.outcome == Fate.DUPLICATE:
         line = f"{head}: already settled here; acked this copy (redelivered, or sent again) without running it"
-    elif run.outcome == REQUEUED:
+    elif run.outcome == Fate.REQUEUED:
         line = f"{head} given back to the queue unsettled"
     else:
         line = f"{head} ended unsettled ({failure})"

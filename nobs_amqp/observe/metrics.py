@@ -31,16 +31,11 @@ from ..errors import ConfigurationError
 from ..message import Message, Reason
 from .health import MAX_BLOCKED_SECONDS, Children, Health, serve
 from .observer import (
-    DEAD_LETTERED,
     DRAINING,
-    DUPLICATE,
     READY,
     RECONNECTING,
-    REJECTED,
-    REQUEUED,
-    RETRIED,
     STOPPED,
-    SUCCEEDED,
+    Fate,
     Observer,
     Publish,
     TaskRun,
@@ -62,7 +57,7 @@ FOLDER_PREFIX = "nobs-amqp-metrics-"
 UNKNOWN = "unknown"
 OTHER = "other"
 STATES = (READY, RECONNECTING, DRAINING, STOPPED)
-OUTCOMES = frozenset({SUCCEEDED, RETRIED, DEAD_LETTERED, REJECTED, DUPLICATE, REQUEUED})
+OUTCOMES = frozenset(Fate)
 REASONS = frozenset(reason.value for reason in Reason)
 #: Seconds: background tasks take from milliseconds to an hour.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -195,12 +190,12 @@ class PrometheusMetrics(Observer):
     def _ended(self, run: TaskRun, *, ran: bool) -> None:
         metrics, task = self._metrics, _task(run)
         metrics.deliveries.labels(run.worker, run.outcome if run.outcome in OUTCOMES else OTHER).inc()
-        if ran and run.outcome != REQUEUED:  # a run cancelled at shutdown did not end: its message goes back
+        if ran and run.outcome != Fate.REQUEUED:  # a run cancelled at shutdown did not end: its message goes back
             metrics.duration.labels(run.worker, task).observe(run.seconds)
             (metrics.succeeded if run.error is None else metrics.failed).labels(run.worker, task).inc()
-        if run.outcome == RETRIED:
+        if run.outcome == Fate.RETRIED:
             metrics.retried.labels(run.worker, task).inc()
-        elif run.outcome in (DEAD_LETTERED, REJECTED):  # a rejected one reaches the DLQ through W.dlx
+        elif run.outcome in (Fate.DEAD_LETTERED, Fate.REJECTED):  # a rejected one reaches the DLQ through W.dlx
             reason = run.reason if run.reason in REASONS else OTHER
             metrics.dead_lettered.labels(run.worker, task, reason).inc()
 

@@ -20,13 +20,21 @@ from ..message import Message
 log = logging.getLogger("nobs_amqp")
 _T = TypeVar("_T")
 
-#: How a delivery ended, as observers see it (`TaskRun.outcome`).
-SUCCEEDED = "succeeded"
-RETRIED = "retried"
-DEAD_LETTERED = "dead_lettered"
-REJECTED = "rejected_to_dlx"  # neither a retry nor a dead letter could be placed: the broker's dead-lettering
-DUPLICATE = "duplicate"  # a redelivered copy of an attempt settled before: acked unrun
-REQUEUED = "requeued"  # given back unrun (shutdown, or a broker that went away)
+
+class Fate(StrEnum):
+    """How a delivery ended (`TaskRun.outcome`): what observers, logs and metrics say of it.
+    `outcome.decide` picks it; the values are the metrics' `outcome` label."""
+
+    SUCCEEDED = "succeeded"
+    RETRIED = "retried"
+    DEAD_LETTERED = "dead_lettered"
+    #: Neither a retry nor a dead letter could be placed: the broker's dead-lettering, to `W.dlx`.
+    REJECTED = "rejected_to_dlx"
+    #: A redelivered or re-sent copy of an attempt settled before: acked unrun.
+    DUPLICATE = "duplicate"
+    #: Given back to the queue unrun or unfinished (shutdown, or a broker that went away).
+    REQUEUED = "requeued"
+
 
 #: Consumer states (`Observer.consumer_state`): ready once subscribed, then draining after a
 #: stop, stopped at the end; `reconnecting` while the connection is down (and ready again after).
@@ -52,7 +60,8 @@ class TaskRun:
     headers: Mapping[str, object] = field(default_factory=dict)
     #: The task is one of the project's (its name is safe as a metric label).
     known: bool = False
-    outcome: str = ""
+    #: How it ended; None while it has not (or if it never settled).
+    outcome: Fate | None = None
     #: The dead-letter reason (`Reason` value) when dead-lettered.
     reason: str | None = None
     #: What the task raised, if it failed; or why it was not run (a refused message).
@@ -108,7 +117,7 @@ class Observer:
         """The task of `run` is about to be called: it is known (`run.known`) and its payload valid."""
 
     def finished(self, run: TaskRun) -> None:
-        """The handling of `run` is over (`run.outcome` says how it ended, "" if it did not):
+        """The handling of `run` is over (`run.outcome` says how it ended, None if it did not):
         called once per delivery, inside `handling`, whatever happened."""
 
     def holding(self, worker: str, count: int) -> None:

@@ -25,7 +25,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..message import ETA, Message, printable
-from .observer import DUPLICATE, Observer, Publish, PublishKind, TaskRun
+from .observer import Fate, Observer, Publish, PublishKind, TaskRun
 
 if TYPE_CHECKING:
     from opentelemetry.propagators.textmap import Getter
@@ -86,7 +86,7 @@ class Tracing(Observer):
 
     @contextlib.contextmanager
     def handling(self, run: TaskRun) -> Iterator[None]:
-        if run.outcome == DUPLICATE:  # acked unrun: nothing happened that is worth a span
+        if run.outcome == Fate.DUPLICATE:  # acked unrun: nothing happened that is worth a span
             yield
             return
         parent = self._propagate.extract(run.headers, getter=self._headers)
