@@ -19,21 +19,13 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
-import orjson
-from pydantic import ValidationError
-
 from . import message as wire
+from .admission import Admission
 from .context import TaskContext, running
 from .copies import Copies
 from .errors import (
-    BadSignatureError,
     ConfigurationError,
-    DeliveryLimitExceeded,
-    ForeignTaskError,
-    TaskDefinitionError,
     TopologyMismatchError,
-    UndecodableMessageError,
-    UnknownTaskError,
 )
 from .message import Reason, printable
 from .observe.observer import DRAINING, READY, STOPPED, TaskRun
@@ -66,10 +58,6 @@ from .worker import Worker
 log = logging.getLogger("nobs_amqp")
 
 BURST_POLL_SECONDS = 0.1
-#: Set by quorum queues on a redelivery: how often the message came back unsettled.
-#: RabbitMQ 4.3 counts only explicit failures there and every earlier hand-out in
-#: `x-acquired-count`, so the larger of the two says how often a worker got it before.
-DELIVERY_COUNTS = ("x-delivery-count", "x-acquired-count")
 #: What a delivery's ack timeout allows beyond its task's time limit: to place a retry or dead letter.
 ACK_MARGIN_SECONDS = 60.0
 #: After a settle failed for a reason other than a lost connection: wait before the message goes back.
@@ -119,6 +107,7 @@ class Consumer:
         self.runner = TaskRunner(worker.name)
         self.watchdog: LoopWatchdog | None = None
         self._tasks: TaskTable | None = None
+        self._admission: Admission | None = None
         self._ack_timeout: float | None = None
         #: What the lifespan yielded in this process (tasks read it as `current_task().state`).
         self.state: object = None
@@ -126,7 +115,6 @@ class Consumer:
         self._failure: BaseException | None = None
         self._attempts = SettledAttempts()
         self._copies = Copies(session, worker)
-        self._quorum = worker.queue_options.queue_type == "quorum"
 
     def stop(self) -> None:
         """Stop taking messages; running tasks get the grace period to finish."""
@@ -147,6 +135,7 @@ class Consumer:
 
     async def run(self) -> None:
         self._tasks = self.session.tasks()
+        self._admission = Admission(self.session, self.worker, self._tasks)
         self._ack_timeout = self._fitting_ack_timeout(self._tasks)
         await self.session.declare(self.worker, delayed=False)
         # The lifespan opens what tasks share (a pool, a client) before the first message is
@@ -384,74 +373,38 @@ class Consumer:
 
     async def _execute(self, delivery: Delivery, run: TaskRun, enqueued_at: datetime) -> Happened:
         """Run the delivery's task if it may run; what happened (`enqueued_at`: the message's)."""
-        message = delivery.message
-        signer = self.session.signer  # before anything else: nothing of an unsigned message is trusted
-        if signer is not None and (problem := signer.problem(message, self.worker.name)) is not None:
-            return Refused(BadSignatureError(problem))
-        undecodable = message.headers.get(wire.UNDECODABLE)
-        if undecodable is not None:
-            return Refused(UndecodableMessageError(printable(undecodable, 1000)))
-        limit = self.worker.queue_options.delivery_limit
-        returned = self._returned(delivery)
-        if limit is not None and returned >= limit:
-            return Refused(
-                DeliveryLimitExceeded(
-                    f"handed to a worker {returned} times without being settled (the worker was killed, "
-                    f"ran out of memory, crashed, or was stopped before it ran it); not running it again"
-                )
-            )
-        assert self._tasks is not None
-        try:
-            spec = self._tasks.get(message.task)
-            run.known = True
-            payload = spec.decode(message.body)
-        except (UnknownTaskError, TaskDefinitionError) as exc:
-            return Refused(self._unknown(message, exc))
-        except (orjson.JSONDecodeError, RecursionError) as exc:
-            undecodable_body = UndecodableMessageError(f"the body is not JSON a task can take: {printable(exc)}")
-            undecodable_body.__cause__ = exc
-            return Refused(undecodable_body)
-        except ValidationError as exc:
-            return Refused(exc)
+        assert self._admission is not None
+        admitted = self._admission.check(delivery, run)
+        if isinstance(admitted, Refused):
+            return admitted
+        message, spec = delivery.message, admitted.spec
         if log.isEnabledFor(logging.DEBUG):
             log.debug("task %s id %s attempt %d: start", message.task, printable(message.message_id), run.attempt)
-        options = spec.options
-        time_limit = options.time_limit or self.worker.time_limit
         context = TaskContext(
-            message.message_id, message.task, self.worker.name, run.attempt, enqueued_at, returned, self.state
+            message.message_id, message.task, self.worker.name, run.attempt, enqueued_at, admitted.returned, self.state
         )
-        label = Label(message.task, message.message_id)
         self.session.observers.started(run)
         started = time.perf_counter()
         try:
             with running(context):
-                await self.runner.call(spec.fn, payload, is_async=spec.is_async, limit=time_limit, label=label)
+                await self.runner.call(
+                    spec.fn,
+                    admitted.payload,
+                    is_async=spec.is_async,
+                    limit=spec.options.time_limit or self.worker.time_limit,
+                    label=Label(message.task, message.message_id),
+                )
         except Exception as exc:  # noqa: BLE001 - any task failure is settled by the policy
             if self.fail_fast and self._failure is None and not isinstance(exc, Retry | Reject):
                 self._failure = exc
                 self.stop()
             run.error = exc
-            policy = options.policy(self.worker.policy) if options else None
+            policy = spec.options.policy(self.worker.policy) if spec.options else None
             return Raised(exc, run.attempt, enqueued_at, spec.fn, policy)
         finally:
             run.seconds = time.perf_counter() - started
             self._check_health()
         return Succeeded()
-
-    def _unknown(
-        self, message: wire.Message, error: UnknownTaskError | TaskDefinitionError
-    ) -> UnknownTaskError | TaskDefinitionError:
-        """Why a task is unknown here; a message another project sent says so: two projects that
-        share a vhost and a worker name consume each other's messages."""
-        sender = message.app_id
-        if not sender or sender == self.session.project:
-            return error
-        foreign = ForeignTaskError(
-            f"a message from project {printable(sender, 100)!r} reached worker {self.worker.name!r} of project "
-            f"{self.session.project!r}: each project needs its own vhost or its own worker names ({error})"
-        )
-        foreign.__cause__ = error
-        return foreign
 
     def _check_health(self) -> None:
         """Stop (to be replaced by a fresh process) when tasks leaked memory or left threads stuck."""
@@ -466,14 +419,6 @@ class Consumer:
         log.warning("worker %s: %s; finishing running tasks, then exiting to be replaced", self.worker.name, reason)
         self.recycle_reason = reason
         self.stop()
-
-    def _returned(self, delivery: Delivery) -> int:
-        """How often the broker handed this message out before. Only a quorum queue counts that,
-        and only on a redelivery: a header a publisher wrote is not the broker's count."""
-        if not (self._quorum and delivery.redelivered):
-            return 0
-        headers = delivery.message.headers
-        return max((n for h in DELIVERY_COUNTS if type(n := headers.get(h)) is int), default=0)
 
     async def _worker_failed(self, delivery: Delivery, error: BaseException, run: TaskRun) -> Outcome:
         """The outcome of a delivery whose handling failed in the worker itself: given back if
