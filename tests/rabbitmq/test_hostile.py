@@ -58,7 +58,7 @@ from nobs_amqp.transports.memory import MemoryBroker
 from .. import wire
 from ..apps import tasks
 from ..nodes import Node, generation, node_or_skip
-from ..support import eventually, run_cli
+from ..support import eventually, run_cli, underlay_connections
 from ..wire import RawPublisher, RefusedError, longstr, shortstr, table, timestamp
 
 PROJECT = "nobs-hostile"
@@ -988,7 +988,7 @@ async def run_hostile(
         await project.session.declare(worker, delayed=True)
         async with project.consuming(worker, grace_period=5) as [consumer]:
             modules_before = set(sys.modules)  # the worker imported its task modules at start
-            connections = None if memory else project.session.transport._underlay_connections()  # type: ignore[attr-defined]
+            connections = None if memory else underlay_connections(project)
             sent = time.monotonic()
             if memory:
                 await publish_memory(project, name, messages)

@@ -33,7 +33,7 @@ from nobs_amqp.transports.amqp import decoding
 
 from .. import wire
 from ..apps import tasks
-from ..support import Broker, eventually, run_cli
+from ..support import Broker, eventually, run_cli, underlay_connections
 from ..wire import RawPublisher, RefusedError, longstr, raw_properties, shortstr, table, timestamp
 
 PROJECT = "nobs-test"
@@ -460,14 +460,14 @@ async def test_a_hostile_message_costs_nothing_else(
             await publisher.publish("", name, block, job_body(bad_key))
         await worker.queue_many(tasks.record, [tasks.Job(key=k) for k in keys[VALID // 2 :]])
 
-        [connection] = project.session.transport._underlay_connections()  # type: ignore[attr-defined]
+        [connection] = underlay_connections(project)
         async with project.consuming(worker):
             await eventually(lambda: all(tasks.calls(k) for k in keys), timeout=30)
             if case.outcome != "ran":
                 await eventually(lambda: broker.count(f"{name}.dlq"), timeout=15)
             await eventually(lambda: _empty(broker, name), timeout=15)
         # The publishing connection is the one from before; the consuming one was never lost (the log).
-        connections = project.session.transport._underlay_connections()  # type: ignore[attr-defined]
+        connections = underlay_connections(project)
         assert connections[0] is connection and len(connections) == 2
         assert not any(c.is_closed for c in connections)
 

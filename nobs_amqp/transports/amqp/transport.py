@@ -186,11 +186,6 @@ class AmqpTransport:
         await self._in.close()
         await self._out.close()
 
-    def _underlay_connections(self) -> tuple[aiormq.abc.AbstractConnection, ...]:
-        """The underlying connections open now (tests check that a bad message closed none)."""
-        opened = [link.connection for link in (self._out, self._in) if link.connection is not None]
-        return tuple(c.transport.connection for c in opened if c.transport is not None)
-
     def unavailable(self, *, nacked: bool) -> str:
         """Why a publish or declaration that reached its deadline was not sent, and what to do."""
         if nacked:
