@@ -107,7 +107,7 @@ async def test_tasks_run_in_their_process_span_and_a_retry_stays_in_the_trace(
         PROJECT,
         [worker],
         packages=["tests"],
-        modules=["tests.test_tracing"],
+        modules=["tests.conformance.test_tracing"],
         url=f"memory://{key()}",
         observers=[Tracing(provider)],  # given: the project adds no second one
     )
@@ -146,7 +146,7 @@ async def test_tasks_run_in_their_process_span_and_a_retry_stays_in_the_trace(
         "messaging.operation.name": "process",
         "messaging.destination.name": "traced",
         "messaging.message.id": ids[a],
-        "nobs_amqp.task": "tests.test_tracing:span_probe",
+        "nobs_amqp.task": "tests.conformance.test_tracing:span_probe",
         "nobs_amqp.attempt": 1,
         "nobs_amqp.outcome": "succeeded",
     }
