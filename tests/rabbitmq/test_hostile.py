@@ -998,7 +998,7 @@ async def run_hostile(
             await eventually(lambda: settled(project, worker, consumer, LADDER), timeout=120, interval=0.2)
             times["drain"] = time.monotonic() - sent
             if connections is not None:
-                assert project.session.transport._underlay_connections() == connections  # type: ignore[attr-defined]
+                assert underlay_connections(project) == connections
                 assert not any(c.is_closed for c in connections)
         assert await project.session.transport.message_count(name) == 0, "messages were left unacked"
         dead = read_dlq_memory(url, f"{name}.dlq") if memory else await read_dlq_rabbitmq(url, f"{name}.dlq")
