@@ -41,7 +41,7 @@ log = logging.getLogger("nobs_amqp")
 #: Options of the whole command that may also come after a subcommand (there, they win).
 _ANYWHERE = ("--app", "--log-level", "--log-format")
 #: Command groups in modules of their own, imported when they are used (a worker never loads them).
-_ELSEWHERE = {"deploy": "cli_deploy", "dlq": "cli_dlq", "topology": "cli_topology"}
+_ELSEWHERE = {"deploy": "deploy", "dlq": "dlq", "topology": "topology"}
 
 
 class _Main(click.Group):
