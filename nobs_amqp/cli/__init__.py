@@ -10,29 +10,22 @@ import logging
 import os
 import signal
 import sys
-import threading
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 
 from .. import message as wire
-from ..consumer import Consumer
 from ..errors import NobsAmqpError, PayloadTypeError, UnknownTaskError
 from ..observe import logs
-from ..observe.health import ANY_HOST, KUBERNETES_ENV, LOOPBACK_HOST, default_host
 from ..project import Project
-from ..session import Session
-from .common import APP_ENV, APP_ROOTS, app_reference, load_project, refuse_memory, run_open, worker_of
-from .supervisor import RECYCLE_EXIT, supervise
+from . import consume
+from .common import APP_ENV, app_reference, load_project, loop_factory, refuse_memory, run_open, worker_of
+from .consume import STOP_MARGIN_SECONDS
 
 if TYPE_CHECKING:
     from ..ops.status import ProjectStatus
 
-__all__ = ["APP_ENV", "app_reference", "load_project", "main"]
-
-#: A signal that finds the event loop blocked this long ends the process at once.
-BLOCKED_EXIT_SECONDS = 1.0
+__all__ = ["APP_ENV", "STOP_MARGIN_SECONDS", "app_reference", "load_project", "main"]
 
 T = TypeVar("T")
 log = logging.getLogger("nobs_amqp")
@@ -126,150 +119,7 @@ def main(ctx: click.Context, app: str | None, log_level: str, log_format: logs.L
     ctx.obj = app
 
 
-@main.command()
-@click.argument("worker")
-@click.option("--prefetch", type=click.IntRange(min=1), help="Unacked messages held at once [worker's].")
-@click.option("--concurrency", type=click.IntRange(min=1), help="Tasks run at once [worker's].")
-@click.option("--burst", is_flag=True, help="Process what is in the queue, then exit 0 once it is empty.")
-@click.option(
-    "--grace-period",
-    type=click.FloatRange(min=0),
-    default=25.0,
-    show_default=True,
-    help="Seconds running tasks get to finish after SIGTERM/SIGINT.",
-)
-@click.option(
-    "--processes",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Worker processes (for CPU-bound sync tasks); one that dies is restarted.",
-)
-@click.option(
-    "--max-memory",
-    type=click.FloatRange(min=1),
-    help="MiB: a process that grows past this after a task finishes its running tasks and exits "
-    f"(code {RECYCLE_EXIT}) to be replaced; with --processes, the supervisor restarts it.",
-)
-@click.option("--reload", "reload_", is_flag=True, help="Restart the worker (it drains first) when a .py file changes.")
-@click.option("--recycle-stuck-threads", type=click.IntRange(min=1), hidden=True)
-@click.option(
-    "--metrics-port",
-    type=click.IntRange(1, 65535),
-    help="Serve Prometheus /metrics, /livez and /readyz on this port (pip install 'nobs_amqp[metrics]').",
-)
-@click.option(
-    "--metrics-host",
-    default=default_host,
-    show_default=f"{ANY_HOST} in a Kubernetes pod, else {LOOPBACK_HOST}",
-    help=f"The address --metrics-port listens on (a pod: {KUBERNETES_ENV} is set).",
-)
-@click.option(
-    "--max-blocked",
-    type=click.FloatRange(min=0, min_open=True),
-    default=10.0,
-    show_default=True,
-    help="Seconds the event loop may be blocked (by a task) before /livez fails.",
-)
-@click.option("--metrics-dir", hidden=True)  # a --processes child: report to the supervisor's folder
-@click.pass_context
-def consume(
-    ctx: click.Context,
-    worker: str,
-    prefetch: int | None,
-    concurrency: int | None,
-    burst: bool,
-    grace_period: float,
-    processes: int,
-    max_memory: float | None,
-    reload_: bool,
-    recycle_stuck_threads: int | None,
-    metrics_port: int | None,
-    metrics_host: str,
-    max_blocked: float,
-    metrics_dir: str | None,
-) -> None:
-    """Consume WORKER's queue and run its tasks."""
-    if burst and reload_:
-        raise click.UsageError("--burst exits once the queue is empty, --reload restarts the worker: use one of them")
-    if metrics_port is not None and reload_:
-        raise click.UsageError("--metrics-port is for deployed workers, --reload for development: use one of them")
-    reference = app_reference(ctx.obj)
-    project = load_project(reference)
-    target = worker_of(project, worker)
-    if processes > 1 or reload_:
-        options = {
-            "--prefetch": prefetch,
-            "--concurrency": concurrency,
-            "--grace-period": grace_period,
-            "--max-memory": max_memory,
-            # A child whose every slot's thread is stuck past its time limit is replaced.
-            "--recycle-stuck-threads": concurrency or target.concurrency,
-        }
-        group = ctx.parent.params  # type: ignore[union-attr]
-        command = [sys.executable, "-m", "nobs_amqp", "--app", reference, "--log-level", group["log_level"]]
-        command += ["--log-format", group["log_format"]]
-        command += ["consume", worker, *(f"{k}={v}" for k, v in options.items() if v is not None)]
-        command += ["--burst"] if burst else []
-        if reload_:
-            try:
-                from .reload import reloading, source_roots  # watchfiles, for --reload only
-
-                roots = source_roots(project, reference, APP_ROOTS)
-                sys.exit(reloading(command, processes, roots, grace_period=grace_period))
-            except NobsAmqpError as exc:
-                raise click.ClickException(str(exc)) from None
-        if metrics_port is None:
-            sys.exit(supervise(command, processes, restart=not burst, grace_period=grace_period))
-        served = {"host": metrics_host, "port": metrics_port, "worker": worker, "max_blocked": max_blocked}
-        sys.exit(_supervise_served(command, processes, restart=not burst, grace_period=grace_period, **served))
-
-    def build(session: Session) -> Consumer:
-        return Consumer(
-            session,
-            target,
-            prefetch=prefetch,
-            concurrency=concurrency,
-            burst=burst,
-            grace_period=grace_period,
-            max_memory_mb=max_memory,
-            max_stuck_threads=recycle_stuck_threads,
-        )
-
-    try:
-        with (
-            _metrics(project, metrics_host, metrics_port, metrics_dir, max_blocked),
-            asyncio.Runner(loop_factory=_loop_factory()) as runner,
-        ):
-            consumer = runner.run(_consume(project, build))
-    except NobsAmqpError as exc:
-        raise click.ClickException(str(exc)) from None
-    log.info("worker %s: stopped after %d task(s)", worker, consumer.processed)
-    if consumer.recycle_reason is not None:
-        sys.exit(RECYCLE_EXIT)
-
-
-def _supervise_served(command: list[str], processes: int, *, restart: bool, grace_period: float, **served: Any) -> int:
-    """`supervise`, with the metrics and health of every worker process served as one (`supervising(**served)`)."""
-    try:
-        from ..observe.metrics import supervising  # prometheus-client only when metrics are asked for
-
-        with supervising(processes=processes, **served) as (folder, exited):
-            command = [*command, f"--metrics-dir={folder}"]
-            return supervise(command, processes, restart=restart, grace_period=grace_period, on_exit=exited)
-    except NobsAmqpError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-def _metrics(
-    project: Project, host: str, port: int | None, folder: str | None, max_blocked: float
-) -> contextlib.AbstractContextManager[object]:
-    """Metrics and health served on `port`, or reported into a supervisor's `folder`; else nothing."""
-    if port is None and folder is None:
-        return contextlib.nullcontext()
-    from ..observe.metrics import exporting  # prometheus-client only when metrics are asked for
-
-    return exporting(project.observers, host=host, port=port, directory=folder, max_blocked=max_blocked)
+main.add_command(consume.consume)
 
 
 @main.command()
@@ -361,7 +211,7 @@ def schedule(app: str | None, listing: bool) -> None:
         return
     refuse_memory(project, "schedule")
     try:
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
             runner.run(_schedule(project))
     except NobsAmqpError as exc:
         raise click.ClickException(str(exc)) from None
@@ -386,102 +236,3 @@ async def _schedule(project: Project) -> None:
 
     async with project:
         await Scheduler(project).run(stop)
-
-
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop when it is installed (`pip install nobs_amqp[uvloop]`), else asyncio's."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
-
-#: A signal this soon after the previous one is the same one delivered twice (a `--processes` child
-#: gets each Ctrl-C from the terminal and again from its supervisor), not a second Ctrl-C.
-REPEATED_SIGNAL_SECONDS = 0.5
-#: After the grace period, how long a stop may still take (acks, cancels, closes: each broker round
-#: trip is bounded) before the process exits without the broker: whatever it does, a worker is gone
-#: within `--grace-period` plus this. Deployments give it more (deploy.SHUTDOWN_MARGIN).
-STOP_MARGIN_SECONDS = 5.0
-
-
-def _exit_by(seconds: float, why: str) -> None:
-    """Exit `seconds` from now unless the process has exited by then (a daemon timer thread: it
-    fires while the event loop waits on a broker that does not answer, or is blocked)."""
-
-    def exit_now() -> None:
-        log.error(
-            "%s, still stopping after %.0f s: exiting now; the broker returns every unsettled message to the queue",
-            why,
-            seconds,
-        )
-        logging.shutdown()
-        os._exit(0)
-
-    timer = threading.Timer(seconds, exit_now)
-    timer.daemon = True
-    timer.start()
-
-
-async def _consume(project: Project, build: Callable[[Session], Consumer]) -> Consumer:
-    """Open `project` and run the consumer `build` makes. The first SIGTERM/SIGINT drains (running
-    tasks get the grace period), a second one stops at once (running tasks are cancelled, their
-    messages go back to the queue), a third one exits without a word to the broker (which then
-    returns the unsettled messages). A signal while it is still connecting exits at once. Whatever
-    the broker does (a stalled connection answers nothing), the process exits within the grace
-    period and STOP_MARGIN_SECONDS of the first signal, and within STOP_MARGIN_SECONDS of the second."""
-    loop = asyncio.get_running_loop()
-    signals = 0
-    last = 0.0
-    consumer: Consumer | None = None
-
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal signals, last
-        # A plain signal handler (not the loop's): it runs even while a task blocks the loop.
-        name = signal.Signals(signum).name
-        if consumer is None:  # still connecting: nothing was taken yet, so nothing to drain
-            log.info("%s before the worker started: exiting", name)
-            logging.shutdown()
-            os._exit(0)
-        watchdog = consumer.watchdog
-        if watchdog is not None and watchdog.blocked_for() >= BLOCKED_EXIT_SECONDS:
-            log.error(
-                "%s while the event loop is blocked by %s: it cannot drain, exiting now; "
-                "the broker returns every unsettled message to the queue",
-                name,
-                watchdog.culprit or "a task",
-            )
-            logging.shutdown()
-            os._exit(0)
-        now = loop.time()
-        if signals and now - last < REPEATED_SIGNAL_SECONDS:
-            return
-        signals, last = signals + 1, now
-        if signals == 1:
-            _exit_by(consumer.grace_period + STOP_MARGIN_SECONDS, name)
-            loop.call_soon_threadsafe(stopping, name)
-        elif signals == 2:
-            _exit_by(STOP_MARGIN_SECONDS, f"{name} again")
-            loop.call_soon_threadsafe(consumer.force_stop)
-        else:
-            log.error("%s a third time: exiting now; the broker returns every unsettled message to the queue", name)
-            logging.shutdown()
-            os._exit(0)
-
-    def stopping(name: str) -> None:
-        assert consumer is not None  # signals before it exists exit at once
-        log.info(
-            "%s: stopping; running tasks get up to %.0f s to finish (a second SIGINT or SIGTERM, "
-            "e.g. Ctrl-C again, stops at once and returns their messages to the queue)",
-            name,
-            consumer.grace_period,
-        )
-        consumer.stop()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, on_signal)
-    async with project:
-        consumer = build(project.session)
-        await consumer.run()
-    return consumer

@@ -101,6 +101,15 @@ def run_open(project: Project, action: Callable[[Project], Awaitable[T]]) -> T:
         raise click.ClickException(str(exc)) from None
 
 
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (`pip install nobs_amqp[uvloop]`), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def refuse_memory(project: Project, what: str) -> None:
     """A usage error for `what` (e.g. "status") when the project's broker is memory://: it lives
     inside one process, so a command run on its own would read or change an empty broker that

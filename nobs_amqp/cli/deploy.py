@@ -155,6 +155,12 @@ def deploy_kubernetes(
     if output is None:
         click.echo(header + "---\n" + _dump(yaml, manifests), nl=False)
         return
+    _write_each(yaml, header, manifests, output)
+
+
+def _write_each(yaml: Any, header: str, manifests: list[fleet.Manifest], output: Path) -> None:
+    """One file per object in folder `output` (made if missing), numbered in the order to apply
+    them; YAML files already there that this run did not write are named, never removed."""
     output.mkdir(parents=True, exist_ok=True)
     written: set[str] = set()
     for number, manifest in enumerate(manifests, 1):

@@ -40,7 +40,7 @@ METRICS_HOST = "0.0.0.0"
 #: `nobs-amqp consume --grace-period`'s default: seconds running tasks get after SIGTERM.
 GRACE_PERIOD = 25.0
 #: Seconds after the grace period before SIGKILL: the worker returns what it holds and closes its
-#: connection (it exits by itself within cli.STOP_MARGIN_SECONDS of the grace period, broker or not).
+#: connection (it exits by itself within cli.consume.STOP_MARGIN_SECONDS of the grace period, broker or not).
 SHUTDOWN_MARGIN = 10
 MIN_REPLICAS = 1
 MAX_REPLICAS = 10
