@@ -23,8 +23,10 @@ from .errors import (
     TopologyMismatchError,
     UnroutableError,
 )
+from .observe import Fate, Observer, Publish, TaskRun
 from .project import Project
-from .retry import Reject, Retry, task
+from .retry import Reject, Retry
+from .tasks import task
 from .worker import Worker
 
 if TYPE_CHECKING:
@@ -38,15 +40,18 @@ __all__ = [
     "BrokerConnectionError",
     "BrokerUnavailableError",
     "ConfigurationError",
+    "Fate",
     "LifespanError",
     "MessageTooLargeError",
     "NoTaskContextError",
     "NobsAmqpError",
     "NotFoundError",
     "NotInProjectError",
+    "Observer",
     "PayloadTypeError",
     "Project",
     "ProjectNotOpenError",
+    "Publish",
     "PublishError",
     "PublishUnconfirmedError",
     "Reject",
@@ -56,6 +61,7 @@ __all__ = [
     "TaskContext",
     "TaskDefinitionError",
     "TaskNotAllowedError",
+    "TaskRun",
     "TopologyMismatchError",
     "UnroutableError",
     "Worker",

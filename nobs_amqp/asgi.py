@@ -1,6 +1,7 @@
-"""FastAPI (any ASGI app) glue: a lifespan that opens the project, and consuming in-process.
+"""FastAPI (any ASGI app) glue: a lifespan that opens the project, and one that also consumes
+in-process (`consumer.consuming`).
 
-The public names are `Project.lifespan`, `Project.lifespan_consuming` and `Project.consuming`:
+The public names are `Project.lifespan` and `Project.lifespan_consuming`:
 
     app = FastAPI(lifespan=project.lifespan)
     app = FastAPI(lifespan=project.lifespan_consuming(priority_queue))
@@ -8,14 +9,13 @@ The public names are `Project.lifespan`, `Project.lifespan_consuming` and `Proje
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import TracebackType
 from typing import Any, Protocol
 
-from .consumer import Consumer
+from .consumer import consuming
 from .session import Session
 from .worker import Worker
 
@@ -53,25 +53,3 @@ def lifespan_consuming(
             yield
 
     return run
-
-
-@asynccontextmanager
-async def consuming(session: Session, workers: Sequence[Worker], **options: Any) -> AsyncIterator[list[Consumer]]:
-    """Consume `workers` in the background until the block ends (each is ready when it starts);
-    then stop taking messages and let running tasks finish (`grace_period`)."""
-    consumers = [Consumer(session, worker, **options) for worker in workers]
-    runs = [asyncio.create_task(c.run(), name=f"nobs-consume-{c.worker.name}") for c in consumers]
-    try:
-        for consumer, run in zip(consumers, runs, strict=True):
-            ready = asyncio.create_task(consumer.ready.wait())
-            await asyncio.wait({run, ready}, return_when=asyncio.FIRST_COMPLETED)
-            ready.cancel()
-            if run.done():
-                run.result()  # raise what stopped it from starting
-        yield consumers
-    finally:
-        for consumer in consumers:
-            consumer.stop()
-        for result in await asyncio.gather(*runs, return_exceptions=True):
-            if isinstance(result, Exception):
-                log.error("consumer stopped with an error: %s", result)

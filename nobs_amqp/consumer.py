@@ -14,64 +14,50 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import datetime
-
-import orjson
-from pydantic import ValidationError
+from typing import Any
 
 from . import message as wire
+from .admission import Admission
 from .context import TaskContext, running
 from .copies import Copies
 from .errors import (
-    BadSignatureError,
-    BrokerUnavailableError,
     ConfigurationError,
-    DeliveryLimitExceeded,
-    ForeignTaskError,
-    TaskDefinitionError,
     TopologyMismatchError,
-    UndecodableMessageError,
-    UnknownTaskError,
 )
 from .message import Reason, printable
-from .observe import (
-    DEAD_LETTERED,
-    DRAINING,
-    DUPLICATE,
-    READY,
-    REJECTED,
-    REQUEUED,
-    RETRIED,
-    STOPPED,
-    SUCCEEDED,
-    TaskRun,
-)
+from .observe.observer import DRAINING, READY, STOPPED, TaskRun
+from .observe.watchdog import LoopWatchdog
 from .outcome import (
     DeadLetter,
+    Duplicate,
+    GivenBack,
     Happened,
+    NotPlaced,
     Outcome,
     Raised,
     Refused,
+    RejectToDlx,
+    Requeue,
     RetryLater,
     Succeeded,
     WorkerFailed,
     decide,
+    record,
 )
 from .retry import Reject, Retry
-from .runner import Label, LoopWatchdog, TaskRunner, resident_mb
+from .runner import Label, TaskRunner, resident_mb
 from .session import Session
 from .settled import Identity, SettledAttempts
 from .tasks import TaskTable
-from .transport import Delivery, Subscription
+from .transports.base import Delivery, Subscription
 from .worker import Worker
 
 log = logging.getLogger("nobs_amqp")
 
 BURST_POLL_SECONDS = 0.1
-#: Set by quorum queues on a redelivery: how often the message came back unsettled.
-#: RabbitMQ 4.3 counts only explicit failures there and every earlier hand-out in
-#: `x-acquired-count`, so the larger of the two says how often a worker got it before.
-DELIVERY_COUNTS = ("x-delivery-count", "x-acquired-count")
 #: What a delivery's ack timeout allows beyond its task's time limit: to place a retry or dead letter.
 ACK_MARGIN_SECONDS = 60.0
 #: After a settle failed for a reason other than a lost connection: wait before the message goes back.
@@ -121,14 +107,14 @@ class Consumer:
         self.runner = TaskRunner(worker.name)
         self.watchdog: LoopWatchdog | None = None
         self._tasks: TaskTable | None = None
+        self._admission: Admission | None = None
         self._ack_timeout: float | None = None
         #: What the lifespan yielded in this process (tasks read it as `current_task().state`).
         self.state: object = None
         self._subscription: Subscription | None = None
         self._failure: BaseException | None = None
         self._attempts = SettledAttempts()
-        self._copies = Copies(session, worker, self._decide)
-        self._quorum = worker.queue_options.queue_type == "quorum"
+        self._copies = Copies(session, worker)
 
     def stop(self) -> None:
         """Stop taking messages; running tasks get the grace period to finish."""
@@ -149,6 +135,7 @@ class Consumer:
 
     async def run(self) -> None:
         self._tasks = self.session.tasks()
+        self._admission = Admission(self.session, self.worker, self._tasks)
         self._ack_timeout = self._fitting_ack_timeout(self._tasks)
         await self.session.declare(self.worker, delayed=False)
         # The lifespan opens what tasks share (a pool, a client) before the first message is
@@ -306,7 +293,7 @@ class Consumer:
     async def _process(self, delivery: Delivery) -> None:
         async with self._slots:
             if self._stopping.is_set():
-                await _quietly(delivery.nack(requeue=True))
+                await self._settle(delivery, self._decide(GivenBack()))
                 return
             message = delivery.message
             attempt, enqueued_at = message.attempt, message.enqueued_at  # read from headers once
@@ -316,10 +303,12 @@ class Consumer:
                 identity, message, redelivered=delivery.redelivered, signer=self.session.signer, queue=self.worker.name
             ):
                 self.duplicates += 1
-                duplicate = TaskRun(self.worker.name, message.task, message.message_id, attempt, outcome=DUPLICATE)
+                duplicate = TaskRun(self.worker.name, message.task, message.message_id, attempt)
+                outcome = self._decide(Duplicate())
+                record(duplicate, outcome)  # before `handling`: tracing makes no span of a duplicate
                 with observers.handling(duplicate):
                     try:
-                        await _quietly(delivery.ack())
+                        await self._settle(delivery, outcome, duplicate)
                     finally:
                         observers.finished(duplicate)
                 return
@@ -340,10 +329,12 @@ class Consumer:
         self, delivery: Delivery, run: TaskRun, identity: Identity | None, enqueued_at: datetime
     ) -> None:
         try:
-            await self._handle(delivery, run, identity, enqueued_at)
+            happened = await self._execute(delivery, run, enqueued_at)
+            outcome = await self._placed(delivery.message, self._decide(happened))
+            if not isinstance(happened, Refused) and not isinstance(outcome, RejectToDlx):
+                self._attempts.remember(identity)  # only an attempt that verified and ran is remembered
         except asyncio.CancelledError:
-            run.outcome = REQUEUED
-            await _quietly(delivery.nack(requeue=True))  # shutdown past the grace period
+            await self._settle(delivery, self._decide(GivenBack()), run)  # shutdown past the grace period
             raise
         except Exception as exc:
             log.exception(
@@ -351,97 +342,69 @@ class Consumer:
                 printable(delivery.message.task),
                 printable(delivery.message.message_id),
             )
-            await self._last_resort(delivery, exc, run)
-
-    async def _handle(self, delivery: Delivery, run: TaskRun, identity: Identity | None, enqueued_at: datetime) -> None:
-        message = delivery.message
-        happened = await self._execute(delivery, run, enqueued_at)
-        outcome = self._decide(happened)
-        if isinstance(outcome, RetryLater):
-            outcome = await self._copies.retry(message, outcome)
-        if isinstance(outcome, DeadLetter) and not await self._copies.dead_letter(message, outcome):
-            run.outcome, run.reason = REJECTED, outcome.reason.value
-            run.error = run.error or outcome.error
-            await delivery.nack(requeue=False)  # the broker's own dead-lettering, to W.dlx
-            return
-        _record(run, outcome)
-        if not isinstance(happened, Refused):  # only an attempt that verified and ran is remembered
-            self._attempts.remember(identity)
-        await delivery.ack()
+            outcome = await self._worker_failed(delivery, exc, run)
+        await self._settle(delivery, outcome, run)
 
     def _decide(self, happened: Happened) -> Outcome:
         return decide(happened, self.worker.policy, self.session.now())
 
+    async def _placed(self, message: wire.Message, outcome: Outcome) -> Outcome:
+        """Publish the copy `outcome` needs (a retry, a dead letter); the outcome that holds then:
+        a retry that cannot be placed is dead-lettered, a dead letter rejected to `W.dlx`."""
+        while isinstance(outcome, RetryLater | DeadLetter):
+            error = await self._copies.place(message, outcome)
+            if error is None:
+                return outcome
+            outcome = self._decide(NotPlaced(error, outcome))
+        return outcome
+
+    async def _settle(self, delivery: Delivery, outcome: Outcome, run: TaskRun | None = None) -> None:
+        """The one place a delivery is settled: acked (done, or its copy placed), rejected to the
+        broker's dead-lettering, or given back; and its fate written into `run`."""
+        if run is not None:
+            record(run, outcome)
+        match outcome:
+            case Requeue():
+                await _quietly(delivery.nack(requeue=True))
+            case RejectToDlx():
+                await _quietly(delivery.nack(requeue=False))  # the broker's own dead-lettering, to W.dlx
+            case _:
+                await _quietly(delivery.ack())
+
     async def _execute(self, delivery: Delivery, run: TaskRun, enqueued_at: datetime) -> Happened:
         """Run the delivery's task if it may run; what happened (`enqueued_at`: the message's)."""
-        message = delivery.message
-        signer = self.session.signer  # before anything else: nothing of an unsigned message is trusted
-        if signer is not None and (problem := signer.problem(message, self.worker.name)) is not None:
-            return Refused(BadSignatureError(problem))
-        undecodable = message.headers.get(wire.UNDECODABLE)
-        if undecodable is not None:
-            return Refused(UndecodableMessageError(printable(undecodable, 1000)))
-        limit = self.worker.queue_options.delivery_limit
-        returned = self._returned(delivery)
-        if limit is not None and returned >= limit:
-            return Refused(
-                DeliveryLimitExceeded(
-                    f"handed to a worker {returned} times without being settled (the worker was killed, "
-                    f"ran out of memory, crashed, or was stopped before it ran it); not running it again"
-                )
-            )
-        assert self._tasks is not None
-        try:
-            spec = self._tasks.get(message.task)
-            run.known = True
-            payload = spec.decode(message.body)
-        except (UnknownTaskError, TaskDefinitionError) as exc:
-            return Refused(self._unknown(message, exc))
-        except (orjson.JSONDecodeError, RecursionError) as exc:
-            undecodable_body = UndecodableMessageError(f"the body is not JSON a task can take: {printable(exc)}")
-            undecodable_body.__cause__ = exc
-            return Refused(undecodable_body)
-        except ValidationError as exc:
-            return Refused(exc)
+        assert self._admission is not None
+        admitted = self._admission.check(delivery, run)
+        if isinstance(admitted, Refused):
+            return admitted
+        message, spec = delivery.message, admitted.spec
         if log.isEnabledFor(logging.DEBUG):
             log.debug("task %s id %s attempt %d: start", message.task, printable(message.message_id), run.attempt)
-        options = spec.options
-        time_limit = options.time_limit or self.worker.time_limit
         context = TaskContext(
-            message.message_id, message.task, self.worker.name, run.attempt, enqueued_at, returned, self.state
+            message.message_id, message.task, self.worker.name, run.attempt, enqueued_at, admitted.returned, self.state
         )
-        label = Label(message.task, message.message_id)
         self.session.observers.started(run)
         started = time.perf_counter()
         try:
             with running(context):
-                await self.runner.call(spec.fn, payload, is_async=spec.is_async, limit=time_limit, label=label)
+                await self.runner.call(
+                    spec.fn,
+                    admitted.payload,
+                    is_async=spec.is_async,
+                    limit=spec.options.time_limit or self.worker.time_limit,
+                    label=Label(message.task, message.message_id),
+                )
         except Exception as exc:  # noqa: BLE001 - any task failure is settled by the policy
             if self.fail_fast and self._failure is None and not isinstance(exc, Retry | Reject):
                 self._failure = exc
                 self.stop()
             run.error = exc
-            policy = options.policy(self.worker.policy) if options else None
+            policy = spec.options.policy(self.worker.policy) if spec.options else None
             return Raised(exc, run.attempt, enqueued_at, spec.fn, policy)
         finally:
             run.seconds = time.perf_counter() - started
             self._check_health()
         return Succeeded()
-
-    def _unknown(
-        self, message: wire.Message, error: UnknownTaskError | TaskDefinitionError
-    ) -> UnknownTaskError | TaskDefinitionError:
-        """Why a task is unknown here; a message another project sent says so: two projects that
-        share a vhost and a worker name consume each other's messages."""
-        sender = message.app_id
-        if not sender or sender == self.session.project:
-            return error
-        foreign = ForeignTaskError(
-            f"a message from project {printable(sender, 100)!r} reached worker {self.worker.name!r} of project "
-            f"{self.session.project!r}: each project needs its own vhost or its own worker names ({error})"
-        )
-        foreign.__cause__ = error
-        return foreign
 
     def _check_health(self) -> None:
         """Stop (to be replaced by a fresh process) when tasks leaked memory or left threads stuck."""
@@ -457,44 +420,19 @@ class Consumer:
         self.recycle_reason = reason
         self.stop()
 
-    def _returned(self, delivery: Delivery) -> int:
-        """How often the broker handed this message out before. Only a quorum queue counts that,
-        and only on a redelivery: a header a publisher wrote is not the broker's count."""
-        if not (self._quorum and delivery.redelivered):
-            return 0
-        headers = delivery.message.headers
-        return max((n for h in DELIVERY_COUNTS if type(n := headers.get(h)) is int), default=0)
-
-    async def _last_resort(self, delivery: Delivery, error: BaseException, run: TaskRun) -> None:
-        """Settle a delivery whose handling failed in the worker itself: dead-letter it with the
-        error, else reject it to the dead-letter exchange; never leave it unsettled."""
-        if isinstance(error, BrokerUnavailableError):
-            run.outcome = REQUEUED
+    async def _worker_failed(self, delivery: Delivery, error: BaseException, run: TaskRun) -> Outcome:
+        """The outcome of a delivery whose handling failed in the worker itself: given back if
+        the broker went away, else dead-lettered with the error, else rejected to `W.dlx`."""
+        outcome = self._decide(WorkerFailed(error))
+        if isinstance(outcome, Requeue):
             await asyncio.sleep(REQUEUE_PAUSE_SECONDS)  # no busy loop while the broker is away
-            await _quietly(delivery.nack(requeue=True))
-            return
-        run.error, run.reason = error, Reason.WORKER_ERROR.value
+            return outcome
+        run.error = error
         try:
-            outcome = self._decide(WorkerFailed(error))
-            if isinstance(outcome, DeadLetter) and await self._copies.dead_letter(delivery.message, outcome):
-                run.outcome = DEAD_LETTERED
-                await delivery.ack()
-                return
+            return await self._placed(delivery.message, outcome)
         except Exception as exc:  # noqa: BLE001 - the dead letter failed too: the broker's own dead-lettering
             log.warning("id %s: cannot dead-letter it (%s)", printable(delivery.message.message_id), printable(exc))
-        run.outcome = REJECTED
-        await _quietly(delivery.nack(requeue=False))
-
-
-def _record(run: TaskRun, outcome: Outcome) -> None:
-    """How a delivery ended, for observers."""
-    if isinstance(outcome, RetryLater):
-        run.outcome, run.delay = RETRIED, outcome.delay
-    elif isinstance(outcome, DeadLetter):
-        run.outcome, run.reason = DEAD_LETTERED, outcome.reason.value
-        run.error = run.error or outcome.error  # a refusal: why it did not run
-    else:
-        run.outcome = SUCCEEDED
+            return self._decide(NotPlaced(exc, DeadLetter(Reason.WORKER_ERROR, error)))
 
 
 async def _quietly(settle: object) -> None:
@@ -502,3 +440,25 @@ async def _quietly(settle: object) -> None:
         await settle  # type: ignore[misc]
     except Exception as exc:  # noqa: BLE001 - the channel is gone; the broker requeues
         log.debug("settle failed: %s", exc)
+
+
+@asynccontextmanager
+async def consuming(session: Session, workers: Sequence[Worker], **options: Any) -> AsyncIterator[list[Consumer]]:
+    """Consume `workers` in the background until the block ends (each is ready when it starts);
+    then stop taking messages and let running tasks finish (`grace_period`)."""
+    consumers = [Consumer(session, worker, **options) for worker in workers]
+    runs = [asyncio.create_task(c.run(), name=f"nobs-consume-{c.worker.name}") for c in consumers]
+    try:
+        for consumer, run in zip(consumers, runs, strict=True):
+            ready = asyncio.create_task(consumer.ready.wait())
+            await asyncio.wait({run, ready}, return_when=asyncio.FIRST_COMPLETED)
+            ready.cancel()
+            if run.done():
+                run.result()  # raise what stopped it from starting
+        yield consumers
+    finally:
+        for consumer in consumers:
+            consumer.stop()
+        for result in await asyncio.gather(*runs, return_exceptions=True):
+            if isinstance(result, Exception):
+                log.error("consumer stopped with an error: %s", result)

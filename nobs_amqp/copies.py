@@ -10,11 +10,12 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from . import message as wire
-from .errors import BrokerUnavailableError, NobsAmqpError, RetryNotPlacedError
+from .errors import BrokerUnavailableError, NobsAmqpError
 from .message import printable
-from .outcome import DeadLetter, Happened, NotPlaced, Outcome, RetryLater
+from .observe.observer import PublishKind
+from .outcome import DeadLetter, RetryLater
 from .session import Session
-from .transport import until_confirmed
+from .transports.base import until_confirmed
 from .worker import Worker
 
 log = logging.getLogger("nobs_amqp")
@@ -23,35 +24,31 @@ _Publish = Callable[[], Awaitable[None]]
 
 
 class Copies:
-    """Places the retry or dead-letter copy of one worker's deliveries; `decide` is the
-    worker's policy (what a retry that cannot be placed turns into)."""
+    """Places the retry or dead-letter copy of one worker's deliveries."""
 
-    def __init__(self, session: Session, worker: Worker, decide: Callable[[Happened], Outcome]) -> None:
+    def __init__(self, session: Session, worker: Worker) -> None:
         self.session = session
         self.worker = worker
-        self._decide = decide
 
-    async def retry(self, message: wire.Message, outcome: RetryLater) -> Outcome:
-        """Place the retry copy; if it cannot be placed, the dead letter that replaces it."""
-        copy = wire.retry_copy(message, outcome.delay, now=self.session.now())
-        error = await self._publish_once_more(lambda: self.session.send(self.worker, copy, outcome.delay))
-        if error is None:
-            return outcome  # logged with the delivery's outcome (logs.TaskLog)
-        log.error(
-            "task %s id %s attempt %d: its retry cannot be placed (%s); dead-lettering it",
-            message.task,
-            printable(message.message_id),
-            message.attempt,
-            printable(error),
-        )
-        failed = RetryNotPlacedError(f"{printable(outcome.error, 500)}; and its retry could not be published: {error}")
-        failed.__cause__ = outcome.error
-        return self._decide(NotPlaced(failed))
-
-    async def dead_letter(self, message: wire.Message, outcome: DeadLetter) -> bool:
-        """Publish the dead-letter copy (confirmed); False when it cannot be placed."""
-        copy = wire.dead_letter_copy(message, outcome.reason, outcome.error, now=self.session.now())
-        error = await self._publish_once_more(lambda: self.session.dead_letter(self.worker, copy))
+    async def place(self, message: wire.Message, outcome: RetryLater | DeadLetter) -> NobsAmqpError | None:
+        """Publish the copy `outcome` needs (confirmed); why it cannot be placed, else None
+        (what then becomes of the delivery is `outcome.decide`'s, of `NotPlaced`)."""
+        if isinstance(outcome, RetryLater):
+            copy = wire.retry_copy(message, outcome.delay, now=self.session.now())
+            error = await self._publish_once_more(
+                lambda: self.session.send(self.worker, copy, outcome.delay, PublishKind.RETRY)
+            )
+            if error is not None:
+                log.error(
+                    "task %s id %s attempt %d: its retry cannot be placed (%s); dead-lettering it",
+                    message.task,
+                    printable(message.message_id),
+                    message.attempt,
+                    printable(error),
+                )
+            return error  # placed: logged with the delivery's outcome (logs.TaskLog)
+        dead = wire.dead_letter_copy(message, outcome.reason, outcome.error, now=self.session.now())
+        error = await self._publish_once_more(lambda: self.session.dead_letter(self.worker, dead))
         if error is not None:
             log.error(
                 "task %s id %s: its dead letter cannot be placed (%s); rejecting it to %s.dlx",
@@ -60,8 +57,7 @@ class Copies:
                 printable(error),
                 self.worker.name,
             )
-            return False
-        return True  # logged with the delivery's outcome (logs.TaskLog)
+        return error
 
     async def _publish_once_more(self, publish: _Publish) -> NobsAmqpError | None:
         """Publish; if the broker says something is missing (404, returned) or refused it, declare the

@@ -15,11 +15,6 @@ from .urls import http_base, parse
 MANAGEMENT_ENV = "NOBS_AMQP_MANAGEMENT_URL"
 
 
-def management_url_for(amqp_url: str) -> str:
-    """NOBS_AMQP_MANAGEMENT_URL without its credentials, else http(s)://<amqp host>:15672 (15671 for amqps)."""
-    return _management(amqp_url)[0]
-
-
 def _management(amqp_url: str) -> tuple[str, str | None, str | None]:
     """The management API's base URL (safe to show), and the user name and password NOBS_AMQP_MANAGEMENT_URL carries."""
     configured = os.environ.get(MANAGEMENT_ENV, "").strip()

@@ -93,15 +93,11 @@ class Message:
     def enqueued_at(self) -> datetime:
         return parse_time(self.headers.get(ENQUEUED_AT)) or self.timestamp
 
-    @property
-    def identity(self) -> tuple[str, int, str] | None:
-        """What tells one attempt of a message from any other: (id, attempt, first enqueued).
-        A replay gets a new enqueue time, so it is a new attempt 1; None without an id."""
-        return identity_of(self.message_id, self.attempt, self.enqueued_at)
-
 
 def identity_of(message_id: str, attempt: int, enqueued_at: datetime) -> tuple[str, int, str] | None:
-    """`Message.identity` from its parts (for a caller that has them already)."""
+    """What tells one attempt of a message from any other: (id, attempt, first enqueued), the key
+    of the settled-attempts memory. A replay gets a new enqueue time, so it is a new attempt 1;
+    None without an id."""
     return (message_id, attempt, format_time(enqueued_at)) if message_id else None
 
 

@@ -1,10 +1,13 @@
 """A delivery's fate: what happened to it in, one outcome out. Decided here and nowhere else.
 
 The consumer reports what happened (`Succeeded`, `Refused` before the task ran, `Raised` by
-the task, `NotPlaced` when a retry copy could not be published, `WorkerFailed` when the worker
-itself failed) and `decide` answers with one outcome: ack, retry after whole seconds, or
-dead-letter with a `Reason`. It is a pure function of its arguments: no I/O, and the clock is
-passed in (the transport's, virtual on `memory://`).
+the task, `Duplicate` of an attempt settled before, `GivenBack` when the worker stops before
+it ran or finished, `NotPlaced` when a retry or dead-letter copy could not be published,
+`WorkerFailed` when the worker itself failed) and `decide` answers with one outcome: ack,
+ack unrun, retry after whole seconds, dead-letter with a `Reason`, reject to the broker's
+dead-lettering, or requeue. It is a pure function of its arguments: no I/O, and the clock is
+passed in (the transport's, virtual on `memory://`). `fate` says what an outcome is to
+observers, logs and metrics (one `Fate`), and `record` writes it into the delivery's `TaskRun`.
 """
 
 from __future__ import annotations
@@ -17,16 +20,19 @@ from typing import Any
 import tenacity
 from pydantic import ValidationError
 
-from .delay import MAX_DELAY_SECONDS, delay_seconds
 from .errors import (
     BadSignatureError,
+    BrokerUnavailableError,
     DeliveryLimitExceeded,
+    RetryNotPlacedError,
     TaskDefinitionError,
     TimeLimitExceeded,
     UndecodableMessageError,
     UnknownTaskError,
 )
-from .message import Reason
+from .ladder import MAX_DELAY_SECONDS, delay_seconds
+from .message import Reason, printable
+from .observe.observer import Fate, TaskRun
 from .retry import Reject, Retry, RetryPolicy
 
 # -- what happened ------------------------------------------------------------------------
@@ -65,42 +71,74 @@ class Raised:
 
 
 @dataclass(frozen=True, slots=True)
+class Duplicate:
+    """A copy (redelivered, or sent again) of an attempt this worker settled before."""
+
+
+@dataclass(frozen=True, slots=True)
+class GivenBack:
+    """The worker stops before the task ran or finished (shutdown, past its grace period)."""
+
+
+@dataclass(frozen=True, slots=True)
 class NotPlaced:
-    """The task failed and its retry copy could not be published, even after declaring again."""
+    """The copy `placing` needs (a retry, or a dead letter) could not be published, even after
+    declaring again: `error` says why."""
 
     error: BaseException
+    placing: RetryLater | DeadLetter
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerFailed:
-    """The worker failed while handling the message (a bug in the worker, not the task)."""
+    """The worker failed while handling the message (a bug in the worker, not the task, or a
+    broker that went away: `BrokerUnavailableError`)."""
 
     error: BaseException
 
 
-Happened = Succeeded | Refused | Raised | NotPlaced | WorkerFailed
+Happened = Succeeded | Refused | Raised | Duplicate | GivenBack | NotPlaced | WorkerFailed
 
 # -- what to do ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    pass
+    """Done: the task succeeded (`ran`), or this is a duplicate that must not run again."""
+
+    ran: bool = True
 
 
 @dataclass(frozen=True, slots=True)
 class RetryLater:
+    """Publish a retry copy through the delay ladder, then ack."""
+
     delay: int  # whole seconds, what the delay ladder holds it for
     error: BaseException
 
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
+    """Publish a dead-letter copy (with the reason and error in its headers), then ack."""
+
     reason: Reason
     error: BaseException | None
 
 
-Outcome = Ack | RetryLater | DeadLetter
+@dataclass(frozen=True, slots=True)
+class RejectToDlx:
+    """No copy could be published: reject it, and the broker dead-letters it through `W.dlx`."""
+
+    reason: Reason
+    error: BaseException | None
+
+
+@dataclass(frozen=True, slots=True)
+class Requeue:
+    """Give it back to the queue: this worker stops, or the broker went away."""
+
+
+Outcome = Ack | RetryLater | DeadLetter | RejectToDlx | Requeue
 
 _REFUSALS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], Reason], ...] = (
     (UndecodableMessageError, Reason.DECODE_ERROR),
@@ -116,10 +154,22 @@ def decide(happened: Happened, policy: RetryPolicy, now: datetime) -> Outcome:
     match happened:
         case Succeeded():
             return Ack()
+        case Duplicate():
+            return Ack(ran=False)
+        case GivenBack():
+            return Requeue()
         case Refused(error):
             return DeadLetter(_refusal(error), error)
-        case NotPlaced(error):
-            return DeadLetter(Reason.RETRY_FAILED, error)
+        case NotPlaced(error, RetryLater() as retry):
+            failed = RetryNotPlacedError(
+                f"{printable(retry.error, 500)}; and its retry could not be published: {error}"
+            )
+            failed.__cause__ = retry.error
+            return DeadLetter(Reason.RETRY_FAILED, failed)
+        case NotPlaced(_, DeadLetter(reason, error)):
+            return RejectToDlx(reason, error)
+        case WorkerFailed(BrokerUnavailableError()):
+            return Requeue()  # the connection is gone: the broker gives the message back anyway
         case WorkerFailed(error):
             return DeadLetter(Reason.WORKER_ERROR, error)
         case Raised():
@@ -164,3 +214,29 @@ def _state(raised: Raised, now: datetime) -> tenacity.RetryCallState:
     state.outcome = outcome
     state.outcome_timestamp = clock
     return state
+
+
+def fate(outcome: Outcome) -> Fate:
+    """What `outcome` is to observers, logs and metrics."""
+    match outcome:
+        case Ack(ran):
+            return Fate.SUCCEEDED if ran else Fate.DUPLICATE
+        case RetryLater():
+            return Fate.RETRIED
+        case DeadLetter():
+            return Fate.DEAD_LETTERED
+        case RejectToDlx():
+            return Fate.REJECTED
+        case Requeue():
+            return Fate.REQUEUED
+    raise AssertionError(f"unexpected {outcome!r}")  # pragma: no cover - the match is exhaustive
+
+
+def record(run: TaskRun, outcome: Outcome) -> None:
+    """Write how the delivery of `run` ended into it, for observers."""
+    run.outcome = fate(outcome)
+    if isinstance(outcome, RetryLater):
+        run.delay = outcome.delay
+    elif isinstance(outcome, DeadLetter | RejectToDlx):
+        run.reason = outcome.reason.value
+        run.error = run.error or outcome.error  # a refusal: why it did not run

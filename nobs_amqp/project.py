@@ -15,16 +15,16 @@ from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from .consumer import Consumer
+from .consumer import Consumer, consuming
 from .errors import ConfigurationError, ProjectNotOpenError, TaskNotAllowedError, UnknownTaskError
-from .link import DEFAULT_HEARTBEAT
-from .logs import TaskLog
-from .observe import Observer
-from .session import Lifespan, Session, connect
+from .observe.logs import TaskLog
+from .observe.observer import Observer
+from .observe.tracing import automatic as automatic_tracing
+from .session import Lifespan, Session
 from .signing import Signer, SigningKeys
 from .tasks import Allowlist, TaskFunction, TaskSpec, TaskTable, task_spec
 from .topology import Topology, check_name
-from .tracing import automatic as automatic_tracing
+from .transports import DEFAULT_HEARTBEAT, connect
 from .urls import broker_urls as checked_urls
 from .worker import Worker
 
@@ -37,7 +37,7 @@ DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
 URL_ENV = "NOBS_AMQP_URL"
 
 
-def broker_urls(url: str | Sequence[str] | None) -> tuple[str, ...]:
+def project_urls(url: str | Sequence[str] | None) -> tuple[str, ...]:
     """The broker URL(s): the argument, else NOBS_AMQP_URL (comma-separated), else localhost;
     each checked (ConfigurationError, never showing a credential, for a malformed one)."""
     if url is not None:
@@ -49,6 +49,27 @@ def _whole(value: object, name: str, *, minimum: int, hint: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigurationError(f"{name} must be a whole number, {minimum} or more (got {value!r}; {hint})")
     return value
+
+
+def _seconds(value: float, name: str) -> float:
+    """`value`, a timeout in seconds, checked: more than 0."""
+    if value <= 0:
+        raise ConfigurationError(f"{name} must be more than 0 seconds (got {value})")
+    return value
+
+
+def _replicas(value: object) -> int:
+    """`value`, the replicas of a quorum queue, checked: a whole number of nodes."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(
+            f"replicas must be a whole number of nodes, 1 or more (got {value!r}); 3 or 5 on a cluster"
+        )
+    return value
+
+
+def _size(value: object) -> int | None:
+    """`value`, the largest message body in bytes, checked; None (the broker's default) stays None."""
+    return None if value is None else _whole(value, "max_message_size", minimum=1, hint="bytes")
 
 
 def _caller_package(depth: int = 2) -> str | None:
@@ -120,7 +141,7 @@ class Project:
             self._add(worker)
         self._url = url
         if url is not None:
-            broker_urls(url)  # fail at construction for a bad explicit URL
+            project_urls(url)  # fail at construction for a bad explicit URL
         if packages is None:
             caller = _caller_package()
             packages = [caller] if caller else []
@@ -131,23 +152,11 @@ class Project:
         self._signing_key = signing_key
         self.signer = Signer.configured(signing_key) if signing_key is not None else None
         self._channel_pool_size = channel_pool_size
-        if publish_timeout <= 0:
-            raise ConfigurationError(f"publish_timeout must be more than 0 seconds (got {publish_timeout})")
-        self._publish_timeout = publish_timeout
-        if broker_consumer_timeout <= 0:
-            raise ConfigurationError(
-                f"broker_consumer_timeout must be more than 0 seconds (got {broker_consumer_timeout})"
-            )
-        self.broker_consumer_timeout = broker_consumer_timeout
-        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
-            raise ConfigurationError(
-                f"replicas must be a whole number of nodes, 1 or more (got {replicas!r}); 3 or 5 on a cluster"
-            )
-        self.replicas = replicas
+        self._publish_timeout = _seconds(publish_timeout, "publish_timeout")
+        self.broker_consumer_timeout = _seconds(broker_consumer_timeout, "broker_consumer_timeout")
+        self.replicas = _replicas(replicas)
         self.heartbeat = _whole(heartbeat, "heartbeat", minimum=0, hint="seconds; 0 turns heartbeats off")
-        self.max_message_size = (
-            None if max_message_size is None else _whole(max_message_size, "max_message_size", minimum=1, hint="bytes")
-        )
+        self.max_message_size = _size(max_message_size)
         self._session: Session | None = None
         self.worker_lifespan = worker_lifespan
         #: Metrics, logs and traces (`observe.Observer`), told what every session of the project does.
@@ -156,13 +165,8 @@ class Project:
         self.tracing = tracing
         self._specs: dict[TaskFunction, TaskSpec] = {}
         self.schedules: dict[str, Schedule] = {}
-        for schedule in schedules:
-            schedule.check(self)  # its worker is here, and takes fn(payload) as queue() would
-            if schedule.name in self.schedules:
-                raise ConfigurationError(
-                    f"project {self.name!r} has two schedules named {schedule.name!r}: give one a name=..."
-                )
-            self.schedules[schedule.name] = schedule
+        for schedule in schedules:  # last: checking one asks the project about its worker and task
+            self._add_schedule(schedule)
 
     def __repr__(self) -> str:
         return f"Project({self.name!r}, workers={list(self.workers)})"
@@ -174,6 +178,14 @@ class Project:
             raise ConfigurationError(f"project {self.name!r} has two workers named {worker.name!r}")
         worker._project = self
         self.workers[worker.name] = worker
+
+    def _add_schedule(self, schedule: Schedule) -> None:
+        schedule.check(self)  # its worker is here, and takes fn(payload) as queue() would
+        if schedule.name in self.schedules:
+            raise ConfigurationError(
+                f"project {self.name!r} has two schedules named {schedule.name!r}: give one a name=..."
+            )
+        self.schedules[schedule.name] = schedule
 
     def worker(self, name: str) -> Worker:
         try:
@@ -194,7 +206,7 @@ class Project:
     @property
     def urls(self) -> tuple[str, ...]:
         """Where the broker is: Project(url=...), else NOBS_AMQP_URL as it is when the project opens."""
-        return broker_urls(self._url)
+        return project_urls(self._url)
 
     @property
     def is_open(self) -> bool:
@@ -267,9 +279,7 @@ class Project:
     def consuming(self, *workers: Worker | str, **options: Any) -> AbstractAsyncContextManager[list[Consumer]]:
         """Consume `workers` (default: all) in the background of an open project until the block
         ends; then stop taking messages and let running tasks finish (`grace_period`)."""
-        from . import asgi  # the FastAPI glue, when it is used
-
-        return asgi.consuming(self.session, self._chosen(workers), **options)
+        return consuming(self.session, self._chosen(workers), **options)
 
     def _chosen(self, workers: Iterable[Worker | str]) -> list[Worker]:
         return [self.worker(w) if isinstance(w, str) else w for w in workers] or list(self.workers.values())

@@ -23,8 +23,8 @@ import pytest
 
 from .errors import ConfigurationError, NobsAmqpError
 from .management import Management
-from .memory import MemoryBroker
 from .project import DEFAULT_URL, URL_ENV
+from .transports.memory import MemoryBroker
 from .urls import broker_urls, in_process, memory_url, parse, with_vhost
 
 

@@ -6,10 +6,6 @@ as something that stops the worker. The time limit counts the task's own run onl
 sync task gets a thread the moment it starts (the consumer's slots bound how many run),
 so it never waits behind a thread that is stuck past its limit. A thread that will not
 stop cannot be killed in Python: it is counted and reported, and the worker goes on.
-
-`LoopWatchdog` notices an async task that blocks the event loop (a `time.sleep` inside
-`async def`) and says which one, so the log explains a dropped connection, and so a
-signal handler can tell that the loop cannot drain.
 """
 
 from __future__ import annotations
@@ -22,7 +18,6 @@ import logging
 import os
 import resource
 import threading
-import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -31,10 +26,8 @@ from .message import printable
 
 log = logging.getLogger("nobs_amqp")
 
-WATCHDOG_INTERVAL = 0.25
 #: How long a cancelled async task may take to end before it counts as stuck.
 CANCEL_GRACE_SECONDS = 1.0
-BLOCKED_SECONDS = 2.0
 
 
 class Label:
@@ -166,62 +159,6 @@ def _resolve(done: asyncio.Future[None], error: BaseException | None) -> None:
         done.set_result(None)
     else:
         done.set_exception(error)
-
-
-class LoopWatchdog:
-    """A thread that pings the event loop and logs when a task keeps it from answering."""
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        labels: dict[asyncio.Task[Any], Label | str],
-        *,
-        threshold: float = BLOCKED_SECONDS,
-    ) -> None:
-        self._loop = loop
-        self._labels = labels
-        self._threshold = threshold
-        self._beat = time.monotonic()
-        self._halt = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="nobs-watchdog", daemon=True)
-        #: The task that blocked the loop most recently (a label), for the shutdown path.
-        self.culprit: str | None = None
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._halt.set()
-
-    def blocked_for(self) -> float:
-        """Seconds since the loop last answered (about 0 while it runs freely)."""
-        return max(0.0, time.monotonic() - self._beat - WATCHDOG_INTERVAL)
-
-    def _pong(self) -> None:
-        self._beat = time.monotonic()
-
-    def _watch(self) -> None:
-        reported = False
-        started = 0.0
-        while not self._halt.wait(WATCHDOG_INTERVAL):
-            try:
-                self._loop.call_soon_threadsafe(self._pong)
-            except RuntimeError:  # the loop is closed
-                return
-            blocked = self.blocked_for()
-            if blocked >= self._threshold and not reported:
-                reported, started = True, self._beat
-                task = asyncio.current_task(self._loop)
-                self.culprit = str(self._labels.get(task, "code outside a task")) if task is not None else "the worker"
-                log.error(
-                    "event loop blocked for %.1f s by %s: a blocking call inside an async task "
-                    "(use a sync task or asyncio.to_thread); heartbeats and other tasks wait",
-                    blocked,
-                    self.culprit,
-                )
-            elif reported and blocked < self._threshold:
-                reported = False
-                log.warning("event loop answers again after %.1f s blocked by %s", self._beat - started, self.culprit)
 
 
 def resident_mb() -> float:

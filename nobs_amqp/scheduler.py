@@ -42,7 +42,7 @@ from .schedule import Due, Schedule
 from .session import Session
 from .signing import Signer
 from .topology import QueueSpec, ServerVersion, Topology
-from .transport import Delivery, Subscription, Transport, one_deadline
+from .transports.base import Delivery, Subscription, Transport, one_deadline
 
 log = logging.getLogger("nobs_amqp")
 

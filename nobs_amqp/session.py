@@ -15,17 +15,15 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 from datetime import datetime
 from typing import Any, Protocol
 
-from . import delay as ladder
-from .amqp import AmqpTransport
+from . import ladder
 from .errors import LifespanError
-from .link import DEFAULT_HEARTBEAT
 from .message import Message
-from .observe import Observer, Observers
+from .observe.observer import Observer, Observers, Publish, PublishKind
 from .signing import Signer
 from .tasks import TaskTable
 from .topology import QueueOptions, Topology, dead_letter_exchange, dead_letter_queue, worker_topology
-from .transport import ConnectionEvents, Transport, one_deadline
-from .urls import in_process, node_address
+from .transports.base import ConnectionEvents, Transport, one_deadline
+from .urls import node_address
 
 log = logging.getLogger("nobs_amqp")
 
@@ -42,34 +40,6 @@ class Destination(Protocol):
 
     @property
     def queue_options(self) -> QueueOptions: ...
-
-
-def connect(
-    urls: Sequence[str],
-    *,
-    name: str,
-    pool_size: int,
-    publish_timeout: float,
-    consumer_timeout: float,
-    replicas: int = 3,
-    heartbeat: int = DEFAULT_HEARTBEAT,
-    max_message_size: int | None = None,
-) -> Transport:
-    """The transport for `urls` (not opened yet): the in-process broker, or RabbitMQ."""
-    if in_process(urls[0]):
-        from .memory import MemoryTransport  # here: a worker on RabbitMQ never loads the memory broker
-
-        return MemoryTransport(urls[0], max_message_size=max_message_size)
-    return AmqpTransport(
-        urls,
-        name=name,
-        pool_size=pool_size,
-        publish_timeout=publish_timeout,
-        consumer_timeout=consumer_timeout,
-        replicas=replicas,
-        heartbeat=heartbeat,
-        max_message_size=max_message_size,
-    )
 
 
 class Session:
@@ -143,40 +113,40 @@ class Session:
 
     # -- sending -----------------------------------------------------------------------------
 
-    async def send(self, worker: Destination, message: Message, delay: int) -> None:
+    async def send(
+        self, worker: Destination, message: Message, delay: int, kind: PublishKind = PublishKind.TASK
+    ) -> None:
         """Publish `message` to `worker`'s queue, through the delay ladder when `delay` (whole
         seconds, as `delay.delay_seconds` rounded it) is more than 0. An unreachable broker is
-        waited for, declaring included, up to `publish_timeout` in all."""
+        waited for, declaring included, up to `publish_timeout` in all. `kind` is what it is,
+        for observers (a task, or a worker's retry copy)."""
         route = (worker.name, delay > 0)
         with one_deadline(self.publish_timeout):
             if route not in self._routes_ready:
                 await self.declare(worker, delayed=delay > 0)
                 self._routes_ready.add(route)
-            if delay > 0:
-                exchange, key = ladder.route(self.project, delay, worker.name)
-                await self._publish(worker.name, exchange, key, message, worker.name)
-            else:
-                await self._publish(worker.name, "", worker.name, message, worker.name)
+            exchange, key = ladder.route(self.project, delay, worker.name) if delay > 0 else ("", worker.name)
+            await self._publish(Publish(kind, worker.name, exchange, key, worker.name, delay, message))
 
     async def dead_letter(self, worker: Destination, message: Message) -> None:
         """Publish `message` (a dead-letter copy) to `worker`'s dead-letter exchange."""
         with one_deadline(self.publish_timeout):
             await self.declare(worker, delayed=False)
-            await self._publish(
-                worker.name, dead_letter_exchange(worker.name), "", message, dead_letter_queue(worker.name)
-            )
+            exchange, queue = dead_letter_exchange(worker.name), dead_letter_queue(worker.name)
+            await self._publish(Publish(PublishKind.DEAD_LETTER, worker.name, exchange, "", queue, 0, message))
 
-    async def _publish(self, worker: str, exchange: str, key: str, message: Message, destination: str) -> None:
-        """Publish `message` for the queue `destination` (what its signature binds it to)."""
+    async def _publish(self, publish: Publish) -> None:
+        """Publish `publish.message`, signed for the queue it ends in (`publish.queue`)."""
         if not self.observers.wrap_publishes:
+            message = publish.message
             if self.signer is not None:
-                message = self.signer.sign(message, destination)
-            await self.transport.publish(exchange, key, message)
+                message = self.signer.sign(message, publish.queue)
+            await self.transport.publish(publish.exchange, publish.routing_key, message)
             return
-        with self.observers.publishing(worker, message) as observed:
+        with self.observers.publishing(publish) as observed:
             if self.signer is not None:
-                observed = self.signer.sign(observed, destination)
-            await self.transport.publish(exchange, key, observed)
+                observed = self.signer.sign(observed, publish.queue)
+            await self.transport.publish(publish.exchange, publish.routing_key, observed)
 
     # -- declaring ---------------------------------------------------------------------------
 

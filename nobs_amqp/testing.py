@@ -7,12 +7,12 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from . import delay as ladder
+from . import ladder
 from .consumer import Consumer
 from .errors import ConfigurationError
-from .project import URL_ENV, Project, broker_urls
+from .project import URL_ENV, Project, project_urls
 from .session import Session
-from .transport import VirtualClock
+from .transports.base import VirtualClock
 from .worker import Worker
 
 POLL_SECONDS = 0.05
@@ -104,7 +104,7 @@ def use_broker(project: Project, url: str | Sequence[str] | None = None) -> Iter
                 f"use_broker({project.name!r}) needs a url, or {URL_ENV} set (the nobs_amqp_url and "
                 f"nobs_amqp_memory fixtures set it)"
             )
-    broker_urls(url)  # a malformed URL fails here, never showing its credentials
+    project_urls(url)  # a malformed URL fails here, never showing its credentials
     if project.is_open:
         raise ConfigurationError(
             f"project {project.name!r} is already open: enter use_broker() before `async with project`"

@@ -8,8 +8,8 @@ from datetime import timedelta
 from typing import Protocol, TypeVar
 
 from . import message as wire
-from .delay import checked_seconds, ladder_delay
 from .errors import ConfigurationError, NotInProjectError
+from .ladder import checked_seconds, ladder_delay
 from .retry import RetryPolicy, RetryStrategy, StopStrategy, WaitStrategy
 from .session import Lifespan, Session
 from .tasks import TaskFunction, TaskSpec

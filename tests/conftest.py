@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 import aio_pika
 import pytest
 
-from nobs_amqp.memory import MemoryBroker
+from nobs_amqp.transports.memory import MemoryBroker
 
 from .support import Broker
 

@@ -280,3 +280,11 @@ def http_server(status: int = 200, body: bytes = b"") -> Iterator[tuple[int, lis
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+def underlay_connections(project: Any) -> tuple[Any, ...]:
+    """The aiormq connections a RabbitMQ project's transport has open now, publishing and
+    consuming (the tests check that a bad message closed none): private parts of the transport."""
+    transport = project.session.transport
+    opened = [link.connection for link in (transport._out, transport._in) if link.connection is not None]
+    return tuple(c.transport.connection for c in opened if c.transport is not None)

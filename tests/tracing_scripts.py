@@ -1,4 +1,4 @@
-"""What tests/test_tracing.py runs in a process of its own (`python -m tests.tracing_scripts MODE`):
+"""What tests/conformance/test_tracing.py runs in a process of its own (`python -m tests.tracing_scripts MODE`):
 a process's global tracer provider and its imported modules are the point.
 
 - `off URL`, `disabled URL`, `unavailable URL`, `on URL`: queue and consume with tracing turned off

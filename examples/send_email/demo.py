@@ -23,11 +23,10 @@ from collections.abc import Mapping
 from urllib.parse import quote
 
 from nobs_amqp import message as wire
-from nobs_amqp.amqp import redact, vhost_of
 from nobs_amqp.errors import NobsAmqpError
 from nobs_amqp.management import Management
-from nobs_amqp.memory import MemoryBroker
-from nobs_amqp.urls import in_process, with_vhost
+from nobs_amqp.transports.memory import MemoryBroker
+from nobs_amqp.urls import in_process, redact, vhost_of, with_vhost
 
 from .app import SendEmail, priority_queue, project, send_email
 

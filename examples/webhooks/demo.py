@@ -29,10 +29,9 @@ from typing import Any
 from urllib.parse import quote
 
 from nobs_amqp import message as wire
-from nobs_amqp.amqp import redact, vhost_of
 from nobs_amqp.management import Management
-from nobs_amqp.memory import MemoryBroker
-from nobs_amqp.urls import in_process
+from nobs_amqp.transports.memory import MemoryBroker
+from nobs_amqp.urls import in_process, redact, vhost_of
 
 from .endpoint import Endpoint
 from .tasks import WebhookCall, call_webhook, project, webhooks

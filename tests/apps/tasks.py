@@ -106,7 +106,7 @@ def crash(job: FileJob) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-# -- for tests/test_reliability.py ---------------------------------------------------------
+# -- for tests/rabbitmq/test_reliability.py ---------------------------------------------------------
 
 
 async def exit_task(job: Job) -> None:
@@ -250,7 +250,7 @@ async def soak(job: SoakJob) -> None:
     _soak_line(job, "ok")
 
 
-# -- for tests/test_task_context.py ----------------------------------------------------------
+# -- for tests/conformance/test_task_context.py ----------------------------------------------------------
 
 #: What `current_task()` said inside each run, by job key.
 CONTEXTS: dict[str, list[TaskContext]] = defaultdict(list)
