@@ -308,7 +308,7 @@ class Consumer:
                 record(duplicate, outcome)  # before `handling`: tracing makes no span of a duplicate
                 with observers.handling(duplicate):
                     try:
-                        await self._settle(delivery, outcome, duplicate)
+                        await self._settle(delivery, outcome)  # its fate is recorded above
                     finally:
                         observers.finished(duplicate)
                 return
