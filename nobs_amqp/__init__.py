@@ -27,7 +27,7 @@ from .observe import Fate, Observer, Publish, TaskRun
 from .project import Project
 from .retry import Reject, Retry
 from .tasks import task
-from .worker import Worker
+from .worker import Worker, was_queued
 
 if TYPE_CHECKING:
     from .schedule import Schedule
@@ -67,6 +67,7 @@ __all__ = [
     "Worker",
     "current_task",
     "task",
+    "was_queued",
 ]
 
 

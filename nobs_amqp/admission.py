@@ -5,6 +5,7 @@ an admitted delivery comes with its task and decoded payload."""
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,9 @@ from .errors import (
     BadSignatureError,
     DeliveryLimitExceeded,
     ForeignTaskError,
+    TaskCancelledError,
     TaskDefinitionError,
+    TaskExpiredError,
     UndecodableMessageError,
     UnknownTaskError,
 )
@@ -45,10 +48,14 @@ class Admitted:
 class Admission:
     """The checks of one worker's deliveries, in the order nothing untrusted is read first."""
 
-    def __init__(self, session: Session, worker: Worker, tasks: TaskTable) -> None:
+    def __init__(
+        self, session: Session, worker: Worker, tasks: TaskTable, cancelled: Container[str] | None = None
+    ) -> None:
         self.session = session
         self.worker = worker
         self._tasks = tasks
+        #: Whether a message id was cancelled (`Worker.cancel`); None: the worker takes no cancellations.
+        self._cancelled = cancelled
         self._quorum = worker.queue_options.queue_type == "quorum"
 
     def check(self, delivery: Delivery, run: TaskRun) -> Refused | Admitted:
@@ -69,6 +76,8 @@ class Admission:
                     f"ran out of memory, crashed, or was stopped before it ran it); not running it again"
                 )
             )
+        if (stale := self._stale(message)) is not None:
+            return Refused(stale)
         try:
             spec = self._tasks.get(message.task)
             run.known = True
@@ -82,6 +91,18 @@ class Admission:
         except ValidationError as exc:
             return Refused(exc)
         return Admitted(spec, payload, returned)
+
+    def _stale(self, message: wire.Message) -> TaskCancelledError | TaskExpiredError | None:
+        """Why a message is no longer to be run: its id was cancelled, or it expired."""
+        if self._cancelled is not None and message.message_id in self._cancelled:
+            return TaskCancelledError(f"message {printable(message.message_id, 200)!r} was cancelled; not running it")
+        expires = message.expires_at
+        if expires is not None and (now := self.session.now()) >= expires:
+            late = (now - expires).total_seconds()
+            return TaskExpiredError(
+                f"it expired at {wire.format_time(expires)}, {late:.0f} s before a worker took it; not running it"
+            )
+        return None
 
     def _unknown(
         self, message: wire.Message, error: UnknownTaskError | TaskDefinitionError

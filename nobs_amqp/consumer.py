@@ -21,6 +21,7 @@ from typing import Any
 
 from . import message as wire
 from .admission import Admission
+from .cancellation import Cancellations
 from .context import TaskContext, running
 from .copies import Copies
 from .errors import (
@@ -115,6 +116,8 @@ class Consumer:
         self._failure: BaseException | None = None
         self._attempts = SettledAttempts()
         self._copies = Copies(session, worker)
+        #: The ids cancelled for this worker, as read so far (a worker with `cancellable=True`).
+        self.cancellations: Cancellations | None = None
 
     def stop(self) -> None:
         """Stop taking messages; running tasks get the grace period to finish."""
@@ -135,14 +138,22 @@ class Consumer:
 
     async def run(self) -> None:
         self._tasks = self.session.tasks()
-        self._admission = Admission(self.session, self.worker, self._tasks)
         self._ack_timeout = self._fitting_ack_timeout(self._tasks)
         await self.session.declare(self.worker, delayed=False)
-        # The lifespan opens what tasks share (a pool, a client) before the first message is
-        # taken, and closes it after the last one settled.
-        async with self.session.resources(f"worker {self.worker.name}", self.worker.lifespan) as state:
-            self.state = state
-            await self._consume(self._tasks)
+        cancelled = Cancellations(self.session, self.worker.name) if self.worker.queue_options.cancellable else None
+        self.cancellations = cancelled
+        self._admission = Admission(self.session, self.worker, self._tasks, cancelled)
+        try:
+            if cancelled is not None:
+                await cancelled.start()  # every cancellation made so far is known before a message is taken
+            # The lifespan opens what tasks share (a pool, a client) before the first message is
+            # taken, and closes it after the last one settled.
+            async with self.session.resources(f"worker {self.worker.name}", self.worker.lifespan) as state:
+                self.state = state
+                await self._consume(self._tasks)
+        finally:
+            if cancelled is not None:
+                await cancelled.stop()
         if self._failure is not None:
             raise self._failure
 

@@ -249,5 +249,13 @@ class RetryNotPlacedError(TaskFailure):
     """A task failed and its retry could not be published: it was dead-lettered instead."""
 
 
+class TaskExpiredError(TaskFailure):
+    """A message was taken after the time its `queue(..., expires=...)` gave: it was not run."""
+
+
+class TaskCancelledError(TaskFailure):
+    """A message's id was cancelled with `Worker.cancel()` before a worker took it: it was not run."""
+
+
 def _type_name(tp: object) -> str:
     return getattr(tp, "__qualname__", None) or repr(tp)

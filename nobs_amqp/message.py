@@ -24,6 +24,9 @@ CONTENT_TYPE = "application/json"
 ATTEMPT = "x-nobs-attempt"
 ENQUEUED_AT = "x-nobs-enqueued-at"
 ETA = "x-nobs-eta"
+#: When a message stops being worth running (`queue(..., expires=...)`): taken later, it is
+#: dead-lettered as `expired`. Carried into retries (a retry due after it expires is not run).
+EXPIRES = "x-nobs-expires"
 REASON = "x-nobs-reason"
 ERROR_TYPE = "x-nobs-error-type"
 ERROR_MESSAGE = "x-nobs-error-message"
@@ -52,6 +55,8 @@ class Reason(StrEnum):
     BAD_SIGNATURE = "bad_signature"  # unsigned or forged, with a signing key set
     RETRY_FAILED = "retry_failed"  # it failed and its retry could not be published
     WORKER_ERROR = "worker_error"  # the worker itself failed while handling it
+    EXPIRED = "expired"  # taken after the time `queue(..., expires=...)` gave it
+    CANCELLED = "cancelled"  # its id was cancelled with `Worker.cancel()` before it ran
 
 
 MAX_TRACEBACK = 4000
@@ -92,6 +97,15 @@ class Message:
     @property
     def enqueued_at(self) -> datetime:
         return parse_time(self.headers.get(ENQUEUED_AT)) or self.timestamp
+
+    @property
+    def expires_at(self) -> datetime | None:
+        """When it stops being worth running (None: never). An unreadable value reads as
+        "expired at once": a value that was set and cannot be read never makes a task run late."""
+        value = self.headers.get(EXPIRES)
+        if value is None:
+            return None
+        return parse_time(value) or datetime.min.replace(tzinfo=UTC)
 
 
 def identity_of(message_id: str, attempt: int, enqueued_at: datetime) -> tuple[str, int, str] | None:
@@ -151,12 +165,17 @@ def new_message(
     now: datetime,
     delay: int = 0,
     priority: int | None = None,
+    message_id: str | None = None,
+    expires: float | None = None,
 ) -> Message:
-    """A first attempt of a task, enqueued `now`, due `delay` whole seconds later."""
+    """A first attempt of a task, enqueued `now`, due `delay` whole seconds later; not run if
+    taken more than `expires` seconds after `now`. `message_id`: the caller's (else a random one)."""
     headers: dict[str, object] = {ATTEMPT: 1, ENQUEUED_AT: format_time(now)}
     if delay > 0:
         headers[ETA] = format_time(now + timedelta(seconds=delay))
-    return Message(body, task, new_id(), app_id, now, headers, priority)
+    if expires is not None:
+        headers[EXPIRES] = format_time(now + timedelta(seconds=expires))
+    return Message(body, task, message_id or new_id(), app_id, now, headers, priority)
 
 
 def new_id() -> str:
@@ -172,6 +191,9 @@ def _trusted_headers(message: Message) -> dict[str, object]:
     """The headers of ours a copy carries, rebuilt from validated values: never a publisher's
     other `x-nobs-*` values, nor the broker's `x-death` history. Trace context, if it looks like it."""
     headers: dict[str, object] = {ATTEMPT: message.attempt, ENQUEUED_AT: format_time(message.enqueued_at)}
+    expires = message.expires_at
+    if expires is not None:
+        headers[EXPIRES] = format_time(expires)
     for name in TRACE_CONTEXT:
         value = message.headers.get(name)
         if isinstance(value, str) and _TRACE_VALUE.fullmatch(value):

@@ -25,7 +25,9 @@ from .errors import (
     BrokerUnavailableError,
     DeliveryLimitExceeded,
     RetryNotPlacedError,
+    TaskCancelledError,
     TaskDefinitionError,
+    TaskExpiredError,
     TimeLimitExceeded,
     UndecodableMessageError,
     UnknownTaskError,
@@ -52,6 +54,8 @@ class Refused:
         UndecodableMessageError
         | BadSignatureError
         | DeliveryLimitExceeded
+        | TaskCancelledError
+        | TaskExpiredError
         | UnknownTaskError
         | TaskDefinitionError
         | ValidationError
@@ -144,6 +148,8 @@ _REFUSALS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], Re
     (UndecodableMessageError, Reason.DECODE_ERROR),
     (BadSignatureError, Reason.BAD_SIGNATURE),
     (DeliveryLimitExceeded, Reason.DELIVERY_LIMIT),
+    (TaskCancelledError, Reason.CANCELLED),
+    (TaskExpiredError, Reason.EXPIRED),
     ((UnknownTaskError, TaskDefinitionError), Reason.UNKNOWN_TASK),
     (ValidationError, Reason.VALIDATION_ERROR),
 )

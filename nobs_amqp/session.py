@@ -15,13 +15,23 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 from datetime import datetime
 from typing import Any, Protocol
 
+import orjson
+
 from . import ladder
 from .errors import LifespanError
 from .message import Message
 from .observe.observer import Observer, Observers, Publish, PublishKind
 from .signing import Signer
 from .tasks import TaskTable
-from .topology import QueueOptions, Topology, dead_letter_exchange, dead_letter_queue, worker_topology
+from .topology import (
+    QueueOptions,
+    Topology,
+    cancellations,
+    dead_letter_exchange,
+    dead_letter_queue,
+    unique_claim,
+    worker_topology,
+)
 from .transports.base import ConnectionEvents, Transport, one_deadline
 from .urls import node_address
 
@@ -134,6 +144,25 @@ class Session:
             await self.declare(worker, delayed=False)
             exchange, queue = dead_letter_exchange(worker.name), dead_letter_queue(worker.name)
             await self._publish(Publish(PublishKind.DEAD_LETTER, worker.name, exchange, "", queue, 0, message))
+
+    async def cancel(self, worker: Destination, message: Message) -> None:
+        """Append `message` (a cancellation) to `worker`'s stream of cancelled ids."""
+        with one_deadline(self.publish_timeout):
+            await self.declare(worker, delayed=False)
+            stream = cancellations(worker.name)
+            await self._publish(Publish(PublishKind.CANCEL, worker.name, "", stream, stream, 0, message))
+
+    async def claim(self, worker: Destination, message: Message, window: int) -> bool:
+        """Take the claim of `message`'s id on `worker` for `window` seconds (`queue(unique=...)`):
+        False if a message with that id was queued there less than `window` seconds ago."""
+        with one_deadline(self.publish_timeout):
+            name = unique_claim(worker.name, message.message_id, window)
+            body = orjson.dumps({"message_id": message.message_id, "task": message.task, "worker": worker.name})
+            marker = Message(body, message.task, message.message_id, self.project, message.timestamp)
+            return await self.transport.claim(name, window, marker)
+
+    async def unclaim(self, worker: Destination, message: Message, window: int) -> None:
+        await self.transport.unclaim(unique_claim(worker.name, message.message_id, window))
 
     async def _publish(self, publish: Publish) -> None:
         """Publish `publish.message`, signed for the queue it ends in (`publish.queue`)."""

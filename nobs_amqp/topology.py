@@ -6,6 +6,7 @@ these functions describe, in one place.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,36 @@ def dead_letter_exchange(worker: str) -> str:
 
 def dead_letter_queue(worker: str) -> str:
     return f"{worker}.dlq"
+
+
+def cancellations(worker: str) -> str:
+    """The stream of message ids cancelled with `Worker.cancel()` (a worker with `cancellable=True`)."""
+    return f"{worker}.cancelled"
+
+
+#: How long a cancellation is kept in `W.cancelled` (the stream's `x-max-age`), at least.
+CANCEL_RETENTION = "7D"
+#: Segments of `W.cancelled`: retention drops whole segments, so they are small (about 10,000 ids each).
+CANCEL_SEGMENT_BYTES = 1_000_000
+
+
+def unique_claim(worker: str, message_id: str, window: int) -> str:
+    """The queue whose one message says `message_id` was queued to `worker` in the last `window`
+    seconds (`queue(..., unique=...)`): the id is hashed, so any id makes a usable name."""
+    digest = hashlib.sha256(message_id.encode()).hexdigest()[:32]
+    return f"{worker}.unique.{window}.{digest}"
+
+
+def unique_claim_arguments(window: int) -> dict[str, object]:
+    """A classic queue holding at most one message for `window` seconds, refusing a second one
+    (reject-publish nacks it), and gone a minute after the window once nobody uses it."""
+    return {
+        "x-queue-type": "classic",
+        "x-max-length": 1,
+        "x-overflow": "reject-publish",
+        "x-message-ttl": window * 1000,
+        "x-expires": window * 1000 + 60_000,
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +123,8 @@ class QueueOptions:
     queue_type: QueueType = "quorum"
     delivery_limit: int | None = 10
     max_priority: int | None = None
+    #: Whether the worker follows a stream of cancelled ids (`W.cancelled`).
+    cancellable: bool = False
 
 
 def quorum_dead_letter_arguments() -> dict[str, object]:
@@ -117,11 +150,15 @@ def worker_topology(worker: str, options: QueueOptions, server: ServerVersion) -
             dead["x-delivery-limit"] = -1
     elif options.max_priority is not None:
         main["x-max-priority"] = options.max_priority
-    return Topology(
-        exchanges=(ExchangeSpec(dlx, "fanout"),),
-        queues=(QueueSpec(worker, main), QueueSpec(dlq, dead)),
-        bindings=(Binding(dlx, dlq, ""),),
-    )
+    queues: tuple[QueueSpec, ...] = (QueueSpec(worker, main), QueueSpec(dlq, dead))
+    if options.cancellable:
+        stream = {
+            "x-queue-type": "stream",
+            "x-max-age": CANCEL_RETENTION,
+            "x-stream-max-segment-size-bytes": CANCEL_SEGMENT_BYTES,
+        }
+        queues += (QueueSpec(cancellations(worker), stream),)
+    return Topology(exchanges=(ExchangeSpec(dlx, "fanout"),), queues=queues, bindings=(Binding(dlx, dlq, ""),))
 
 
 #: Arguments that count only when a queue is created: how many nodes a quorum queue starts on.

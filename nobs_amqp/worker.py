@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Protocol, TypeVar
 
 from . import message as wire
+from .cancellation import cancel_message
 from .errors import ConfigurationError, NotInProjectError
-from .ladder import checked_seconds, ladder_delay
+from .ladder import checked_seconds, delay_seconds, ladder_delay
 from .retry import RetryPolicy, RetryStrategy, StopStrategy, WaitStrategy
 from .session import Lifespan, Session
 from .tasks import TaskFunction, TaskSpec
 from .topology import QueueOptions, QueueType, check_name
+
+log = logging.getLogger("nobs_amqp")
 
 Delay = float | timedelta
 #: A task's payload type: `queue(fn, payload)` takes a payload of the type `fn` takes.
@@ -42,7 +46,8 @@ class Worker:
     task; `queue_type` "quorum" (default) or "classic" (needed for
     `max_priority` on RabbitMQ 3.x); `delivery_limit`: a message handed out this
     many times without being settled (its worker died or stopped each time) goes
-    to the DLQ instead of running again; `lifespan`: an async context manager factory run once
+    to the DLQ instead of running again; `cancellable`: tasks can be cancelled by id
+    (`cancel()`; its workers follow a stream `W.cancelled`); `lifespan`: an async context manager factory run once
     in each consuming process around all of its tasks, whose yielded value tasks read as
     `current_task().state` (a database pool, an HTTP client).
     """
@@ -61,6 +66,7 @@ class Worker:
         max_priority: int | None = None,
         delivery_limit: int | None = 10,
         lifespan: Lifespan | None = None,
+        cancellable: bool = False,
     ) -> None:
         self.name = check_name("worker", name)
         defaults = RetryPolicy()
@@ -88,7 +94,7 @@ class Worker:
             if time_limit is not None
             else None
         )
-        self.queue_options = QueueOptions(queue_type, delivery_limit, max_priority)
+        self.queue_options = QueueOptions(queue_type, delivery_limit, max_priority, cancellable)
         #: Opens what this worker's tasks share, once per consuming process (`current_task().state`).
         self.lifespan = lifespan
         self._project: Home | None = None
@@ -103,18 +109,69 @@ class Worker:
         return self._project
 
     async def queue(
-        self, fn: Callable[[P], object], payload: P, *, delay: Delay | None = None, priority: int | None = None
+        self,
+        fn: Callable[[P], object],
+        payload: P,
+        *,
+        delay: Delay | None = None,
+        priority: int | None = None,
+        message_id: str | None = None,
+        expires: Delay | None = None,
+        unique: Delay | None = None,
     ) -> str:
         """Put `fn(payload)` on this worker's queue; return its message id once the broker confirmed it.
 
         `delay` (seconds or timedelta) holds it back that long, rounded up to whole
-        seconds. It never waits for the task itself.
+        seconds. It never waits for the task itself. `message_id`: the caller's id for it
+        (else a random one). `expires`: a worker that takes it later than that after now
+        dead-letters it as `expired` instead of running it. `unique` (needs `message_id`): not
+        sent if a message with the same id was queued to this worker within that window (the id
+        is returned all the same; `was_queued` says which).
         """
         task, body, wait = self._checked(fn, payload, delay, priority)
+        lifetime = _lifetime(expires, wait)
+        own_id = check_message_id(message_id) if message_id is not None else None
+        window = _window(unique, own_id)
         session = self.project.session
-        message = self._message(session, task, body, wait, priority)
-        await session.send(self, message, wait)
+        message = wire.new_message(
+            body,
+            task,
+            self.project.name,
+            now=session.now(),
+            delay=wait,
+            priority=priority,
+            message_id=own_id,
+            expires=lifetime,
+        )
+        if window is None:
+            await session.send(self, message, wait)
+            return message.message_id
+        return await self._queue_once(session, message, wait, window)
+
+    async def _queue_once(self, session: Session, message: wire.Message, wait: int, window: int) -> str:
+        """Send `message` unless its id was queued here within `window` seconds."""
+        session.transport.check_size(self.name, message)  # before the claim: a refused message claims nothing
+        if not await session.claim(self, message, window):
+            log.info("worker %s: id %s was queued within %d s; not queued again", self.name, message.message_id, window)
+            return Duplicate(message.message_id)
+        try:
+            await session.send(self, message, wait)
+        except BaseException:
+            await session.unclaim(self, message, window)  # not sent: the caller may queue it again
+            raise
         return message.message_id
+
+    async def cancel(self, message_id: str) -> None:
+        """Cancel the task queued with `message_id` (waiting in the queue, delayed, or a retry):
+        a worker that takes it dead-letters it as `cancelled` instead of running it. Returns once
+        the broker confirmed the cancellation; a task already running is not interrupted.
+        Needs `Worker(..., cancellable=True)`."""
+        if not self.queue_options.cancellable:
+            raise ConfigurationError(
+                f"worker {self.name!r} takes no cancellations: create it with Worker({self.name!r}, cancellable=True)"
+            )
+        session = self.project.session
+        await session.cancel(self, cancel_message(check_message_id(message_id), self.project.name, session.now()))
 
     async def queue_many(
         self,
@@ -154,3 +211,56 @@ class Worker:
 
     def _message(self, session: Session, task: str, body: bytes, wait: int, priority: int | None) -> wire.Message:
         return wire.new_message(body, task, self.project.name, now=session.now(), delay=wait, priority=priority)
+
+
+class Duplicate(str):
+    """The id `queue(..., unique=...)` returns when it did not queue the task: one with the same
+    id was queued to the worker within the window."""
+
+    __slots__ = ()
+
+
+def was_queued(message_id: str) -> bool:
+    """Whether the `queue()` that returned `message_id` queued the task (False: a duplicate within
+    its `unique` window, not sent)."""
+    return not isinstance(message_id, Duplicate)
+
+
+#: A caller's message id: what an AMQP `message-id` property carries and a log line shows safely.
+MAX_MESSAGE_ID = 200
+
+
+def check_message_id(value: object) -> str:
+    """`value` if it can be a message id: a non-empty string of at most MAX_MESSAGE_ID printable
+    characters; else ConfigurationError."""
+    if not isinstance(value, str) or not value or len(value) > MAX_MESSAGE_ID or not value.isprintable():
+        raise ConfigurationError(
+            f"message_id must be a non-empty string of at most {MAX_MESSAGE_ID} printable characters "
+            f"(got {type(value).__name__} {wire.printable(repr(value), 80)})"
+        )
+    if len(value.encode()) > 255:
+        raise ConfigurationError(f"message_id must be at most 255 bytes in UTF-8 (got {len(value.encode())})")
+    return value
+
+
+def _lifetime(expires: Delay | None, wait: int) -> float | None:
+    """Seconds from now after which the task is not run; after its delay, if any."""
+    if expires is None:
+        return None
+    lifetime = checked_seconds(expires, "expires", positive=True)
+    if lifetime <= wait:
+        raise ConfigurationError(
+            f"expires ({lifetime:g} s) must be longer than the delay ({wait} s): the task would expire before it is due"
+        )
+    return lifetime
+
+
+def _window(unique: Delay | None, message_id: str | None) -> int | None:
+    """The unique window in whole seconds (rounded up), or None."""
+    if unique is None:
+        return None
+    if message_id is None:
+        raise ConfigurationError(
+            "unique= needs message_id=: the id is what is unique, e.g. message_id=f'welcome-{user.id}'"
+        )
+    return delay_seconds(checked_seconds(unique, "unique", positive=True))

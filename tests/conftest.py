@@ -67,7 +67,7 @@ async def name(request: pytest.FixtureRequest) -> AsyncIterator[str]:
     connection = await aio_pika.connect(vhost_url)
     try:
         channel = await connection.channel()
-        for queue in (unique, f"{unique}.dlq"):
+        for queue in (unique, f"{unique}.dlq", f"{unique}.cancelled"):
             await channel.queue_delete(queue)
         await channel.exchange_delete(f"{unique}.dlx")
     finally:

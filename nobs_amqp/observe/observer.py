@@ -79,6 +79,8 @@ class PublishKind(StrEnum):
     TASK = "task"
     RETRY = "retry"
     DEAD_LETTER = "dead_letter"
+    #: A cancellation (`Worker.cancel`), to the worker's `W.cancelled` stream.
+    CANCEL = "cancel"
 
 
 @dataclass(frozen=True, slots=True)

@@ -112,6 +112,17 @@ class Transport(Protocol):
         `ack_timeout`: how long the broker may wait for a delivery's ack before it takes it
         back (None: the broker's own setting); see `fixed_ack_timeout`."""
 
+    async def follow(self, stream: str, handler: Callable[[Message], None]) -> Subscription:
+        """Hand `handler` every message of `stream` (a queue of type stream), from its first on,
+        then each new one as it comes; after a reconnection from the first again."""
+
+    async def claim(self, name: str, window: int, marker: Message) -> bool:
+        """Take the claim `name` for `window` seconds: True if taken here, False if it is held
+        (someone took it less than `window` seconds ago). Shared by every connection to the broker."""
+
+    async def unclaim(self, name: str) -> None:
+        """Give the claim `name` up, so that it can be taken again at once (best effort)."""
+
     def fixed_ack_timeout(self) -> float | None:
         """Seconds the broker waits for an ack when a consumer cannot choose (None: it can,
         through `consume(ack_timeout=...)`, or there is no such timeout)."""

@@ -20,7 +20,7 @@ import heapq
 import itertools
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import ClassVar
@@ -71,6 +71,10 @@ class _Queue:
         self.max_length = length if isinstance(length, int) and length >= 0 else None
         self.ready: list[tuple[int, int, _Entry]] = []  # heap of (-priority, sequence, entry)
         self.consumers: list[_Consumer] = []
+        #: A stream keeps every message (`log`) and hands each to every follower.
+        self.stream = args.get("x-queue-type") == "stream"
+        self.log: list[Message] = []
+        self.followers: list[Callable[[Message], None]] = []
 
     def push(self, entry: _Entry, sequence: int) -> None:
         priority = (entry.message.priority or 0) if self.prioritised else 0
@@ -91,6 +95,7 @@ class MemoryBroker:
         self._tags = itertools.count(1)
         self._timer: asyncio.TimerHandle | None = None
         self.leases: dict[str, object] = {}  # lease -> the transport that holds it
+        self.claims: dict[str, float] = {}  # claim -> when it lapses (the virtual clock)
 
     @classmethod
     def named(cls, url: str) -> MemoryBroker:
@@ -223,6 +228,11 @@ class MemoryBroker:
         return queues
 
     def _enqueue(self, queue: _Queue, entry: _Entry) -> None:
+        if queue.stream:
+            queue.log.append(entry.message)
+            for follower in list(queue.followers):
+                follower(entry.message)
+            return
         if queue.ttl is not None:
             entry.expires_at = self.now() + queue.ttl
         queue.push(entry, next(self._sequence))
@@ -334,6 +344,22 @@ class _MemorySubscription:
         self._broker.close_consumer(self._consumer)
 
 
+class _MemoryFollower:
+    def __init__(self, stream: _Queue, handler: Callable[[Message], None]) -> None:
+        self._stream = stream
+        self._handler = handler
+
+    async def cancel(self) -> None:
+        if self._handler in self._stream.followers:
+            self._stream.followers.remove(self._handler)
+
+    async def flush(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        await self.cancel()
+
+
 class MemoryTransport:
     """The transport seam over a MemoryBroker."""
 
@@ -414,6 +440,25 @@ class MemoryTransport:
         found.consumers.append(consumer)
         self.broker._dispatch(found)
         return _MemorySubscription(self.broker, consumer)
+
+    async def follow(self, stream: str, handler: Callable[[Message], None]) -> _MemoryFollower:
+        found = self.broker.queues.get(stream)
+        if found is None or not found.stream:
+            raise UnroutableError(stream)
+        for message in list(found.log):
+            handler(message)
+        found.followers.append(handler)
+        return _MemoryFollower(found, handler)
+
+    async def claim(self, name: str, window: int, marker: Message) -> bool:
+        now = self.broker.now()
+        if self.broker.claims.get(name, now) > now:
+            return False
+        self.broker.claims[name] = now + window
+        return True
+
+    async def unclaim(self, name: str) -> None:
+        self.broker.claims.pop(name, None)
 
     async def message_count(self, queue: str) -> int:
         found = self.broker.queues.get(queue)

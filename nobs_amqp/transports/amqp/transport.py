@@ -31,9 +31,10 @@ from ...message import Message, wall_clock
 from ...topology import INITIAL_GROUP_SIZE, ExchangeSpec, QueueSpec, ServerVersion, Topology, difference
 from ...urls import describe_error as _describe
 from ...urls import redact, vhost_of
-from ..base import DEFAULT_HEARTBEAT, Handler, LeaseState, check_size, deadline
+from ..base import DEFAULT_HEARTBEAT, Delivery, Handler, LeaseState, check_size, deadline
 from . import decoding
 from .acks import Acker
+from .claims import ClaimQueues
 from .delivery import AmqpDelivery, DirectQueue
 from .frames import Publisher
 from .leases import ExclusiveQueues
@@ -46,6 +47,8 @@ log = logging.getLogger("nobs_amqp")
 DEFAULT_CONSUMER_TIMEOUT = 1800.0
 #: From this version on, a consumer sets its own delivery acknowledgement timeout (`x-consumer-timeout`).
 PER_CONSUMER_TIMEOUT = (3, 11, 15)
+#: Unsettled messages a stream's follower takes at once (it acks each as soon as it has read it).
+FOLLOW_PREFETCH = 100
 #: How long closing a subscription waits for the broker to show the messages it gave back.
 RETURN_WAIT_SECONDS = 2.0
 #: How long a round trip of a shutdown (cancel a consumer, close a channel or a connection) waits
@@ -93,6 +96,7 @@ class AmqpTransport:
         #: Told the broker's reason when it blocks the publishing connection, None when it unblocks it.
         self.on_blocked: list[Callable[[str | None], None]] = []
         self._leases = ExclusiveQueues()
+        self._claims = ClaimQueues()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -335,7 +339,13 @@ class AmqpTransport:
         return None if self.server_version >= PER_CONSUMER_TIMEOUT else self._consumer_timeout
 
     async def consume(
-        self, queue: str, prefetch: int, handler: Handler, *, ack_timeout: float | None = None
+        self,
+        queue: str,
+        prefetch: int,
+        handler: Handler,
+        *,
+        ack_timeout: float | None = None,
+        offset: str | None = None,
     ) -> _AmqpSubscription:
         link = await self._consuming()
         channel = await link.require().channel(publisher_confirms=False)
@@ -352,8 +362,44 @@ class AmqpTransport:
         arguments: dict[str, Any] = {}
         if ack_timeout is not None and self.fixed_ack_timeout() is None:
             arguments["x-consumer-timeout"] = int(ack_timeout * 1000)
+        if offset is not None:  # a stream: where to start reading it
+            arguments["x-stream-offset"] = offset
         subscription.tag = await declared.consume(on_message, no_ack=False, arguments=arguments or None)
         return subscription
+
+    async def follow(self, stream: str, handler: Callable[[Message], None]) -> _AmqpSubscription:
+        """Every message of `stream` from its first on (again from the first after a reconnect)."""
+
+        async def each(delivery: Delivery) -> None:
+            handler(delivery.message)
+            await delivery.ack()  # a stream keeps it: the ack only gives the consumer credit
+
+        return await self.consume(stream, FOLLOW_PREFETCH, each, offset="first")
+
+    async def claim(self, name: str, window: int, marker: Message) -> bool:
+        """Take claim `name` for `window` seconds unless someone holds it (see `claims.py`); on the
+        publishing connection (a claim is a publish: an alarm holds it back)."""
+        loop = asyncio.get_running_loop()
+        until = deadline() or loop.time() + self._publish_timeout
+        try:
+            async with asyncio.timeout_at(until):
+                return await self._claims.claim(await self._out.connected(), name, window, marker)
+        except REFUSALS as exc:
+            raise BrokerConnectionError(
+                redact(self.url), f"the broker refused claim {name!r}: {_describe(exc)}"
+            ) from exc
+        except (*CONNECTION_ERRORS, TimeoutError) as exc:
+            raise BrokerUnavailableError(
+                name,
+                f"the broker stayed unreachable for {self._publish_timeout:.0f} s (publish_timeout) while taking the "
+                f"claim; the task was not sent, and the claim may be taken for its window: queue it again without "
+                f"unique=, or once the window is over",
+            ) from exc
+
+    async def unclaim(self, name: str) -> None:
+        with contextlib.suppress(*CONNECTION_ERRORS, *REFUSALS, TimeoutError):
+            async with asyncio.timeout(self._publish_timeout):
+                await self._claims.unclaim(await self._out.connected(), name)
 
     async def message_count(self, queue: str) -> int:
         result = await (await self._side_channel()).queue_declare(queue, passive=True)
