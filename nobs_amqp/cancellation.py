@@ -29,6 +29,9 @@ CANCEL = "nobs.cancel"
 FENCE = "nobs.fence"
 #: How long a consumer waits at start to have read every cancellation made before it.
 CATCH_UP_SECONDS = 10.0
+#: The most ids a process keeps (the newest): a stream flooded with cancellations costs a worker
+#: at most this many ids of memory (about 25 MiB), not the whole stream.
+MAX_CANCELLED = 100_000
 
 
 def cancel_message(message_id: str, project: str, now: datetime) -> Message:
@@ -44,7 +47,7 @@ class Cancellations:
         self.session = session
         self.worker = worker
         self.stream = cancellations(worker)
-        self._ids: set[str] = set()
+        self._ids: dict[str, None] = {}  # oldest first
         self._fences: dict[str, asyncio.Event] = {}
         self._subscription: Subscription | None = None
         #: Entries of the stream refused: unsigned or forged while the project signs.
@@ -75,7 +78,9 @@ class Cancellations:
                 problem,
             )
             return
-        self._ids.add(message.message_id)
+        self._ids[message.message_id] = None
+        if len(self._ids) > MAX_CANCELLED:
+            del self._ids[next(iter(self._ids))]
 
     async def start(self) -> None:
         """Follow the stream; return once every cancellation made before now was read (or after

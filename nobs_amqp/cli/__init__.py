@@ -173,8 +173,12 @@ def _echo_status(project: Project, report: ProjectStatus, options: dict[str, str
 @click.argument("task")
 @click.argument("payload")
 @click.option("--delay", type=click.FloatRange(min=0), default=0.0, help="Seconds to hold it back.")
+@click.option("--id", "message_id", default=None, help="Its message id (else a random one).")
+@click.option("--expires", type=click.FloatRange(min=0, min_open=True), default=None, help="Seconds it may wait.")
 @click.pass_obj
-def enqueue(app: str | None, worker: str, task: str, payload: str, delay: float) -> None:
+def enqueue(
+    app: str | None, worker: str, task: str, payload: str, delay: float, message_id: str | None, expires: float | None
+) -> None:
     """Queue TASK (module:function, one the project allows) with PAYLOAD (JSON) on WORKER."""
     project = load_project(app_reference(app))
     refuse_memory(project, "enqueue")
@@ -190,7 +194,32 @@ def enqueue(app: str | None, worker: str, task: str, payload: str, delay: float)
     except (ValueError, PayloadTypeError) as exc:  # bad JSON, a payload that does not validate, or NaN
         raise click.UsageError(f"payload does not fit {task}: {exc}") from None
 
-    click.echo(run_open(project, lambda _: target.queue(fn, value, delay=delay or None)))
+    click.echo(
+        run_open(
+            project, lambda _: target.queue(fn, value, delay=delay or None, message_id=message_id, expires=expires)
+        )
+    )
+
+
+@main.command()
+@click.argument("worker")
+@click.argument("message_ids", nargs=-1, required=True)
+@click.pass_obj
+def cancel(app: str | None, worker: str, message_ids: tuple[str, ...]) -> None:
+    """Cancel the tasks with MESSAGE_IDS on WORKER (created with cancellable=True): a worker that
+    takes one dead-letters it as `cancelled` instead of running it."""
+    project = load_project(app_reference(app))
+    refuse_memory(project, "cancel")
+    target = worker_of(project, worker)
+    if not target.queue_options.cancellable:
+        raise click.UsageError(f"worker {worker!r} takes no cancellations: create it with cancellable=True")
+
+    async def cancel_all(_: Project) -> None:
+        for message_id in message_ids:
+            await target.cancel(message_id)
+
+    run_open(project, cancel_all)
+    click.echo(f"cancelled {len(message_ids)} id(s) on {worker}")
 
 
 @main.command()

@@ -49,8 +49,8 @@ async def test_peek_replay_purge(url: str, name: str) -> None:
         assert await dlq.peek(project.session, worker) == []
 
 
-async def cli(*args: str, url: str, worker: str, stdin: bytes = b"") -> tuple[int, str]:
-    env = {"NOBS_AMQP_URL": url, "NOBS_TEST_WORKER": worker}
+async def cli(*args: str, url: str, worker: str, stdin: bytes = b"", cancellable: bool = False) -> tuple[int, str]:
+    env = {"NOBS_AMQP_URL": url, "NOBS_TEST_WORKER": worker, "NOBS_TEST_CANCELLABLE": "1" if cancellable else ""}
     return await run_cli("--app", "tests.apps.cli_app:project", *args, env=env, stdin=stdin)
 
 
@@ -135,3 +135,37 @@ async def test_topology_commands(amqp_url: str, name: str) -> None:
     code, output = await cli("topology", "show", url=amqp_url, worker=name)
     assert code == 0, output
     assert f"queue    {name} " in output
+
+
+async def test_enqueue_with_an_id_and_an_expiry_then_cancel_it(amqp_url: str, name: str) -> None:
+    job = f'{{"key": "{name}"}}'
+    code, output = await cli(
+        "enqueue",
+        name,
+        "tests.apps.tasks:record",
+        job,
+        "--id",
+        f"{name}-1",
+        "--expires",
+        "600",
+        url=amqp_url,
+        worker=name,
+        cancellable=True,
+    )
+    assert code == 0, output
+    assert output.strip().splitlines()[-1] == f"{name}-1"
+    code, output = await cli("cancel", name, f"{name}-1", url=amqp_url, worker=name)
+    assert code == 2 and "takes no cancellations" in output  # not a cancellable worker in that process
+    code, output = await cli("cancel", name, f"{name}-1", url=amqp_url, worker=name, cancellable=True)
+    assert code == 0, output
+    assert f"cancelled 1 id(s) on {name}" in output
+
+    worker = Worker(name, cancellable=True)
+    project = Project(name="nobs-test", workers=[worker], packages=["tests"])
+    async with project:
+        await drain(project, worker, timeout=30)
+        [dead] = await take_messages(project, f"{name}.dlq")
+    assert dead.message_id == f"{name}-1"
+    assert dead.headers[wire.REASON] == "cancelled"
+    assert wire.EXPIRES in dead.headers
+    assert tasks.calls(name) == []

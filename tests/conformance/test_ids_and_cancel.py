@@ -137,6 +137,26 @@ async def test_an_expired_task_is_dead_lettered_with_its_own_reason(url: str, na
     assert wire.EXPIRES in dead.headers
 
 
+async def test_an_unreadable_expiry_from_a_publisher_is_dead_lettered_not_run(url: str, name: str) -> None:
+    """A value that cannot be read never makes a task run late: `expired` at once."""
+    from nobs_amqp.message import Message, wall_clock
+
+    project, worker = make(url, name)
+    job = tasks.Job(key=key())
+    async with project:
+        await project.session.declare(worker, delayed=False)
+        for value in ("soon", 5, "9999-99-99"):
+            headers = {wire.EXPIRES: value}
+            message = Message(
+                job.model_dump_json().encode(), "tests.apps.tasks:record", key(), PROJECT, wall_clock(), headers
+            )
+            await project.session.transport.publish("", name, message)
+        async with consuming(project, worker):
+            dead = await take_messages(project, f"{name}.dlq", n=3, timeout=15)
+    assert [m.headers[wire.REASON] for m in dead] == ["expired"] * 3
+    assert tasks.calls(job.key) == []
+
+
 async def test_expires_must_be_longer_than_the_delay(url: str, name: str) -> None:
     project, worker = make(url, name)
     async with project:
