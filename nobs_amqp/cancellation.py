@@ -11,6 +11,7 @@ read up to it: every cancellation confirmed before the consumer started is known
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from datetime import datetime
 
@@ -20,7 +21,7 @@ from .errors import NobsAmqpError
 from .message import ENQUEUED_AT, Message, format_time, new_id, printable
 from .session import Session
 from .topology import cancellations
-from .transports.base import Subscription, one_deadline
+from .transports.base import ConnectionEvents, Subscription, one_deadline
 
 log = logging.getLogger("nobs_amqp")
 
@@ -50,6 +51,8 @@ class Cancellations:
         self._ids: dict[str, None] = {}  # oldest first
         self._fences: dict[str, asyncio.Event] = {}
         self._subscription: Subscription | None = None
+        self._current = asyncio.Event()  # the stream was read up to a fence on this connection
+        self._catching_up: asyncio.Task[None] | None = None
         #: Entries of the stream refused: unsigned or forged while the project signs.
         self.refused = 0
 
@@ -84,18 +87,31 @@ class Cancellations:
 
     async def start(self) -> None:
         """Follow the stream; return once every cancellation made before now was read (or after
-        CATCH_UP_SECONDS, with a warning, if the broker does not let the fence through)."""
+        CATCH_UP_SECONDS, with a warning, if the broker does not let the fence through). After a
+        lost connection, deliveries wait (`current`) until the stream was read again up to a new fence."""
         transport = self.session.transport
         self._subscription = await transport.follow(self.stream, self._read)
+        if isinstance(transport, ConnectionEvents):
+            transport.on_connection.append(self._connection)
+        await self._catch_up()
+
+    def _connection(self, up: bool) -> None:
+        if not up:
+            self._current.clear()  # the stream is read again from its start on the new connection
+        elif self._catching_up is None or self._catching_up.done():
+            self._catching_up = asyncio.get_running_loop().create_task(self._catch_up())
+
+    async def _catch_up(self) -> None:
         fence, seen = new_id(), asyncio.Event()
         self._fences[fence] = seen
         try:
             async with asyncio.timeout(CATCH_UP_SECONDS):
                 with one_deadline(CATCH_UP_SECONDS):
                     now = self.session.now()
-                    await transport.publish("", self.stream, Message(b"{}", FENCE, fence, self.session.project, now))
+                    message = Message(b"{}", FENCE, fence, self.session.project, now)
+                    await self.session.transport.publish("", self.stream, message)
                 await seen.wait()
-        except (NobsAmqpError, TimeoutError) as exc:
+        except (NobsAmqpError, TimeoutError, ConnectionError) as exc:
             log.warning(
                 "worker %s: could not read all of %s within %.0f s (%s); a task cancelled just now may still run",
                 self.worker,
@@ -105,9 +121,24 @@ class Cancellations:
             )
         finally:
             del self._fences[fence]
+            self._current.set()
         log.debug("worker %s: %d cancelled id(s) known", self.worker, len(self._ids))
 
+    async def current(self) -> None:
+        """Return once the stream was read up to a fence on the current connection (at once,
+        unless the connection was lost since; at most CATCH_UP_SECONDS)."""
+        if not self._current.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CATCH_UP_SECONDS):
+                    await self._current.wait()
+
     async def stop(self) -> None:
+        transport = self.session.transport
+        if isinstance(transport, ConnectionEvents) and self._connection in transport.on_connection:
+            transport.on_connection.remove(self._connection)
+        if self._catching_up is not None:
+            self._catching_up.cancel()
+            await asyncio.gather(self._catching_up, return_exceptions=True)
         if self._subscription is not None:
             await self._subscription.close()
             self._subscription = None

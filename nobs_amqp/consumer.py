@@ -385,6 +385,8 @@ class Consumer:
     async def _execute(self, delivery: Delivery, run: TaskRun, enqueued_at: datetime) -> Happened:
         """Run the delivery's task if it may run; what happened (`enqueued_at`: the message's)."""
         assert self._admission is not None
+        if self.cancellations is not None:
+            await self.cancellations.current()  # after a lost connection: the stream read again first
         admitted = self._admission.check(delivery, run)
         if isinstance(admitted, Refused):
             return admitted
