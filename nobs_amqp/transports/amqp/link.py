@@ -97,6 +97,7 @@ class Link:
 
     async def open(self) -> AbstractRobustConnection:
         failures: list[str] = []
+        refusals = 0
         last: BaseException | None = None
         for index, url in enumerate(self.urls):
             try:
@@ -110,9 +111,11 @@ class Link:
                 break
             except (ConnectionError, aiormq.exceptions.AMQPError, OSError) as exc:
                 last = exc
+                refusals += refused_login(exc)
                 failures.append(login_failure(exc) if len(self.urls) == 1 else f"{redact(url)}: {login_failure(exc)}")
         else:
-            raise BrokerConnectionError(", ".join(redact(u) for u in self.urls), "; ".join(failures)) from last
+            where = ", ".join(redact(u) for u in self.urls)
+            raise BrokerConnectionError(where, "; ".join(failures), refused=refusals == len(self.urls)) from last
         assert isinstance(connection, FailoverConnection)
         connection.follow(self._connect, index, shown=self.urls, quiet=self.role != PUBLISHING)
         connection.on_transport = self._watch
@@ -255,6 +258,13 @@ def _abort(connection: AbstractRobustConnection) -> None:
     reader = getattr(underlay, "_reader_task", None)
     if isinstance(reader, asyncio.Task):
         reader.cancel()
+
+
+def refused_login(exc: BaseException) -> bool:
+    """The broker answered and refused the login (ACCESS_REFUSED: user or password), or its TLS
+    certificate was not accepted: trying again gets the same answer. Not a connection closed at
+    login (a missing vhost, but also a vhost that is down or a node shutting down)."""
+    return isinstance(exc, aiormq.exceptions.ProbableAuthenticationError | ssl.SSLCertVerificationError)
 
 
 def login_failure(exc: BaseException) -> str:
