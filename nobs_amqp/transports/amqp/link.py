@@ -109,7 +109,9 @@ class Link:
                     connection_class=FailoverConnection,
                 )
                 break
-            except (ConnectionError, aiormq.exceptions.AMQPError, OSError) as exc:
+            except (ConnectionError, aiormq.exceptions.AMQPError, OSError, StopAsyncIteration) as exc:
+                # StopAsyncIteration: aiormq's frame reader when the peer closed before the broker's
+                # first frame (a proxy or load balancer in front of a broker that is down).
                 last = exc
                 refusals += refused_login(exc)
                 failures.append(login_failure(exc) if len(self.urls) == 1 else f"{redact(url)}: {login_failure(exc)}")
@@ -268,6 +270,8 @@ def refused_login(exc: BaseException) -> bool:
 
 
 def login_failure(exc: BaseException) -> str:
+    if isinstance(exc, StopAsyncIteration):
+        return "the connection was closed before the broker answered"
     text = describe_error(exc)
     if "Connection.Close" in text:
         return "the broker closed the connection at login: the vhost does not exist or the user may not use it"
