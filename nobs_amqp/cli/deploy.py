@@ -141,7 +141,8 @@ def deploy_kubernetes(
     output: Path | None,
     **pod: Any,
 ) -> None:
-    """A Deployment and a KEDA ScaledObject per worker, a TriggerAuthentication, and a Job applying the topology.
+    """Per worker a Deployment, a KEDA ScaledObject and a PodDisruptionBudget; a TriggerAuthentication,
+    a NetworkPolicy and a Job applying the topology; the scheduler and its budget if there are schedules.
 
     Create the Secret first: kubectl create secret generic <project>-rabbitmq --from-literal=url=amqp://...
     --from-literal=signing-key=... (or give --no-signing). Every pod passes Pod Security "restricted".

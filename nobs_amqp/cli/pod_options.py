@@ -66,21 +66,21 @@ _OPTIONS = [
         "--env-from-configmap",
         metavar="CONFIGMAP",
         multiple=True,
-        help="Every key of CONFIGMAP as a variable.",
+        help="Every key of CONFIGMAP as a variable (repeatable).",
     ),
     click.option(
         "--secret-volume",
         metavar="SECRET:PATH",
         multiple=True,
         callback=_pairs(":", "SECRET:PATH"),
-        help="Mount SECRET's keys as files in folder PATH, read-only (e.g. a CA for amqps://...?cafile=).",
+        help="Mount SECRET's keys as files in folder PATH, read-only (repeatable; e.g. a CA for amqps://...?cafile=).",
     ),
     click.option(
         "--configmap-volume",
         metavar="CONFIGMAP:PATH",
         multiple=True,
         callback=_pairs(":", "CONFIGMAP:PATH"),
-        help="Mount CONFIGMAP's keys as files in folder PATH, read-only.",
+        help="Mount CONFIGMAP's keys as files in folder PATH, read-only (repeatable).",
     ),
     click.option(
         "--image-pull-secret", metavar="SECRET", multiple=True, help="Pull the image with SECRET (repeatable)."
@@ -93,14 +93,14 @@ _OPTIONS = [
         metavar="KEY=VALUE",
         multiple=True,
         callback=_pairs("=", "KEY=VALUE"),
-        help="Only on nodes with this label.",
+        help="Only on nodes with this label (repeatable).",
     ),
     click.option(
         "--toleration",
         metavar="KEY[=VALUE][:EFFECT]",
         multiple=True,
         callback=_tolerations,
-        help="Tolerate this taint (no VALUE: any value; no EFFECT: every effect).",
+        help="Tolerate this taint (no VALUE: any value; no EFFECT: every effect; repeatable).",
     ),
     click.option(
         "--run-as-user",
