@@ -71,11 +71,13 @@ class ProjectNotOpenError(NobsAmqpError):
 
 
 class BrokerConnectionError(NobsAmqpError):
-    """The broker cannot be reached or refused the connection."""
+    """The broker cannot be reached or refused the connection. `refused`: it answered and refused
+    the login (credentials, vhost, permissions, TLS certificate), which waiting does not heal."""
 
-    def __init__(self, where: str, detail: str) -> None:
+    def __init__(self, where: str, detail: str, *, refused: bool = False) -> None:
         self.where = where
         self.detail = detail
+        self.refused = refused
         super().__init__(
             f"cannot connect to {where}: {detail}; check that RabbitMQ runs there "
             f"and that NOBS_AMQP_URL (or Project(url=...)) is right"

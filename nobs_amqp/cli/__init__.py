@@ -17,6 +17,8 @@ import click
 from .. import message as wire
 from ..errors import NobsAmqpError, PayloadTypeError, UnknownTaskError
 from ..observe import logs
+from ..observe.health import ANY_HOST, LOOPBACK_HOST, Health, default_host
+from ..observe.observer import DRAINING, READY
 from ..project import Project
 from . import consume
 from .common import APP_ENV, app_reference, load_project, loop_factory, refuse_memory, run_open, worker_of
@@ -224,8 +226,19 @@ def cancel(app: str | None, worker: str, message_ids: tuple[str, ...]) -> None:
 
 @main.command()
 @click.option("--list", "listing", is_flag=True, help="Print the schedules and their next ticks, then exit.")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    help="Serve /livez (the event loop answers) and /readyz (connected) on this port.",
+)
+@click.option(
+    "--metrics-host",
+    default=default_host,
+    show_default=f"{ANY_HOST} in a Kubernetes pod, else {LOOPBACK_HOST}",
+    help="The address --metrics-port listens on.",
+)
 @click.pass_obj
-def schedule(app: str | None, listing: bool) -> None:
+def schedule(app: str | None, listing: bool, metrics_port: int | None, metrics_host: str) -> None:
     """Enqueue the project's schedules until SIGTERM/SIGINT. Run it in as many processes as you
     like: one is active, the others stand by and take over within seconds if it stops or dies."""
     project = load_project(app_reference(app))
@@ -241,13 +254,14 @@ def schedule(app: str | None, listing: bool) -> None:
     refuse_memory(project, "schedule")
     try:
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
-            runner.run(_schedule(project))
+            runner.run(_schedule(project, metrics_port, metrics_host))
     except NobsAmqpError as exc:
         raise click.ClickException(str(exc)) from None
 
 
-async def _schedule(project: Project) -> None:
-    """The first SIGTERM/SIGINT stops the scheduler, which gives up the lead; a second one exits at once."""
+async def _schedule(project: Project, port: int | None = None, host: str = LOOPBACK_HOST) -> None:
+    """The first SIGTERM/SIGINT stops the scheduler, which gives up the lead; a second one exits at once.
+    With a `port`, its health is served there: ready once the project is open (active or standing by)."""
     stop = asyncio.Event()
 
     def on_signal(name: str) -> None:
@@ -263,5 +277,11 @@ async def _schedule(project: Project) -> None:
         loop.add_signal_handler(signum, on_signal, signum.name)
     from ..scheduler import Scheduler
 
-    async with project:
-        await Scheduler(project).run(stop)
+    health = Health()
+    if port is not None:
+        project.observers.append(health)
+    with health.serve(port=port, host=host) if port is not None else contextlib.nullcontext():
+        async with project:
+            health.consumer_state("scheduler", READY)
+            await Scheduler(project).run(stop)
+            health.consumer_state("scheduler", DRAINING)

@@ -1,10 +1,11 @@
-"""`nobs-amqp consume`: run a worker, in this process or in `--processes` children (or under
-`--reload`), and what SIGTERM and SIGINT do to it (`SignalPolicy`)."""
+"""`nobs-amqp consume`: run one worker or several, in this process or in `--processes` children
+(or under `--reload`), and what SIGTERM and SIGINT do to it (`SignalPolicy`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ from ..project import Project
 from ..session import Session
 from ..worker import Worker
 from .common import APP_ROOTS, app_reference, load_project, loop_factory, worker_of
+from .starting import ConsumerGroup, open_when_reachable
 from .supervisor import RECYCLE_EXIT, supervise
 
 log = logging.getLogger("nobs_amqp")
@@ -39,7 +41,7 @@ STOP_MARGIN_SECONDS = 5.0
 
 
 @click.command()
-@click.argument("worker")
+@click.argument("workers", metavar="WORKER...", nargs=-1, required=True)
 @click.option("--prefetch", type=click.IntRange(min=1), help="Unacked messages held at once [worker's].")
 @click.option("--concurrency", type=click.IntRange(min=1), help="Tasks run at once [worker's].")
 @click.option("--burst", is_flag=True, help="Process what is in the queue, then exit 0 once it is empty.")
@@ -83,19 +85,28 @@ STOP_MARGIN_SECONDS = 5.0
     show_default=True,
     help="Seconds the event loop may be blocked (by a task) before /livez fails.",
 )
+@click.option(
+    "--start-timeout",
+    type=click.FloatRange(min=0),
+    help="Seconds to wait for a broker that cannot be reached at start before exiting 1 "
+    "(0: fail at once) [wait until it answers]. A refused login exits at once.",
+)
 @click.option("--metrics-dir", hidden=True)  # a --processes child: report to the supervisor's folder
 @click.pass_context
 def consume(ctx: click.Context, /, **options: Any) -> None:
-    """Consume WORKER's queue and run its tasks."""
+    """Consume the queues of WORKER (one or more, in one process) and run their tasks.
+
+    While the broker cannot be reached at start it waits and tries again (ready: no, live: yes).
+    """
     told = Options(**options)
     told.check()
     reference = app_reference(ctx.obj)
     project = load_project(reference)
-    target = worker_of(project, told.worker)
+    targets = [worker_of(project, name) for name in told.workers]
     if told.processes > 1 or told.reload_:
         group = ctx.parent.params  # type: ignore[union-attr]
-        sys.exit(_in_processes(told, project, reference, told.command(reference, group, target)))
-    consumer = _in_this_process(told, project, target)
+        sys.exit(_in_processes(told, project, reference, told.command(reference, group, targets)))
+    consumer = _in_this_process(told, project, targets)
     log.info("worker %s: stopped after %d task(s)", told.worker, consumer.processed)
     if consumer.recycle_reason is not None:
         sys.exit(RECYCLE_EXIT)
@@ -105,7 +116,7 @@ def consume(ctx: click.Context, /, **options: Any) -> None:
 class Options:
     """What `nobs-amqp consume` was told: its argument and options, as click parsed them."""
 
-    worker: str
+    workers: tuple[str, ...]
     prefetch: int | None
     concurrency: int | None
     burst: bool
@@ -117,10 +128,19 @@ class Options:
     metrics_port: int | None
     metrics_host: str
     max_blocked: float
+    start_timeout: float | None
     metrics_dir: str | None
+
+    @property
+    def worker(self) -> str:
+        """The worker(s), for log lines and health reports."""
+        return ", ".join(self.workers)
 
     def check(self) -> None:
         """A usage error for options that do not go together."""
+        twice = sorted({w for w in self.workers if self.workers.count(w) > 1})
+        if twice:
+            raise click.UsageError(f"worker {', '.join(map(repr, twice))} given more than once: give each worker once")
         if self.burst and self.reload_:
             raise click.UsageError(
                 "--burst exits once the queue is empty, --reload restarts the worker: use one of them"
@@ -128,7 +148,7 @@ class Options:
         if self.metrics_port is not None and self.reload_:
             raise click.UsageError("--metrics-port is for deployed workers, --reload for development: use one of them")
 
-    def command(self, reference: str, group: dict[str, Any], target: Worker) -> list[str]:
+    def command(self, reference: str, group: dict[str, Any], targets: list[Worker]) -> list[str]:
         """The command line of a worker process that `--processes` or `--reload` starts: the
         group's options (`group`, the `nobs-amqp` command's) and this command's for one process."""
         options = {
@@ -137,16 +157,24 @@ class Options:
             "--grace-period": self.grace_period,
             "--max-memory": self.max_memory,
             # A child whose every slot's thread is stuck past its time limit is replaced.
-            "--recycle-stuck-threads": self.concurrency or target.concurrency,
+            "--recycle-stuck-threads": self.concurrency or targets[0].concurrency,
+            "--start-timeout": self.start_timeout,
         }
         command = [sys.executable, "-m", "nobs_amqp", "--app", reference, "--log-level", group["log_level"]]
         command += ["--log-format", group["log_format"]]
-        command += ["consume", self.worker, *(f"{k}={v}" for k, v in options.items() if v is not None)]
+        command += ["consume", *self.workers, *(f"{k}={v}" for k, v in options.items() if v is not None)]
         command += ["--burst"] if self.burst else []
         return command
 
-    def consumer(self, session: Session, target: Worker) -> Consumer:
-        """The consumer of `target` on `session`, with these options."""
+    def consumer(self, session: Session, targets: list[Worker]) -> Consumer | ConsumerGroup:
+        """The consumer of `targets` on `session` (one worker: its own; several: a group), with these options."""
+        if len(targets) == 1:
+            return self._one(session, targets[0], self.recycle_stuck_threads)
+        # Each worker's every slot stuck: its own concurrency (the option is a flag here).
+        stuck = [None if self.recycle_stuck_threads is None else self.concurrency or t.concurrency for t in targets]
+        return ConsumerGroup([self._one(session, t, each) for t, each in zip(targets, stuck, strict=True)])
+
+    def _one(self, session: Session, target: Worker, stuck_threads: int | None) -> Consumer:
         return Consumer(
             session,
             target,
@@ -155,7 +183,7 @@ class Options:
             burst=self.burst,
             grace_period=self.grace_period,
             max_memory_mb=self.max_memory,
-            max_stuck_threads=self.recycle_stuck_threads,
+            max_stuck_threads=stuck_threads,
         )
 
 
@@ -204,14 +232,15 @@ def _supervise_served(command: list[str], processes: int, *, restart: bool, grac
 # -- in this process ----------------------------------------------------------------------------
 
 
-def _in_this_process(told: Options, project: Project, target: Worker) -> Consumer:
+def _in_this_process(told: Options, project: Project, targets: list[Worker]) -> Consumer | ConsumerGroup:
     """Consume in this process (metrics served or reported when asked) until the consumer stops."""
     try:
         with (
             _metrics(project, told.metrics_host, told.metrics_port, told.metrics_dir, told.max_blocked),
             asyncio.Runner(loop_factory=loop_factory()) as runner,
         ):
-            consumer = runner.run(_consume(project, lambda session: told.consumer(session, target)))
+            build = functools.partial(told.consumer, targets=targets)
+            consumer = runner.run(_consume(project, build, told.start_timeout))
     except NobsAmqpError as exc:
         raise click.ClickException(str(exc)) from None
     return consumer
@@ -228,10 +257,14 @@ def _metrics(
     return exporting(project.observers, host=host, port=port, directory=folder, max_blocked=max_blocked)
 
 
-async def _consume(project: Project, build: Callable[[Session], Consumer]) -> Consumer:
-    """Open `project` and run the consumer `build` makes, stopped on SIGTERM/SIGINT as `SignalPolicy` says."""
+async def _consume(
+    project: Project, build: Callable[[Session], Consumer | ConsumerGroup], start_timeout: float | None = None
+) -> Consumer | ConsumerGroup:
+    """Open `project` (waiting for the broker up to `start_timeout`) and run the consumer `build`
+    makes, stopped on SIGTERM/SIGINT as `SignalPolicy` says."""
     policy = SignalPolicy(asyncio.get_running_loop())
     policy.install()
+    await open_when_reachable(project, start_timeout)
     async with project:
         consumer = build(project.session)
         policy.consumer = consumer
@@ -254,7 +287,7 @@ class SignalPolicy:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         #: The consumer the signals stop, once it is built.
-        self.consumer: Consumer | None = None
+        self.consumer: Consumer | ConsumerGroup | None = None
         #: Signals counted so far (a repeated delivery of one counts once), and when the last one came.
         self.signals = 0
         self.last = 0.0
@@ -286,7 +319,7 @@ class SignalPolicy:
             _exit_now()
 
     @staticmethod
-    def _exit_if_blocked(consumer: Consumer, name: str) -> None:
+    def _exit_if_blocked(consumer: Consumer | ConsumerGroup, name: str) -> None:
         """Exit at once when a task has blocked the event loop: the loop could not drain."""
         watchdog = consumer.watchdog
         if watchdog is not None and watchdog.blocked_for() >= BLOCKED_EXIT_SECONDS:

@@ -11,8 +11,10 @@ import click
 
 from ..errors import ConfigurationError
 from ..ops import deploy as fleet
+from ..ops.compose import compose as compose_file
 from ..project import Project
 from .common import app_reference, load_project
+from .pod_options import pod_from, pod_options
 
 INSTALL_HINT = "pip install 'nobs_amqp[deploy]'"
 
@@ -51,10 +53,9 @@ def _common(command: Callable[..., None]) -> Callable[..., None]:
             click.option(
                 "--grace-period",
                 type=click.FloatRange(min=0),
-                default=fleet.GRACE_PERIOD,
-                show_default=True,
                 help=f"Seconds running tasks get after SIGTERM (consume --grace-period); "
-                f"the worker is killed {fleet.SHUTDOWN_MARGIN} s after it.",
+                f"the worker is killed {fleet.SHUTDOWN_MARGIN} s after it "
+                f"[each worker's time limit, at least {fleet.GRACE_PERIOD:g}].",
             ),
         ]
     ):
@@ -80,7 +81,16 @@ def deploy() -> None:
 @_common
 @click.option("--cpu", default="100m", show_default=True, help="CPU request per worker.")
 @click.option("--memory", default="256Mi", show_default=True, help="Memory request per worker.")
-@click.option("--memory-limit", help="Memory limit per worker [none].")
+@click.option("--memory-limit", help="Memory limit per container [--memory].")
+@click.option("--cpu-limit", help="CPU limit per container [none: no throttling].")
+@click.option(
+    "--signing-secret-key",
+    default=fleet.SIGNING_KEY_KEY,
+    show_default=True,
+    help="The Secret's key holding NOBS_AMQP_SIGNING_KEY; required: a pod does not start without it.",
+)
+@click.option("--no-signing", is_flag=True, help="The project does not sign: no NOBS_AMQP_SIGNING_KEY.")
+@pod_options
 @click.option(
     "--min-replicas",
     metavar="[WORKER=]N",
@@ -111,24 +121,31 @@ def deploy() -> None:
 @click.pass_obj
 def deploy_kubernetes(
     app: str | None,
+    /,
     image: str,
     namespace: str | None,
     secret: str | None,
     secret_key: str,
     keda_secret_key: str | None,
     metrics_port: int,
-    grace_period: float,
+    grace_period: float | None,
     cpu: str,
     memory: str,
     memory_limit: str | None,
+    cpu_limit: str | None,
+    signing_secret_key: str,
+    no_signing: bool,
     min_replicas: Mapping[str | None, int],
     max_replicas: Mapping[str | None, int],
     messages_per_replica: Mapping[str | None, int],
     output: Path | None,
+    **pod: Any,
 ) -> None:
-    """A Deployment and a KEDA ScaledObject per worker, a TriggerAuthentication, and a Job applying the topology.
+    """Per worker a Deployment, a KEDA ScaledObject and a PodDisruptionBudget; a TriggerAuthentication,
+    a NetworkPolicy and a Job applying the topology; the scheduler and its budget if there are schedules.
 
     Create the Secret first: kubectl create secret generic <project>-rabbitmq --from-literal=url=amqp://...
+    --from-literal=signing-key=... (or give --no-signing). Every pod passes Pod Security "restricted".
     """
     yaml = _yaml()
     reference = app_reference(app)
@@ -145,12 +162,16 @@ def deploy_kubernetes(
         cpu=cpu,
         memory=memory,
         memory_limit=memory_limit,
+        cpu_limit=cpu_limit,
+        signing_key=None if no_signing else signing_secret_key,
+        pod=pod_from(**pod),
         min_replicas=min_replicas,
         max_replicas=max_replicas,
         messages_per_replica=messages_per_replica,
     )
     manifests = _built(lambda: fleet.kubernetes(project, release))
     _warn_explicit_url(project, f"key {secret_key!r} of secret {release.secret_name(project)!r}")
+    _warn(fleet.warnings(project, release))
     header = _header("kubernetes", reference)
     if output is None:
         click.echo(header + "---\n" + _dump(yaml, manifests), nl=False)
@@ -189,12 +210,15 @@ def deploy_compose(
     app: str | None,
     image: str | None,
     metrics_port: int,
-    grace_period: float,
+    grace_period: float | None,
     replicas: Mapping[str | None, int],
     env_file: str | None,
     output: Path | None,
 ) -> None:
-    """A Compose file for one host: a service per worker, started after a one-shot `topology apply`."""
+    """A Compose file for one host: a service per worker, started after a one-shot `topology apply`.
+
+    For `docker compose` (v2) and `docker-compose` 1.29 or later; without --image, the image is built once.
+    """
     yaml = _yaml()
     reference = app_reference(app)
     project = load_project(reference)
@@ -206,8 +230,9 @@ def deploy_compose(
         replicas=replicas,
         env_file=env_file,
     )
-    built = _built(lambda: fleet.compose(project, release))
+    built = _built(lambda: compose_file(project, release))
     _warn_explicit_url(project, f"{env_file}" if env_file else f"${fleet.URL_ENV}")
+    _warn(fleet.warnings(project, release))
     text = _header("compose", reference) + _dump(yaml, [built])
     if output is None:
         click.echo(text, nl=False)
@@ -225,6 +250,11 @@ def _built(build: Callable[[], Any]) -> Any:
 
 def _header(target: str, reference: str) -> str:
     return f"# written by nobs-amqp deploy {target} for {reference}\n"
+
+
+def _warn(warnings: list[str]) -> None:
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
 
 
 def _warn_explicit_url(project: Project, source: str) -> None:

@@ -1,10 +1,12 @@
 """Deployment manifests from a project definition, as plain dicts (no I/O, no YAML here).
 
-Kubernetes: per worker a Deployment running `nobs-amqp consume W` and a KEDA ScaledObject
-scaling it on the length of queue `W`; one KEDA TriggerAuthentication reading the broker URL
-from the same Secret the workers read it from; a Job that applies the topology once per release
+Kubernetes: per worker a Deployment running `nobs-amqp consume W`, a KEDA ScaledObject
+scaling it on the length of queue `W` and a PodDisruptionBudget; one KEDA TriggerAuthentication
+reading the broker URL from the same Secret the workers read it from; a NetworkPolicy letting
+in only the metrics port; a Job that applies the topology once per release
 (its name carries a hash of the image); and, when the project has schedules, a Deployment running
-`nobs-amqp schedule`. Compose: the same fleet as services on one host.
+`nobs-amqp schedule` with a PodDisruptionBudget. Every pod passes Pod Security "restricted"
+(see ops/pods.py). Compose: the same fleet as services on one host.
 
 Names. Worker and project names may hold '.', '_' and capitals, which Kubernetes names may not:
 every run of characters other than lowercase letters and digits becomes one '-' (capitals are
@@ -27,6 +29,7 @@ from typing import Any
 from ..errors import ConfigurationError
 from ..project import Project
 from ..worker import Worker
+from .pods import Pod
 
 #: One manifest (a Kubernetes object) or a Compose file, ready for a YAML or JSON writer.
 Manifest = dict[str, Any]
@@ -37,7 +40,8 @@ COMMAND = "nobs-amqp"
 METRICS_PORT = 9090
 #: Where a deployed worker's metrics and health listen: every address of its container.
 METRICS_HOST = "0.0.0.0"
-#: `nobs-amqp consume --grace-period`'s default: seconds running tasks get after SIGTERM.
+#: `nobs-amqp consume --grace-period`'s default: seconds running tasks get after SIGTERM. A worker
+#: deployed without --grace-period gets its time limit instead, when that is longer.
 GRACE_PERIOD = 25.0
 #: Seconds after the grace period before SIGKILL: the worker returns what it holds and closes its
 #: connection (it exits by itself within cli.consume.STOP_MARGIN_SECONDS of the grace period, broker or not).
@@ -102,7 +106,11 @@ class Release:
     Secret `secret` (default `<project>-rabbitmq`); KEDA reads the queue length with the URL under
     `keda_key` (default: the same key). Per worker: `min_replicas`, `max_replicas`,
     `messages_per_replica` (KEDA's target of ready messages per replica; default the worker's
-    prefetch) and, for Compose, `replicas`.
+    prefetch) and, for Compose, `replicas`. `grace_period`: seconds running tasks get after
+    SIGTERM (None: the worker's time limit, at least GRACE_PERIOD). `memory_limit`: by default the
+    memory request. `signing_key`: the Secret's key holding NOBS_AMQP_SIGNING_KEY, required (a
+    typo stops the pod rather than turn signing off); None: the project does not sign. `pod`:
+    what every pod gets besides (variables, volumes, scheduling, the user it runs as).
     """
 
     app: str
@@ -112,10 +120,13 @@ class Release:
     url_key: str = URL_KEY
     keda_key: str | None = None
     metrics_port: int = METRICS_PORT
-    grace_period: float = GRACE_PERIOD
+    grace_period: float | None = None
     cpu: str = "100m"
     memory: str = "256Mi"
     memory_limit: str | None = None
+    cpu_limit: str | None = None
+    signing_key: str | None = SIGNING_KEY_KEY
+    pod: Pod = field(default_factory=Pod)
     min_replicas: PerWorker = field(default_factory=dict)
     max_replicas: PerWorker = field(default_factory=dict)
     messages_per_replica: PerWorker = field(default_factory=dict)
@@ -126,6 +137,7 @@ class Release:
         """ConfigurationError for anything Kubernetes or Compose would refuse later."""
         self._check_names()
         self._check_numbers()
+        self.pod.check()
         options = (
             ("min replicas", self.min_replicas, 0),
             ("max replicas", self.max_replicas, 1),
@@ -152,16 +164,19 @@ class Release:
             )
         if self.secret is not None and not _SUBDOMAIN.match(self.secret):
             raise ConfigurationError(f"secret {self.secret!r} is not a kubernetes name: use a-z, 0-9, '-' and '.'")
-        for what, key in (("secret key", self.url_key), ("keda secret key", self.keda_key or self.url_key)):
+        keys = [("secret key", self.url_key), ("keda secret key", self.keda_key or self.url_key)]
+        keys += [("signing secret key", self.signing_key)] if self.signing_key is not None else []
+        for what, key in keys:
             if not _SECRET_KEY.match(key):
                 raise ConfigurationError(f"{what} {key!r} is not usable: use letters, digits, '-', '_' and '.'")
 
     def _check_numbers(self) -> None:
         if not 1 <= self.metrics_port <= 65535:
             raise ConfigurationError(f"metrics port must be 1..65535 (got {self.metrics_port})")
-        if not (self.grace_period >= 0 and math.isfinite(self.grace_period)):
+        if self.grace_period is not None and not (self.grace_period >= 0 and math.isfinite(self.grace_period)):
             raise ConfigurationError(f"grace period must be 0 or more seconds (got {self.grace_period})")
-        for what, quantity in (("cpu", self.cpu), ("memory", self.memory), ("memory limit", self.memory_limit)):
+        quantities = [("cpu", self.cpu), ("memory", self.memory), ("memory limit", self.memory_limit)]
+        for what, quantity in [*quantities, ("cpu limit", self.cpu_limit)]:
             if quantity is not None and not _QUANTITY.match(quantity):
                 raise ConfigurationError(f"{what} {quantity!r} is not a kubernetes quantity (e.g. 100m, 0.5, 256Mi)")
 
@@ -175,6 +190,13 @@ class Release:
             )
         target = _pick(self.messages_per_replica, worker.name, worker.prefetch or worker.concurrency)
         return Scaling(minimum, maximum, target, _pick(self.replicas, worker.name, 1))
+
+    def grace(self, worker: Worker) -> float:
+        """Seconds `worker`'s running tasks get after SIGTERM: --grace-period, else its time limit
+        (at least GRACE_PERIOD), so that a task within its limit is not cut short by a rollout."""
+        if self.grace_period is not None:
+            return self.grace_period
+        return max(GRACE_PERIOD, worker.time_limit or 0.0)
 
     def secret_name(self, project: Project) -> str:
         return self.secret or _joined(dns_label(project.name), "rabbitmq")
@@ -197,7 +219,7 @@ class Scaling:
 # -- the commands the containers run ------------------------------------------------------------
 
 
-def _cli(release: Release, *args: str) -> list[str]:
+def cli(release: Release, *args: str) -> list[str]:
     return [COMMAND, "--app", release.app, *args]
 
 
@@ -205,7 +227,7 @@ def consume_command(release: Release, worker: Worker) -> list[str]:
     """`nobs-amqp --app APP consume W --metrics-port N --metrics-host 0.0.0.0 --grace-period S`: the
     kubelet's probes and Prometheus come from outside the container (its own default would be
     loopback outside Kubernetes)."""
-    return _cli(
+    return cli(
         release,
         "consume",
         worker.name,
@@ -214,13 +236,42 @@ def consume_command(release: Release, worker: Worker) -> list[str]:
         "--metrics-host",
         METRICS_HOST,
         "--grace-period",
-        f"{release.grace_period:g}",
+        f"{release.grace(worker):g}",
     )
 
 
-def stop_seconds(release: Release) -> int:
+def stop_seconds(release: Release, worker: Worker) -> int:
     """How long a worker may take to stop after SIGTERM before it is killed: the grace period and a margin."""
-    return math.ceil(release.grace_period) + SHUTDOWN_MARGIN
+    return math.ceil(release.grace(worker)) + SHUTDOWN_MARGIN
+
+
+def warnings(project: Project, release: Release) -> list[str]:
+    """What would run, but not as the operator likely means: a mutable image tag, a grace period
+    shorter than a worker's time limit (a rollout would cut its tasks short)."""
+    found = []
+    if release.image is not None and mutable_image(release.image):
+        found.append(
+            f"image {release.image!r} has no version: every pull may run other code; "
+            f"use a version tag (app:1.4.2) or a digest (app@sha256:...)"
+        )
+    for worker in project.workers.values():
+        limit = worker.time_limit
+        if limit is not None and release.grace(worker) < limit:
+            found.append(
+                f"worker {worker.name!r} has a time limit of {limit:g} s but a grace period of "
+                f"{release.grace(worker):g} s: a rollout or scale-down kills tasks still within their "
+                f"limit (they run again); give --grace-period {math.ceil(limit)} or more, or leave it out "
+                f"to use each worker's time limit (terminationGracePeriodSeconds follows it)"
+            )
+    return found
+
+
+def mutable_image(image: str) -> bool:
+    """No digest, and no tag or the tag `latest`."""
+    if "@" in image:
+        return False
+    tag = image.rsplit("/", 1)[-1].partition(":")[2]
+    return tag in ("", "latest")
 
 
 def release_id(release: Release) -> str:
@@ -239,13 +290,19 @@ def kubernetes(project: Project, release: Release) -> list[Manifest]:
     part = dns_label(project.name)
     labels = worker_labels(project.workers)
     auth = _joined(part, "keda")
-    manifests = [_trigger_authentication(project, release, auth), _topology_job(project, release)]
+    manifests = [_trigger_authentication(project, release, auth), _network_policy(project, release)]
+    manifests.append(_topology_job(project, release))
     for worker in project.workers.values():
         name = _joined(part, labels[worker.name])
         manifests.append(_worker_deployment(project, release, worker, name, labels[worker.name]))
         manifests.append(_scaled_object(project, release, worker, name, labels[worker.name], auth))
+        manifests.append(_disruption_budget(release, name, _labels(project, "worker", labels[worker.name]), 1))
     if project.schedules:
-        manifests.append(_scheduler_deployment(project, release))
+        scheduler = _scheduler_deployment(project, release)
+        manifests.append(scheduler)
+        manifests.append(
+            _disruption_budget(release, scheduler["metadata"]["name"], _labels(project, "scheduler", "scheduler"), 0)
+        )
     return manifests
 
 
@@ -268,28 +325,29 @@ def _metadata(release: Release, name: str, labels: Mapping[str, str], **annotati
 
 
 def _env(project: Project, release: Release) -> list[Manifest]:
-    """NOBS_AMQP_URL from the Secret, and NOBS_AMQP_SIGNING_KEY from it when it has that key."""
+    """NOBS_AMQP_URL from the Secret, NOBS_AMQP_SIGNING_KEY from it too (not optional: a missing
+    key stops the pod instead of silently turning signing off), then the pod's own variables."""
     secret = release.secret_name(project)
-    return [
-        {"name": URL_ENV, "valueFrom": {"secretKeyRef": {"name": secret, "key": release.url_key}}},
-        {
-            "name": SIGNING_KEY_ENV,
-            "valueFrom": {"secretKeyRef": {"name": secret, "key": SIGNING_KEY_KEY, "optional": True}},
-        },
-    ]
+    env = [{"name": URL_ENV, "valueFrom": {"secretKeyRef": {"name": secret, "key": release.url_key}}}]
+    if release.signing_key is not None:
+        env.append(
+            {"name": SIGNING_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": secret, "key": release.signing_key}}}
+        )
+    return env + release.pod.env_entries()
 
 
 def _container(project: Project, release: Release, name: str, command: list[str]) -> Manifest:
-    resources: Manifest = {"requests": {"cpu": release.cpu, "memory": release.memory}}
-    if release.memory_limit is not None:
-        resources["limits"] = {"memory": release.memory_limit}
+    limits = {"memory": release.memory_limit or release.memory}
+    if release.cpu_limit is not None:
+        limits = {"cpu": release.cpu_limit, **limits}
     return {
         "name": name,
         "image": release.image,
         "command": command,
         "env": _env(project, release),
-        "resources": resources,
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        **release.pod.container(),
+        "resources": {"requests": {"cpu": release.cpu, "memory": release.memory}, "limits": limits},
+        "securityContext": release.pod.container_security(),
     }
 
 
@@ -323,11 +381,7 @@ def _worker_deployment(project: Project, release: Release, worker: Worker, name:
             "selector": {"matchLabels": labels},
             "template": {
                 "metadata": {"labels": labels, "annotations": scrape},
-                "spec": {
-                    "terminationGracePeriodSeconds": stop_seconds(release),
-                    "automountServiceAccountToken": False,
-                    "containers": [container],
-                },
+                "spec": release.pod.spec([container], terminationGracePeriodSeconds=stop_seconds(release, worker)),
             },
         },
     }
@@ -369,7 +423,7 @@ def _topology_job(project: Project, release: Release) -> Manifest:
     """`topology apply`, named after the release: the Job of a new image is a new Job, which runs."""
     name = _joined(dns_label(project.name, limit=_LABEL_LIMIT - 18), "topology", release_id(release))
     labels = _labels(project, "topology", "topology")
-    container = _container(project, release, "topology", _cli(release, "topology", "apply"))
+    container = _container(project, release, "topology", cli(release, "topology", "apply"))
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -380,16 +434,26 @@ def _topology_job(project: Project, release: Release) -> Manifest:
             "ttlSecondsAfterFinished": JOB_TTL_SECONDS,
             "template": {
                 "metadata": {"labels": labels},
-                "spec": {"restartPolicy": "Never", "automountServiceAccountToken": False, "containers": [container]},
+                "spec": release.pod.spec([container], restartPolicy="Never"),
             },
         },
     }
 
 
+def scheduler_command(release: Release) -> list[str]:
+    """`nobs-amqp --app APP schedule --metrics-port N --metrics-host 0.0.0.0`: /livez and /readyz for the kubelet."""
+    return cli(release, "schedule", "--metrics-port", str(release.metrics_port), "--metrics-host", METRICS_HOST)
+
+
 def _scheduler_deployment(project: Project, release: Release) -> Manifest:
-    """`nobs-amqp schedule`: one replica active, the other standing by; no autoscaling, no probes."""
+    """`nobs-amqp schedule`: one replica active, the other standing by; no autoscaling. Live while
+    its event loop answers, ready once connected (the one standing by is ready too)."""
     labels = _labels(project, "scheduler", "scheduler")
-    container = _container(project, release, "scheduler", _cli(release, "schedule"))
+    container = _container(project, release, "scheduler", scheduler_command(release))
+    container["ports"] = [{"name": "metrics", "containerPort": release.metrics_port, "protocol": "TCP"}]
+    container["startupProbe"] = _probe("/livez", 2, 90)
+    container["livenessProbe"] = _probe("/livez", 10, 3)
+    container["readinessProbe"] = _probe("/readyz", 5, 2)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -399,67 +463,36 @@ def _scheduler_deployment(project: Project, release: Release) -> Manifest:
             "selector": {"matchLabels": labels},
             "template": {
                 "metadata": {"labels": labels},
-                "spec": {"automountServiceAccountToken": False, "containers": [container]},
+                "spec": release.pod.spec([container]),
             },
         },
     }
 
 
-# -- Compose ------------------------------------------------------------------------------------
-
-
-def compose(project: Project, release: Release) -> Manifest:
-    """A Compose file running the fleet on one host: a one-shot `topology` service, a service per
-    worker (its replicas, health on /livez, stopped gently), and `scheduler` when there are schedules."""
-    release.check(project)
-    base = _compose_base(release)
-    services: dict[str, Manifest] = {
-        "topology": {**base, "command": _cli(release, "topology", "apply"), "restart": "no"}
-    }
-    after_topology = {"topology": {"condition": "service_completed_successfully"}}
-    labels = worker_labels(project.workers)
-    for worker in project.workers.values():
-        services[labels[worker.name]] = {
-            **base,
-            "command": consume_command(release, worker),
-            "restart": "unless-stopped",
-            "stop_grace_period": f"{stop_seconds(release)}s",
-            "depends_on": after_topology,
-            "deploy": {"replicas": release.scaling(worker).replicas},
-            "healthcheck": _healthcheck(release),
-            "labels": {"nobs-amqp.worker": worker.name},
-        }
-    if project.schedules:
-        services["scheduler"] = {
-            **base,
-            "command": _cli(release, "schedule"),
-            "restart": "unless-stopped",
-            "depends_on": after_topology,
-        }
-    return {"name": dns_label(project.name), "services": services}
-
-
-def _compose_base(release: Release) -> Manifest:
-    """The image (or a build of `.`) and the broker URL: from the env file, else from the
-    environment of `docker compose` (or the `.env` file beside the Compose file)."""
-    base: Manifest = {"image": release.image} if release.image is not None else {"build": {"context": "."}}
-    if release.env_file is not None:
-        base["env_file"] = [release.env_file]
-    else:
-        base["environment"] = {
-            URL_ENV: f"${{{URL_ENV}:?set {URL_ENV} to the broker URL}}",
-            SIGNING_KEY_ENV: f"${{{SIGNING_KEY_ENV}:-}}",
-        }
-    return base
-
-
-def _healthcheck(release: Release) -> Manifest:
-    """GET /livez with the image's own Python (an image need not have curl)."""
-    url = f"http://127.0.0.1:{release.metrics_port}/livez"
+def _network_policy(project: Project, release: Release) -> Manifest:
+    """Into the project's pods only the kubelet's probes and Prometheus, on the metrics port;
+    out of them anything (the broker, DNS)."""
+    part = dns_label(project.name)
     return {
-        "test": ["CMD", "python3", "-c", f"import urllib.request; urllib.request.urlopen({url!r}, timeout=4)"],
-        "interval": "10s",
-        "timeout": "5s",
-        "retries": 3,
-        "start_period": "60s",
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(release, part, _labels(project, "network", "network")),
+        "spec": {
+            "podSelector": {"matchLabels": {"app.kubernetes.io/part-of": part}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"ports": [{"port": release.metrics_port, "protocol": "TCP"}]}],
+        },
+    }
+
+
+def _disruption_budget(release: Release, name: str, labels: Mapping[str, str], unavailable: int) -> Manifest:
+    """A node drain takes its pods one at a time: workers (`unavailable` 1: one of them may be
+    down at once, so a single replica may still be moved), or the scheduler (`unavailable` 0:
+    one of its two replicas stays up)."""
+    budget = {"maxUnavailable": 1} if unavailable else {"minAvailable": SCHEDULER_REPLICAS - 1}
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(release, name, labels),
+        "spec": {**budget, "selector": {"matchLabels": dict(labels)}},
     }

@@ -45,7 +45,7 @@ async def test_cli_errors_say_what_to_do(tmp_path: Path) -> None:
     assert code == 2
     assert "is nothing, not a nobs_amqp Project" in output
     code, output = await run_cli(
-        "--app", "examples.send_email.app:project", "consume", "priority_queue",
+        "--app", "examples.send_email.app:project", "consume", "priority_queue", "--start-timeout", "0",
         env={"NOBS_AMQP_URL": "amqp://guest:hunter2@127.0.0.1:1/"},
     )  # fmt: skip
     assert code == 1

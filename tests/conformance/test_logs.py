@@ -130,7 +130,9 @@ async def test_consume_with_json_logs_writes_one_json_object_a_line(amqp_url: st
 async def test_a_json_log_of_a_connection_failure_shows_no_password() -> None:
     env = {"NOBS_AMQP_URL": "amqp://guest:hunter2@127.0.0.1:1/", "NOBS_TEST_WORKER": "x"}
     # debug: aio-pika's and aiormq's own lines too, all of them
-    code, text = await run_cli("--app", APP, "consume", "x", "--log-format", "json", "--log-level", "debug", env=env)
+    code, text = await run_cli(
+        "--app", APP, "consume", "x", "--start-timeout", "1.5", "--log-format", "json", "--log-level", "debug", env=env
+    )
     assert code == 1, text
     assert "hunter2" not in text
     lines = [json.loads(line) for line in text.splitlines()]

@@ -215,7 +215,8 @@ async def test_cli_that_cannot_connect_shows_no_secret(monkeypatch: pytest.Monke
         "NOBS_TEST_WORKER": "urls",
         MANAGEMENT_ENV: f"http://admin:Kiwi9000@127.0.0.1:{port}",
     }
-    for command in (["consume", "urls", "--burst"], ["status"]):
+    # consume waits for an unreachable broker: for 1.5 s here, so that its warning is shown too.
+    for command in (["consume", "urls", "--burst", "--start-timeout", "1.5"], ["status"]):
         code, output = await run_cli("--app", "tests.apps.cli_app:project", "--log-level", "debug", *command, env=env)
         assert code != 0, output
         assert "cannot connect to" in output, output

@@ -97,6 +97,7 @@ class Link:
 
     async def open(self) -> AbstractRobustConnection:
         failures: list[str] = []
+        refusals = 0
         last: BaseException | None = None
         for index, url in enumerate(self.urls):
             try:
@@ -108,11 +109,15 @@ class Link:
                     connection_class=FailoverConnection,
                 )
                 break
-            except (ConnectionError, aiormq.exceptions.AMQPError, OSError) as exc:
+            except (ConnectionError, aiormq.exceptions.AMQPError, OSError, StopAsyncIteration) as exc:
+                # StopAsyncIteration: aiormq's frame reader when the peer closed before the broker's
+                # first frame (a proxy or load balancer in front of a broker that is down).
                 last = exc
+                refusals += refused_login(exc)
                 failures.append(login_failure(exc) if len(self.urls) == 1 else f"{redact(url)}: {login_failure(exc)}")
         else:
-            raise BrokerConnectionError(", ".join(redact(u) for u in self.urls), "; ".join(failures)) from last
+            where = ", ".join(redact(u) for u in self.urls)
+            raise BrokerConnectionError(where, "; ".join(failures), refused=refusals == len(self.urls)) from last
         assert isinstance(connection, FailoverConnection)
         connection.follow(self._connect, index, shown=self.urls, quiet=self.role != PUBLISHING)
         connection.on_transport = self._watch
@@ -257,7 +262,16 @@ def _abort(connection: AbstractRobustConnection) -> None:
         reader.cancel()
 
 
+def refused_login(exc: BaseException) -> bool:
+    """The broker answered and refused the login (ACCESS_REFUSED: user or password), or its TLS
+    certificate was not accepted: trying again gets the same answer. Not a connection closed at
+    login (a missing vhost, but also a vhost that is down or a node shutting down)."""
+    return isinstance(exc, aiormq.exceptions.ProbableAuthenticationError | ssl.SSLCertVerificationError)
+
+
 def login_failure(exc: BaseException) -> str:
+    if isinstance(exc, StopAsyncIteration):
+        return "the connection was closed before the broker answered"
     text = describe_error(exc)
     if "Connection.Close" in text:
         return "the broker closed the connection at login: the vhost does not exist or the user may not use it"
