@@ -12,6 +12,7 @@ from .consumer import Consumer
 from .errors import ConfigurationError
 from .project import URL_ENV, Project, project_urls
 from .session import Session
+from .sync import SyncProducer
 from .transports.base import VirtualClock
 from .worker import Worker
 
@@ -64,6 +65,23 @@ async def drain(
             await clock.advance(clock.seconds_to_next_expiry() or 0)
         else:
             await asyncio.sleep(POLL_SECONDS)
+
+
+def drain_sync(
+    producer: SyncProducer, *workers: Worker | str, timeout: float = 60.0, raise_errors: bool = False
+) -> int:
+    """`drain()` for sync tests (Django, Flask), on the connection and I/O thread of `producer`
+    (`project.sync()`), which is opened if it was not: `assert drain_sync(project.sync()) == 1`."""
+    project = producer.project
+    if not isinstance(project, Project):
+        raise ConfigurationError("drain_sync() needs the producer of a Project (project.sync())")
+    chosen = _workers(project, workers)
+    return producer._call(
+        "drain",
+        lambda session: drain(session, *chosen, timeout=timeout, raise_errors=raise_errors),
+        timeout,
+        deadline=False,
+    )
 
 
 def _workers(project: Project | None, workers: tuple[Worker | str, ...]) -> list[Worker]:

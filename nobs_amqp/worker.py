@@ -18,6 +18,8 @@ from .topology import QueueOptions, QueueType, check_name
 Delay = float | timedelta
 #: A task's payload type: `queue(fn, payload)` takes a payload of the type `fn` takes.
 P = TypeVar("P")
+#: A message ready to send, checked at the call site: its task reference, body and delay (whole seconds).
+Checked = tuple[str, bytes, int]
 
 
 class Home(Protocol):
@@ -110,11 +112,8 @@ class Worker:
         `delay` (seconds or timedelta) holds it back that long, rounded up to whole
         seconds. It never waits for the task itself.
         """
-        task, body, wait = self._checked(fn, payload, delay, priority)
-        session = self.project.session
-        message = self._message(session, task, body, wait, priority)
-        await session.send(self, message, wait)
-        return message.message_id
+        checked = self._checked(fn, payload, delay, priority)  # first: a mistake beats a closed project
+        return await self._put(self.project.session, checked, priority)
 
     async def queue_many(
         self,
@@ -126,16 +125,24 @@ class Worker:
     ) -> list[str]:
         """Queue `fn` once per payload, confirms pipelined; every payload is checked before any is sent."""
         checked = [self._checked(fn, payload, delay, priority) for payload in payloads]
-        session = self.project.session
+        return await self._put_many(self.project.session, checked, priority)
+
+    async def _put(self, session: Session, checked: Checked, priority: int | None) -> str:
+        """Send what `_checked` made through `session`; its message id once confirmed."""
+        task, body, wait = checked
+        message = self._message(session, task, body, wait, priority)
+        await session.send(self, message, wait)
+        return message.message_id
+
+    async def _put_many(self, session: Session, checked: list[Checked], priority: int | None) -> list[str]:
+        """Send every message `_checked` made through `session`, none if one is too large."""
         messages = [(self._message(session, task, body, wait, priority), wait) for task, body, wait in checked]
         for message, _ in messages:  # none is sent if one is too large
             session.transport.check_size(self.name, message)
         await asyncio.gather(*(session.send(self, message, wait) for message, wait in messages))
         return [message.message_id for message, _ in messages]
 
-    def _checked(
-        self, fn: TaskFunction, payload: object, delay: Delay | None, priority: int | None
-    ) -> tuple[str, bytes, int]:
+    def _checked(self, fn: TaskFunction, payload: object, delay: Delay | None, priority: int | None) -> Checked:
         """The task reference, the body of `fn(payload)`, and the delay in the ladder's whole
         seconds (rounded once, here: the same value sets the ETA header and routes the message
         through the ladder). Raises at the call site for anything a worker would refuse."""
