@@ -74,9 +74,11 @@ class _Loop:
         try:
             self.loop.run_forever()
         finally:
-            for task in asyncio.all_tasks(self.loop):  # what close() did not wait for
+            left = asyncio.all_tasks(self.loop)  # what close() did not wait for
+            for task in left:
                 task.cancel()
-            self.loop.run_until_complete(asyncio.sleep(0))
+            if left:
+                self.loop.run_until_complete(asyncio.wait(left, timeout=1.0))
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             self.loop.close()
 
@@ -156,8 +158,14 @@ class SyncProducer:
         """Let the calls in flight finish (up to `timeout` s; those still waiting then raise
         `PublishInterruptedError`), close the connection and join the I/O thread. Once closed,
         every call raises `ProducerClosedError`; `project.sync()` makes a new producer."""
+        self.disconnect(timeout, closing=True)
+
+    def disconnect(self, timeout: float = CLOSE_SECONDS, *, closing: bool = False) -> None:
+        """`close()` the connection and thread, but stay usable: the next call connects again,
+        to where the project says then (`testing.use_broker` does it around a test)."""
         with self._lock:
-            io, self._io, self._closed = self._io, None, True
+            io, self._io = self._io, None
+            self._closed = self._closed or closing
         with contextlib.suppress(ValueError):
             atexit.unregister(self._at_exit)
         if io is not None:

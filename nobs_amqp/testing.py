@@ -113,7 +113,9 @@ def use_broker(project: Project, url: str | Sequence[str] | None = None) -> Iter
             with use_broker(project):
                 yield
 
-    Open (and close) the project inside the block: an open project keeps its connection.
+    Open (and close) the project inside the block: an open project keeps its connection. The
+    project's sync producer (`project.sync()`) is disconnected as the block starts and ends, and
+    connects again on its next use: to the test broker inside the block.
     """
     if url is None:
         url = os.environ.get(URL_ENV)
@@ -128,8 +130,15 @@ def use_broker(project: Project, url: str | Sequence[str] | None = None) -> Iter
             f"project {project.name!r} is already open: enter use_broker() before `async with project`"
         )
     previous = project._url
+    _disconnected(project)  # its sync producer connects again, to the test broker
     project._url = url
     try:
         yield project
     finally:
         project._url = previous
+        _disconnected(project)
+
+
+def _disconnected(project: Project) -> None:
+    if project._sync is not None:
+        project._sync.disconnect()

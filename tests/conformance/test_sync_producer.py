@@ -31,6 +31,9 @@ from nobs_amqp.errors import MemoryBrokerLoopError
 from nobs_amqp.testing import drain, drain_sync
 
 from ..apps import tasks
+from ..support import run_module
+
+pytest_plugins = ["pytester"]
 
 THREADS = 8
 PER_THREAD = 25
@@ -232,3 +235,77 @@ def test_a_forked_child_opens_its_own_connection(url: str, name: str) -> None:
     finally:
         producer.close()
     assert len(tasks.calls(k)) == 3
+
+
+async def test_a_script_exits_cleanly_without_closing(amqp_url: str, name: str) -> None:
+    """A script that never closes its producer: interpreter exit closes it (atexit), the calls
+    it made were confirmed, and nothing is reported on the way out."""
+    code, output = await run_module(
+        "tests.apps.sync_script", env={"NOBS_AMQP_URL": amqp_url, "SYNC_WORKER": name, "SYNC_COUNT": "3"}
+    )
+    assert code == 0, output
+    *ids, last = output.split("\n")[:-1]
+    assert len(ids) == 3 and all(len(line) == 32 for line in ids) and last == "closed", output
+    project, _ = make(amqp_url, name)
+    async with project:
+        assert await drain(project, timeout=30) == 3
+
+
+USER_TASKS = """
+from pydantic import BaseModel
+from nobs_amqp import Project, Worker
+
+priority_queue = Worker("priority_queue")
+project = Project(name="userapp", workers=[priority_queue], url="amqp://app:secret@127.0.0.1:1/prod")
+producer = project.sync()  # module level, as a Flask or Django app has it
+SENT = []
+
+class SendEmail(BaseModel):
+    email: str
+
+async def send_email(request: SendEmail) -> None:
+    SENT.append(request.email)
+"""
+
+USER_CONFTEST = """
+import pytest
+from nobs_amqp.testing import use_broker
+from userapp.tasks import project
+
+@pytest.fixture(autouse=True)
+def test_broker(nobs_amqp_memory):
+    with use_broker(project):
+        yield
+"""
+
+USER_SYNC_TESTS = """
+from nobs_amqp.testing import drain_sync
+from userapp.tasks import SENT, SendEmail, priority_queue, producer, send_email
+
+def test_sends():  # a plain sync test, as Django's and Flask's are
+    producer.queue(priority_queue, send_email, SendEmail(email="ola@nordmann.no"), delay=60)
+    assert drain_sync(producer) == 1
+    assert SENT == ["ola@nordmann.no"]
+
+def test_each_test_gets_its_own_broker(nobs_amqp_memory):
+    producer.queue(priority_queue, send_email, SendEmail(email="kari@nordmann.no"))
+    assert len(nobs_amqp_memory.messages("priority_queue")) == 1  # this test's broker, not the last one's
+    assert drain_sync(producer) == 1
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_user_project_tests_its_sync_code_on_memory(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        **{
+            "userapp/__init__": "",
+            "userapp/tasks": USER_TASKS,
+            "conftest": USER_CONFTEST,
+            "test_userapp": USER_SYNC_TESTS,
+        }
+    )
+    pytester.makepyprojecttoml(
+        '[tool.pytest.ini_options]\nasyncio_default_fixture_loop_scope = "function"\nfilterwarnings = ["error"]\n'
+    )
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
