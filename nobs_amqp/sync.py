@@ -17,7 +17,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
-import logging
+import contextvars
 import os
 import threading
 import weakref
@@ -25,9 +25,10 @@ from collections.abc import Callable, Coroutine, Iterable
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
-from .errors import BlockingCallError, ProducerClosedError, PublishInterruptedError
+from .errors import BlockingCallError, BrokerConnectionError, ProducerClosedError, PublishInterruptedError
 from .session import Session
 from .transports.base import one_deadline
+from .urls import redact
 from .worker import Delay, P, Worker
 
 
@@ -40,13 +41,14 @@ class Source(Protocol):
     @property
     def publish_timeout(self) -> float: ...
 
+    @property
+    def urls(self) -> tuple[str, ...]: ...
+
     async def connected(self) -> Session: ...
 
     #: Its producer, made by `made()`.
     _sync: SyncProducer | None
 
-
-log = logging.getLogger("nobs_amqp")
 
 T = TypeVar("T")
 
@@ -61,7 +63,7 @@ _ABANDONED: list[object] = []
 
 
 class _Loop:
-    """One event loop on one daemon thread, with its session once `start()` returned."""
+    """One event loop on one daemon thread, and the session the producer connected on it."""
 
     def __init__(self, name: str) -> None:
         self.loop = asyncio.new_event_loop()
@@ -82,20 +84,22 @@ class _Loop:
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             self.loop.close()
 
-    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        return asyncio.run_coroutine_threadsafe(self._tracked(coro), self.loop)
+    def submit(self, coro: Coroutine[Any, Any, T], context: contextvars.Context) -> concurrent.futures.Future[T]:
+        """Run `coro` on the loop in `context` (the caller's: its trace, say); its future."""
+        return asyncio.run_coroutine_threadsafe(self._tracked(coro, context), self.loop)
 
-    async def _tracked(self, coro: Coroutine[Any, Any, T]) -> T:
-        task = asyncio.current_task()
-        assert task is not None
+    async def _tracked(self, coro: Coroutine[Any, Any, T], context: contextvars.Context) -> T:
+        task = asyncio.get_running_loop().create_task(coro, context=context)
         self.calls.add(task)
         try:
-            return await coro
+            return await task
         finally:
             self.calls.discard(task)
 
     async def shutdown(self, timeout: float) -> None:  # noqa: ASYNC109 - the caller's bound, in the loop
-        """Let the calls in flight finish (cancelled after `timeout`), then close the connection."""
+        """Let the calls in flight finish (cancelled after `timeout`), then close the connection
+        (in what is left of `timeout`, at least 1 s)."""
+        until = asyncio.get_running_loop().time() + timeout
         if self.calls:
             _, late = await asyncio.wait(set(self.calls), timeout=timeout)
             for task in late:
@@ -104,10 +108,11 @@ class _Loop:
                 await asyncio.wait(late, timeout=1.0)
         if self.session is not None:
             with contextlib.suppress(Exception):  # closing: what failed is logged by the transport
-                await asyncio.wait_for(self.session.transport.close(), timeout=max(timeout, 1.0))
+                left = max(until - asyncio.get_running_loop().time(), 1.0)
+                await asyncio.wait_for(self.session.transport.close(), timeout=left)
 
     def stop(self, timeout: float) -> None:
-        """`shutdown()`, then stop the loop and join the thread, in about `timeout` + 2 s in all."""
+        """`shutdown()`, then stop the loop and join the thread, in about `timeout` + 4 s at most."""
         if self.thread.is_alive():
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(self.shutdown(timeout), self.loop).result(timeout + 2.0)
@@ -121,9 +126,9 @@ class SyncProducer:
     `producer.queue(worker, fn, payload)` does what `await worker.queue(fn, payload)` does and
     returns the message id once the broker confirmed it. It opens the producer on first use
     (`open()` does it up front, to fail at startup); `close()`, or the end of a `with` block,
-    or interpreter exit closes it. `timeout` per call (default: the project's
-    `publish_timeout`) bounds all of it: the errors `queue()` raises then say whether the
-    message may be in the queue (`PublishError.maybe_sent`).
+    or interpreter exit closes it. `timeout` per call bounds all of it (at most, and by default,
+    the project's `publish_timeout`): the errors it raises then say whether the message may be
+    in the queue (`PublishError.maybe_sent`).
     """
 
     def __init__(self, project: Source) -> None:
@@ -197,9 +202,15 @@ class SyncProducer:
     def _started(self) -> _Loop:
         io = _Loop(self.project.name)
         io.thread.start()
+        seconds = self._default_timeout() + GRACE_SECONDS
         try:
             future = asyncio.run_coroutine_threadsafe(self.project.connected(), io.loop)
-            io.session = future.result(self._default_timeout() + GRACE_SECONDS)
+            try:
+                io.session = future.result(seconds)
+            except concurrent.futures.TimeoutError:
+                future.cancel()
+                where = ", ".join(redact(url) for url in self.project.urls)
+                raise BrokerConnectionError(where, f"no connection within {seconds:.0f} s") from None
         except BaseException:
             io.stop(timeout=1.0)
             raise
@@ -270,7 +281,7 @@ class SyncProducer:
         with self._lock:  # close() cannot stop the loop between this check and the hand-over
             if self._io is not io:
                 raise ProducerClosedError(self.project.name)
-            future = io.submit(bounded())
+            future = io.submit(bounded(), contextvars.copy_context())
         try:
             return future.result(seconds + GRACE_SECONDS)
         except concurrent.futures.TimeoutError:

@@ -5,11 +5,14 @@ RabbitMQ and memory:// alike (the `url` fixture), except what only one of them c
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import math
 import os
 import threading
 import uuid
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -17,10 +20,13 @@ import pytest
 
 from nobs_amqp import (
     BlockingCallError,
+    BrokerConnectionError,
     MessageTooLargeError,
+    Observer,
     PayloadTypeError,
     ProducerClosedError,
     Project,
+    Publish,
     PublishInterruptedError,
     TaskDefinitionError,
     TaskNotAllowedError,
@@ -28,6 +34,7 @@ from nobs_amqp import (
 )
 from nobs_amqp import sync as sync_module
 from nobs_amqp.errors import MemoryBrokerLoopError
+from nobs_amqp.message import Message
 from nobs_amqp.testing import drain, drain_sync
 
 from ..apps import tasks
@@ -309,3 +316,46 @@ def test_a_user_project_tests_its_sync_code_on_memory(pytester: pytest.Pytester)
     )
     result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
+
+
+def test_an_unreachable_broker_is_a_typed_error_and_leaves_nothing_running() -> None:
+    project, worker = make("amqp://guest:guest@127.0.0.1:1/", "unreachable", publish_timeout=2.0)
+    producer = project.sync()
+    for _ in range(2):  # nothing half open: the next call tries again
+        with pytest.raises(BrokerConnectionError, match=r"cannot connect to amqp://guest:\*\*\*@127.0.0.1:1/"):
+            producer.queue(worker, tasks.record, tasks.Job(key="x"))
+        assert not producer.is_open
+        assert not [thread for thread in threading.enumerate() if thread.name.startswith("nobs-amqp sync")]
+    producer.close()
+
+
+REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("request", default="none")
+
+
+class SeesTheCaller(Observer):
+    """Records the caller's context variable as each publish sees it (a trace's span is one)."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    @contextlib.contextmanager
+    def publishing(self, publish: Publish) -> Iterator[Message]:
+        self.seen.append(REQUEST.get())
+        yield publish.message
+
+
+def test_a_publish_runs_in_the_callers_context(url: str, name: str) -> None:
+    """What the caller's context carries (an OpenTelemetry span: the trace of the web request)
+    reaches the publish on the I/O thread, as it does with `await worker.queue()`."""
+    observer = SeesTheCaller()
+    project, worker = make(url, name, observers=[observer], tracing=False)
+
+    def queue_as(request: str) -> None:
+        REQUEST.set(request)
+        producer.queue(worker, tasks.record, tasks.Job(key=key()))
+
+    with project.sync() as producer:
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(queue_as, ["first", "second"]))
+        assert sorted(observer.seen) == ["first", "second"]
+        assert drain_sync(producer) == 2
