@@ -21,6 +21,7 @@ import pytest
 from nobs_amqp import (
     BlockingCallError,
     BrokerConnectionError,
+    BrokerUnavailableError,
     MessageTooLargeError,
     Observer,
     PayloadTypeError,
@@ -28,6 +29,7 @@ from nobs_amqp import (
     Project,
     Publish,
     PublishInterruptedError,
+    PublishUnconfirmedError,
     TaskDefinitionError,
     TaskNotAllowedError,
     Worker,
@@ -38,6 +40,7 @@ from nobs_amqp.message import Message
 from nobs_amqp.testing import drain, drain_sync
 
 from ..apps import tasks
+from ..proxy import Proxy
 from ..support import run_module
 
 pytest_plugins = ["pytester"]
@@ -359,3 +362,37 @@ def test_a_publish_runs_in_the_callers_context(url: str, name: str) -> None:
             list(pool.map(queue_as, ["first", "second"]))
         assert sorted(observer.seen) == ["first", "second"]
         assert drain_sync(producer) == 2
+
+
+class LostConnection(Observer):
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def connection(self, up: bool) -> None:
+        if not up:
+            self.event.set()
+
+
+@pytest.mark.timeout(90)
+async def test_broker_errors_reach_the_caller_with_their_types(amqp_url: str, name: str) -> None:
+    """A publish the broker never confirms is `PublishUnconfirmedError` (maybe sent, with its id);
+    an unreachable broker is `BrokerUnavailableError` (not sent): raised in the calling thread."""
+    lost = LostConnection()
+    async with Proxy() as proxy:
+        project, worker = make(proxy.url_for(amqp_url), name, publish_timeout=2.0, observers=[lost])
+        producer = project.sync()
+        try:
+            await asyncio.to_thread(producer.queue, worker, tasks.record, tasks.Job(key=key()))
+            proxy.stall()  # written, never confirmed
+            with pytest.raises(PublishUnconfirmedError) as unconfirmed:
+                await asyncio.to_thread(producer.queue, worker, tasks.record, tasks.Job(key=key()))
+            assert unconfirmed.value.maybe_sent and unconfirmed.value.message_id
+            proxy.refusing = True
+            proxy.cut()
+            assert await asyncio.to_thread(lost.event.wait, 10)  # nothing can be written now
+            with pytest.raises(BrokerUnavailableError) as unavailable:
+                await asyncio.to_thread(producer.queue, worker, tasks.record, tasks.Job(key=key()))
+            assert not unavailable.value.maybe_sent
+        finally:
+            proxy.refusing = False
+            await asyncio.to_thread(producer.close)
