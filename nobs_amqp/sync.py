@@ -163,11 +163,14 @@ class SyncProducer:
         """Let the calls in flight finish (up to `timeout` s; those still waiting then raise
         `PublishInterruptedError`), close the connection and join the I/O thread. Once closed,
         every call raises `ProducerClosedError`; `project.sync()` makes a new producer."""
-        self.disconnect(timeout, closing=True)
+        self._stop(timeout, closing=True)
 
-    def disconnect(self, timeout: float = CLOSE_SECONDS, *, closing: bool = False) -> None:
+    def disconnect(self, timeout: float = CLOSE_SECONDS) -> None:
         """`close()` the connection and thread, but stay usable: the next call connects again,
         to where the project says then (`testing.use_broker` does it around a test)."""
+        self._stop(timeout, closing=False)
+
+    def _stop(self, timeout: float, *, closing: bool) -> None:
         with self._lock:
             io, self._io = self._io, None
             self._closed = self._closed or closing
