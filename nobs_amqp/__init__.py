@@ -4,6 +4,7 @@ from typing import TYPE_CHECKING, Any
 
 from .context import TaskContext, current_task
 from .errors import (
+    BlockingCallError,
     BrokerBlockedError,
     BrokerConnectionError,
     BrokerUnavailableError,
@@ -15,8 +16,10 @@ from .errors import (
     NotFoundError,
     NotInProjectError,
     PayloadTypeError,
+    ProducerClosedError,
     ProjectNotOpenError,
     PublishError,
+    PublishInterruptedError,
     PublishUnconfirmedError,
     TaskDefinitionError,
     TaskNotAllowedError,
@@ -26,6 +29,7 @@ from .errors import (
 from .observe import Fate, Observer, Publish, TaskRun
 from .project import Project
 from .retry import Reject, Retry
+from .sync import SyncProducer
 from .tasks import task
 from .worker import Worker, was_queued
 
@@ -36,6 +40,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockingCallError",
     "BrokerBlockedError",
     "BrokerConnectionError",
     "BrokerUnavailableError",
@@ -49,15 +54,18 @@ __all__ = [
     "NotInProjectError",
     "Observer",
     "PayloadTypeError",
+    "ProducerClosedError",
     "Project",
     "ProjectNotOpenError",
     "Publish",
     "PublishError",
+    "PublishInterruptedError",
     "PublishUnconfirmedError",
     "Reject",
     "Retry",
     "Schedule",
     "Scheduler",
+    "SyncProducer",
     "TaskContext",
     "TaskDefinitionError",
     "TaskNotAllowedError",

@@ -143,6 +143,39 @@ class PublishUnconfirmedError(PublishError):
         self.message_id = message_id
 
 
+class PublishInterruptedError(PublishError):
+    """A sync producer's call stopped waiting for its I/O thread (timeout, close): it may be in the queue or not."""
+
+    maybe_sent = True
+
+    def __init__(self, destination: str, why: str) -> None:
+        self.why = why
+        super().__init__(
+            destination,
+            f"the sync producer {why}, so it may be in the queue or not: queueing it again may run the task "
+            f"twice (a task keyed on its message id runs once)",
+        )
+
+
+class ProducerClosedError(NobsAmqpError):
+    """A sync producer was used after its `close()`."""
+
+    def __init__(self, project: str) -> None:
+        self.project = project
+        super().__init__(f"the sync producer of project {project!r} is closed: get an open one with `project.sync()`")
+
+
+class BlockingCallError(NobsAmqpError):
+    """A sync producer was called inside a running event loop, which its wait would block."""
+
+    def __init__(self, call: str) -> None:
+        self.call = call
+        super().__init__(
+            f"{call} blocks, and this thread runs an event loop (an async route?): "
+            f"use `await worker.queue(fn, payload)` there instead"
+        )
+
+
 class MessageTooLargeError(PublishError):
     """A message's body is larger than the broker takes (its `max_message_size`): nothing was sent."""
 
@@ -186,6 +219,18 @@ class TopologyMismatchError(NobsAmqpError):
             f"nothing was changed. Either make the Worker options match it, or move its "
             f"messages away (a shovel in the management UI does it), delete it "
             f"(`{fix}`) and start the worker again to recreate it"
+        )
+
+
+class MemoryBrokerLoopError(ConfigurationError):
+    """A memory:// broker was used from an event loop other than the one consuming it."""
+
+    def __init__(self, broker: str) -> None:
+        self.broker = broker
+        super().__init__(
+            f"memory broker {broker!r} is being consumed on another event loop (another thread): it lives on "
+            f"one loop at a time; queue first and consume after (`testing.drain_sync()` from sync code), or queue "
+            f"with `await worker.queue(...)` on the consuming loop"
         )
 
 

@@ -30,6 +30,7 @@ from .worker import Worker
 
 if TYPE_CHECKING:
     from .schedule import Schedule
+    from .sync import SyncProducer
 
 log = logging.getLogger("nobs_amqp")
 
@@ -158,6 +159,7 @@ class Project:
         self.heartbeat = _whole(heartbeat, "heartbeat", minimum=0, hint="seconds; 0 turns heartbeats off")
         self.max_message_size = _size(max_message_size)
         self._session: Session | None = None
+        self._sync: SyncProducer | None = None
         self.worker_lifespan = worker_lifespan
         #: Metrics, logs and traces (`observe.Observer`), told what every session of the project does.
         self.observers: list[Observer] = list(observers)
@@ -209,6 +211,11 @@ class Project:
         return project_urls(self._url)
 
     @property
+    def publish_timeout(self) -> float:
+        """Seconds `queue()` waits for an unreachable broker before it raises `BrokerUnavailableError`."""
+        return self._publish_timeout
+
+    @property
     def is_open(self) -> bool:
         return self._session is not None
 
@@ -218,8 +225,14 @@ class Project:
         connection is open closes it before raising."""
         if self._session is not None:
             return
-        if self._signing_key is None:
-            self.signer = Signer.configured(None)  # NOBS_AMQP_SIGNING_KEY as it is when the project opens
+        session = await self.connected()
+        self.signer = session.signer
+        self._session = session
+
+    async def connected(self) -> Session:
+        """A new session on its own connection (the project's own is `open()`'s; the sync producer
+        makes one on its I/O thread): checked, connected, and closed again if anything fails."""
+        signer = self.signer if self._signing_key is not None else Signer.configured(None)  # the env, now
         transport = connect(
             self.urls,
             name=f"nobs-amqp {self.name}",
@@ -232,10 +245,10 @@ class Project:
         )
         try:
             await transport.open()
-            self._session = Session(
+            return Session(
                 self.name,
                 transport,
-                signer=self.signer,
+                signer=signer,
                 publish_timeout=self._publish_timeout,
                 tasks=self.tasks,
                 lifespan=self.worker_lifespan,
@@ -260,6 +273,14 @@ class Project:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+    def sync(self) -> SyncProducer:
+        """The project's producer for sync code (Django, Flask, scripts), on its own connection
+        and I/O thread, opened on first use: `project.sync().queue(worker, fn, payload)`. The same
+        one each time, until it is closed; then a new one."""
+        from .sync import made  # the I/O thread's machinery, when sync code queues
+
+        return made(self)
 
     def lifespan(self, app: object = None) -> AbstractAsyncContextManager[None]:
         """For `FastAPI(lifespan=project.lifespan)`: open on startup, close on shutdown."""

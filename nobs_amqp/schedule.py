@@ -25,7 +25,7 @@ from .errors import ConfigurationError
 from .message import Message, format_time, printable
 from .session import Session
 from .tasks import TaskSpec, reference_of
-from .worker import Worker
+from .worker import Extras, Worker
 
 if TYPE_CHECKING:
     from croniter import croniter
@@ -174,7 +174,7 @@ class Schedule:
         """The first attempt of the task for `tick`, as `queue()` builds it, with the tick's id."""
         if self._body is None:
             raise ConfigurationError(f"schedule {self.name!r} is in no project: add it with Project(schedules=[...])")
-        base = self.worker._message(session, self.reference, self._body, 0, self.priority)
+        base = self.worker._message(session, self.reference, self._body, 0, Extras(self.priority))
         headers = {**base.headers, SCHEDULE: self.name, TICK: format_time(tick)}
         return replace(base, message_id=self.message_id(session.project, tick), headers=headers)
 

@@ -12,6 +12,7 @@ from .consumer import Consumer
 from .errors import ConfigurationError
 from .project import URL_ENV, Project, project_urls
 from .session import Session
+from .sync import SyncProducer
 from .transports.base import VirtualClock
 from .worker import Worker
 
@@ -66,6 +67,23 @@ async def drain(
             await asyncio.sleep(POLL_SECONDS)
 
 
+def drain_sync(
+    producer: SyncProducer, *workers: Worker | str, timeout: float = 60.0, raise_errors: bool = False
+) -> int:
+    """`drain()` for sync tests (Django, Flask), on the connection and I/O thread of `producer`
+    (`project.sync()`), which is opened if it was not: `assert drain_sync(project.sync()) == 1`."""
+    project = producer.project
+    if not isinstance(project, Project):
+        raise ConfigurationError("drain_sync() needs the producer of a Project (project.sync())")
+    chosen = _workers(project, workers)
+    return producer._call(
+        "drain",
+        lambda session: drain(session, *chosen, timeout=timeout, raise_errors=raise_errors),
+        timeout,
+        deadline=False,
+    )
+
+
 def _workers(project: Project | None, workers: tuple[Worker | str, ...]) -> list[Worker]:
     if project is not None:
         return [project.worker(w) if isinstance(w, str) else w for w in workers] or list(project.workers.values())
@@ -95,7 +113,9 @@ def use_broker(project: Project, url: str | Sequence[str] | None = None) -> Iter
             with use_broker(project):
                 yield
 
-    Open (and close) the project inside the block: an open project keeps its connection.
+    Open (and close) the project inside the block: an open project keeps its connection. The
+    project's sync producer (`project.sync()`) is disconnected as the block starts and ends, and
+    connects again on its next use: to the test broker inside the block.
     """
     if url is None:
         url = os.environ.get(URL_ENV)
@@ -110,8 +130,15 @@ def use_broker(project: Project, url: str | Sequence[str] | None = None) -> Iter
             f"project {project.name!r} is already open: enter use_broker() before `async with project`"
         )
     previous = project._url
+    _disconnected(project)  # its sync producer connects again, to the test broker
     project._url = url
     try:
         yield project
     finally:
         project._url = previous
+        _disconnected(project)
+
+
+def _disconnected(project: Project) -> None:
+    if project._sync is not None:
+        project._sync.disconnect()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol, TypeVar
 
@@ -22,6 +23,8 @@ log = logging.getLogger("nobs_amqp")
 Delay = float | timedelta
 #: A task's payload type: `queue(fn, payload)` takes a payload of the type `fn` takes.
 P = TypeVar("P")
+#: A message ready to send, checked at the call site: its task reference, body and delay (whole seconds).
+Checked = tuple[str, bytes, int]
 
 
 class Home(Protocol):
@@ -128,25 +131,9 @@ class Worker:
         sent if a message with the same id was queued to this worker within that window (the id
         is returned all the same; `was_queued` says which).
         """
-        task, body, wait = self._checked(fn, payload, delay, priority)
-        lifetime = _lifetime(expires, wait)
-        own_id = check_message_id(message_id) if message_id is not None else None
-        window = _window(unique, own_id)
-        session = self.project.session
-        message = wire.new_message(
-            body,
-            task,
-            self.project.name,
-            now=session.now(),
-            delay=wait,
-            priority=priority,
-            message_id=own_id,
-            expires=lifetime,
-        )
-        if window is None:
-            await session.send(self, message, wait)
-            return message.message_id
-        return await self._queue_once(session, message, wait, window)
+        checked = self._checked(fn, payload, delay, priority)  # first: a mistake beats a closed project
+        extras = Extras.checked(checked, priority, message_id, expires, unique)
+        return await self._put(self.project.session, checked, extras)
 
     async def _queue_once(self, session: Session, message: wire.Message, wait: int, window: int) -> str:
         """Send `message` unless its id was queued here within `window` seconds."""
@@ -180,19 +167,32 @@ class Worker:
         *,
         delay: Delay | None = None,
         priority: int | None = None,
+        expires: Delay | None = None,
     ) -> list[str]:
         """Queue `fn` once per payload, confirms pipelined; every payload is checked before any is sent."""
         checked = [self._checked(fn, payload, delay, priority) for payload in payloads]
-        session = self.project.session
-        messages = [(self._message(session, task, body, wait, priority), wait) for task, body, wait in checked]
+        wait = checked[0][2] if checked else 0  # one delay for all
+        extras = Extras.checked(("", b"", wait), priority, None, expires, None)
+        return await self._put_many(self.project.session, checked, extras)
+
+    async def _put(self, session: Session, checked: Checked, extras: Extras) -> str:
+        """Send what `_checked` made through `session`; its message id once confirmed."""
+        task, body, wait = checked
+        message = self._message(session, task, body, wait, extras)
+        if extras.unique is None:
+            await session.send(self, message, wait)
+            return message.message_id
+        return await self._queue_once(session, message, wait, extras.unique)
+
+    async def _put_many(self, session: Session, checked: list[Checked], extras: Extras) -> list[str]:
+        """Send every message `_checked` made through `session`, none if one is too large."""
+        messages = [(self._message(session, task, body, wait, extras), wait) for task, body, wait in checked]
         for message, _ in messages:  # none is sent if one is too large
             session.transport.check_size(self.name, message)
         await asyncio.gather(*(session.send(self, message, wait) for message, wait in messages))
         return [message.message_id for message, _ in messages]
 
-    def _checked(
-        self, fn: TaskFunction, payload: object, delay: Delay | None, priority: int | None
-    ) -> tuple[str, bytes, int]:
+    def _checked(self, fn: TaskFunction, payload: object, delay: Delay | None, priority: int | None) -> Checked:
         """The task reference, the body of `fn(payload)`, and the delay in the ladder's whole
         seconds (rounded once, here: the same value sets the ETA header and routes the message
         through the ladder). Raises at the call site for anything a worker would refuse."""
@@ -209,8 +209,41 @@ class Worker:
                 raise ConfigurationError(f"priority must be 0..{limit} for worker {self.name!r} (got {priority})")
         return spec.reference, spec.encode(payload), wait
 
-    def _message(self, session: Session, task: str, body: bytes, wait: int, priority: int | None) -> wire.Message:
-        return wire.new_message(body, task, self.project.name, now=session.now(), delay=wait, priority=priority)
+    def _message(self, session: Session, task: str, body: bytes, wait: int, extras: Extras) -> wire.Message:
+        return wire.new_message(
+            body,
+            task,
+            self.project.name,
+            now=session.now(),
+            delay=wait,
+            priority=extras.priority,
+            message_id=extras.message_id,
+            expires=extras.expires,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Extras:
+    """What a `queue()` asks for besides its payload and delay, checked at the call site."""
+
+    priority: int | None = None
+    message_id: str | None = None
+    #: Seconds from now after which the task is not run.
+    expires: float | None = None
+    #: The unique window in whole seconds.
+    unique: int | None = None
+
+    @classmethod
+    def checked(
+        cls,
+        checked: Checked,
+        priority: int | None,
+        message_id: str | None,
+        expires: Delay | None,
+        unique: Delay | None,
+    ) -> Extras:
+        own_id = check_message_id(message_id) if message_id is not None else None
+        return cls(priority, own_id, _lifetime(expires, checked[2]), _window(unique, own_id))
 
 
 class Duplicate(str):

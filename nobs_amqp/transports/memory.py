@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import ClassVar
 
-from ..errors import NotFoundError, TopologyMismatchError, UnroutableError
+from ..errors import MemoryBrokerLoopError, NotFoundError, TopologyMismatchError, UnroutableError
 from ..message import Message, wall_clock
 from ..topology import ExchangeSpec, QueueSpec, ServerVersion, Topology, difference
 from ..urls import memory_name
@@ -56,6 +56,7 @@ class _Consumer:
         self.unacked: dict[int, _Entry] = {}
         self.active = True
         self.handing: set[asyncio.Task[None]] = set()  # handler calls not finished yet
+        self.loop = asyncio.get_running_loop()  # where its handlers run
 
 
 class _Queue:
@@ -418,9 +419,11 @@ class MemoryTransport:
             del self.broker.leases[name]
 
     async def declare(self, topology: Topology) -> None:
+        self._same_loop()
         self.broker.declare(topology)
 
     async def publish(self, exchange: str, routing_key: str, message: Message) -> None:
+        self._same_loop()
         self.check_size(exchange or routing_key, message)
         if exchange and exchange not in self.broker.exchanges:
             raise NotFoundError(exchange, f"no exchange '{exchange}' in vhost '/'")
@@ -429,6 +432,14 @@ class MemoryTransport:
 
     def fixed_ack_timeout(self) -> float | None:
         return None  # no delivery acknowledgement timeout here
+
+    def _same_loop(self) -> None:
+        """MemoryBrokerLoopError when a consumer of the broker runs on another event loop (a sync
+        producer's thread, say): its handlers would run on this one, its state shared unlocked."""
+        loop = asyncio.get_running_loop()
+        for queue in self.broker.queues.values():
+            if any(consumer.loop is not loop for consumer in queue.consumers):
+                raise MemoryBrokerLoopError(memory_name(self._url))
 
     async def consume(
         self, queue: str, prefetch: int, handler: Handler, *, ack_timeout: float | None = None
