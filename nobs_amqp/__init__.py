@@ -25,6 +25,7 @@ from .errors import (
 )
 from .observe import Fate, Observer, Publish, TaskRun
 from .project import Project
+from .ratelimit import RateLimit
 from .retry import Reject, Retry
 from .tasks import task
 from .worker import Worker
@@ -54,6 +55,7 @@ __all__ = [
     "Publish",
     "PublishError",
     "PublishUnconfirmedError",
+    "RateLimit",
     "Reject",
     "Retry",
     "Schedule",

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -47,6 +47,7 @@ from .outcome import (
     decide,
     record,
 )
+from .ratelimit import RATE_WAIT_SECONDS, RateLimit, rate_limits
 from .retry import Reject, Retry
 from .runner import Label, TaskRunner, resident_mb
 from .session import Session
@@ -115,6 +116,7 @@ class Consumer:
         self._failure: BaseException | None = None
         self._attempts = SettledAttempts()
         self._copies = Copies(session, worker)
+        self._rate_waiting: dict[str, int] = {}
 
     def stop(self) -> None:
         """Stop taking messages; running tasks get the grace period to finish."""
@@ -207,13 +209,17 @@ class Consumer:
 
     def _fitting_ack_timeout(self, tasks: TaskTable) -> float | None:
         """How long the broker must wait for an ack here: the longest time limit, times the
-        deliveries that may wait for a free slot, plus a margin to settle. None without a
+        deliveries that may wait for a free slot, plus a margin to settle (and, with rate limits,
+        the longest wait for a permit, `RATE_WAIT_SECONDS`, per slot). None without a
         worker time limit (a task may run as long as it likes: the broker's default applies).
         ConfigurationError when the broker's own timeout is fixed and shorter."""
         if self.worker.time_limit is None:
             return None
-        own = (spec.options.time_limit for spec in tasks.references.values())
+        specs = tasks.references.values()
+        own = (spec.options.time_limit for spec in specs)
         longest = max([self.worker.time_limit, *(limit for limit in own if limit is not None)])
+        if self.worker.rate_limit is not None or any(spec.options.rate_limit for spec in specs):
+            longest += RATE_WAIT_SECONDS  # a slot may first wait that long for its permits
         needed = longest * math.ceil(self.prefetch / self.concurrency) + ACK_MARGIN_SECONDS
         fixed = self.session.transport.fixed_ack_timeout()
         if fixed is not None and needed > fixed:
@@ -331,7 +337,7 @@ class Consumer:
         try:
             happened = await self._execute(delivery, run, enqueued_at)
             outcome = await self._placed(delivery.message, self._decide(happened))
-            if not isinstance(happened, Refused) and not isinstance(outcome, RejectToDlx):
+            if not isinstance(happened, Refused | GivenBack) and not isinstance(outcome, RejectToDlx):
                 self._attempts.remember(identity)  # only an attempt that verified and ran is remembered
         except asyncio.CancelledError:
             await self._settle(delivery, self._decide(GivenBack()), run)  # shutdown past the grace period
@@ -378,6 +384,10 @@ class Consumer:
         if isinstance(admitted, Refused):
             return admitted
         message, spec = delivery.message, admitted.spec
+        limits = rate_limits(spec.options.rate_limit, self.worker.rate_limit)
+        if limits and not await self.session.permits.take(limits, self._stopping, self._waiting(message)):
+            self._given_back(message, run)
+            return GivenBack()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("task %s id %s attempt %d: start", message.task, printable(message.message_id), run.attempt)
         context = TaskContext(
@@ -405,6 +415,35 @@ class Consumer:
             run.seconds = time.perf_counter() - started
             self._check_health()
         return Succeeded()
+
+    def _waiting(self, message: wire.Message) -> Callable[[RateLimit, int], None]:
+        """What a delivery tells while it waits for a permit of a rate limit: logged, and the
+        number waiting on that limit told to observers."""
+
+        def waiting(limit: RateLimit, delta: int) -> None:
+            count = self._rate_waiting[limit.name] = self._rate_waiting.get(limit.name, 0) + delta
+            if delta > 0:
+                log.debug(
+                    "task %s id %s: waiting for rate limit %s",
+                    printable(message.task),
+                    printable(message.message_id),
+                    limit.describe(),
+                )
+            self.session.observers.rate_limited(self.worker.name, limit.name, count)
+
+        return waiting
+
+    def _given_back(self, message: wire.Message, run: TaskRun) -> None:
+        if self._stopping.is_set():
+            log.info("id %s: stopping while it waited for a rate limit; back to the queue unrun", run.message_id)
+        else:
+            log.warning(
+                "task %s id %s: waited %.0f s for a rate limit; back to the queue unrun (more tasks arrive "
+                "than the limit lets start)",
+                printable(message.task),
+                printable(message.message_id),
+                RATE_WAIT_SECONDS,
+            )
 
     def _check_health(self) -> None:
         """Stop (to be replaced by a fresh process) when tasks leaked memory or left threads stuck."""
