@@ -218,14 +218,16 @@ class Consumer:
         specs = tasks.references.values()
         own = (spec.options.time_limit for spec in specs)
         longest = max([self.worker.time_limit, *(limit for limit in own if limit is not None)])
-        if self.worker.rate_limit is not None or any(spec.options.rate_limit for spec in specs):
-            longest += RATE_WAIT_SECONDS  # a slot may first wait that long for its permits
-        needed = longest * math.ceil(self.prefetch / self.concurrency) + ACK_MARGIN_SECONDS
+        # Any of the project's tasks may come to this queue: one with a rate limit may first wait for its permit.
+        limited = self.worker.rate_limit is not None or any(spec.options.rate_limit for spec in specs)
+        wait = RATE_WAIT_SECONDS if limited else 0.0
+        needed = (longest + wait) * math.ceil(self.prefetch / self.concurrency) + ACK_MARGIN_SECONDS
         fixed = self.session.transport.fixed_ack_timeout()
         if fixed is not None and needed > fixed:
+            permit = f" after up to {wait:.0f} s waiting for a rate limit's permit" if wait else ""
             raise ConfigurationError(
                 f"worker {self.worker.name!r}: a delivery may wait {needed:.0f} s for its ack (time limit "
-                f"{longest:g} s, prefetch {self.prefetch} over concurrency {self.concurrency}, plus "
+                f"{longest:g} s{permit}, prefetch {self.prefetch} over concurrency {self.concurrency}, plus "
                 f"{ACK_MARGIN_SECONDS:.0f} s), longer than the broker's consumer timeout of {fixed:.0f} s, after "
                 f"which it closes the channel and hands the message out again; raise consumer_timeout in "
                 f"rabbitmq.conf and say so with Project(broker_consumer_timeout=...), or use RabbitMQ 3.11.15 or "

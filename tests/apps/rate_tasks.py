@@ -7,7 +7,8 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 
-from nobs_amqp import task
+from nobs_amqp import RateLimit
+from nobs_amqp.tasks import TaskOptions
 
 from .tasks import Job
 
@@ -25,10 +26,15 @@ async def start(job: Job) -> None:
     STARTS[job.key].append(CLOCK())
 
 
-@task(rate_limit="5/s")
 async def limited(job: Job) -> None:
-    """Records its start, at most 5 per second across every worker process (its own limit)."""
+    """Records its start; a test gives it a rate limit of its own (`LIMITED`) while it runs: every
+    project of the test suite loads this module, and a task with a rate limit makes each of their
+    workers allow for a wait for its permit in their ack timeout."""
     STARTS[job.key].append(CLOCK())
+
+
+#: What `@task(rate_limit="5/s")` would give `limited`.
+LIMITED = TaskOptions(rate_limit=RateLimit(f"{__name__}.limited", 5))
 
 
 def most_in_a_window(stamps: list[float], seconds: float) -> int:

@@ -15,6 +15,7 @@ import pytest
 from nobs_amqp import Project, RateLimit, Worker
 from nobs_amqp import message as wire
 from nobs_amqp.consumer import Consumer
+from nobs_amqp.tasks import OPTIONS_ATTRIBUTE
 from nobs_amqp.transports.base import Delivery, VirtualClock
 
 from ..apps import rate_tasks
@@ -72,7 +73,10 @@ async def test_a_shared_limit_holds_across_two_connections(url: str, name: str) 
 
 
 @pytest.mark.timeout(40)
-async def test_a_tasks_own_limit_holds_across_two_connections(url: str, name: str) -> None:
+async def test_a_tasks_own_limit_holds_across_two_connections(
+    url: str, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rate_tasks.limited, OPTIONS_ATTRIBUTE, rate_tasks.LIMITED, raising=False)
     (one, two), (first, second) = two_projects(url, name)
     keys = [f"{name}-{i}" for i in range(15)]
     async with one, two:
