@@ -11,10 +11,12 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
+from prometheus_client import CollectorRegistry
 
-from nobs_amqp import Project, RateLimit, Worker
+from nobs_amqp import Observer, Project, RateLimit, Worker
 from nobs_amqp import message as wire
 from nobs_amqp.consumer import Consumer
+from nobs_amqp.observe.metrics import PrometheusMetrics
 from nobs_amqp.tasks import OPTIONS_ATTRIBUTE
 from nobs_amqp.transports.base import Delivery, VirtualClock
 
@@ -170,3 +172,31 @@ async def test_on_the_virtual_clock_a_window_passes_in_no_time(name: str) -> Non
     stamps = sorted(t for k in keys for t in rate_tasks.starts(k))
     assert rate_tasks.most_in_a_window(stamps, 3600) == 5
     assert stamps[-1] - stamps[0] >= 7200
+
+
+class Waits(Observer):
+    def __init__(self) -> None:
+        self.told: list[tuple[str, str, int]] = []
+
+    def rate_limited(self, worker: str, limit: str, waiting: int) -> None:
+        self.told.append((worker, limit, waiting))
+
+
+@pytest.mark.timeout(30)
+async def test_waiting_for_a_permit_is_seen_by_observers_and_metrics(url: str, name: str) -> None:
+    waits, metrics = Waits(), PrometheusMetrics(registry=CollectorRegistry())
+    worker = Worker(name, concurrency=3, rate_limit=RateLimit(f"{name}-limit", 1, per=timedelta(minutes=1)))
+    project = Project(name=PROJECT, workers=[worker], packages=["tests"], url=url, observers=[waits, metrics])
+    labels = {"worker": name, "limit": f"{name}-limit"}
+
+    def gauge() -> float | None:
+        return metrics.registry.get_sample_value("nobs_amqp_rate_limit_waiting", labels)
+
+    async with project:
+        for i in range(3):
+            await worker.queue(rate_tasks.start, Job(key=f"{name}-{i}"))
+        async with consuming(project, worker):
+            await eventually(lambda: gauge() == 2)  # one ran, two wait
+        assert gauge() == 0
+    assert waits.told[:2] == [(name, f"{name}-limit", 1), (name, f"{name}-limit", 2)]
+    assert waits.told[-1] == (name, f"{name}-limit", 0)
