@@ -13,7 +13,8 @@ from datetime import timedelta
 import pytest
 from prometheus_client import CollectorRegistry
 
-from nobs_amqp import Observer, Project, RateLimit, Worker
+from nobs_amqp import BrokerUnavailableError, Observer, Project, RateLimit, Worker
+from nobs_amqp import consumer as consumer_module
 from nobs_amqp import message as wire
 from nobs_amqp.consumer import Consumer
 from nobs_amqp.observe.metrics import PrometheusMetrics
@@ -200,3 +201,28 @@ async def test_waiting_for_a_permit_is_seen_by_observers_and_metrics(url: str, n
         assert gauge() == 0
     assert waits.told[:2] == [(name, f"{name}-limit", 1), (name, f"{name}-limit", 2)]
     assert waits.told[-1] == (name, f"{name}-limit", 0)
+
+
+@pytest.mark.timeout(30)
+async def test_no_permit_from_an_unreachable_broker_means_the_task_does_not_run(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker's error while taking a permit is handled as any broker error: given back, never run unlimited."""
+    url = f"memory://{name}"
+    worker = Worker(name, rate_limit=RateLimit(name, 5))
+    project = Project(name=PROJECT, workers=[worker], packages=["tests"], url=url)
+    tries: list[str] = []
+
+    async def unreachable(queue: str) -> bool:
+        tries.append(queue)
+        raise BrokerUnavailableError(queue, "the broker stayed unreachable")
+
+    monkeypatch.setattr(consumer_module, "REQUEUE_PAUSE_SECONDS", 0.01)
+    async with project:
+        monkeypatch.setattr(project.session.transport, "take_permit", unreachable)
+        await worker.queue(rate_tasks.start, Job(key=name))
+        async with consuming(project, worker):
+            await eventually(lambda: len(tries) >= 3)  # given back, delivered again, tried again
+        assert await project.session.transport.message_count(name) == 1
+        assert await project.session.transport.message_count(f"{name}.dlq") == 0
+    assert rate_tasks.starts(name) == []
