@@ -118,6 +118,12 @@ class Consumer:
         self._copies = Copies(session, worker)
         self._rate_waiting: dict[str, int] = {}
 
+    @property
+    def stalled_on_rate_limits(self) -> bool:
+        """Every delivery that holds a concurrency slot here waits for a rate limit's permit."""
+        waiting = sum(self._rate_waiting.values())
+        return waiting > 0 and waiting >= min(len(self._running), self.concurrency)
+
     def stop(self) -> None:
         """Stop taking messages; running tasks get the grace period to finish."""
         if not self._stopping.is_set():
