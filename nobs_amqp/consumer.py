@@ -14,7 +14,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -47,7 +47,7 @@ from .outcome import (
     decide,
     record,
 )
-from .ratelimit import RATE_WAIT_SECONDS, RateLimit, rate_limits
+from .ratelimit import RATE_WAIT_SECONDS, Waits, rate_limits
 from .retry import Reject, Retry
 from .runner import Label, TaskRunner, resident_mb
 from .session import Session
@@ -116,12 +116,13 @@ class Consumer:
         self._failure: BaseException | None = None
         self._attempts = SettledAttempts()
         self._copies = Copies(session, worker)
-        self._rate_waiting: dict[str, int] = {}
+        #: Deliveries waiting for a rate limit's permit, per limit.
+        self.rate_waits = Waits(lambda limit, count: session.observers.rate_limited(worker.name, limit, count))
 
     @property
     def stalled_on_rate_limits(self) -> bool:
         """Every delivery that holds a concurrency slot here waits for a rate limit's permit."""
-        waiting = sum(self._rate_waiting.values())
+        waiting = self.rate_waits.total
         return waiting > 0 and waiting >= min(len(self._running), self.concurrency)
 
     def stop(self) -> None:
@@ -393,9 +394,8 @@ class Consumer:
             return admitted
         message, spec = delivery.message, admitted.spec
         limits = rate_limits(spec.options.rate_limit, self.worker.rate_limit)
-        if limits and not await self.session.permits.take(limits, self._stopping, self._waiting(message)):
-            self._given_back(message, run)
-            return GivenBack()
+        if limits and not await self.session.permits.take(limits, self._stopping, self.rate_waits.of(message)):
+            return GivenBack()  # stopping, or waited too long: back to the queue unrun
         if log.isEnabledFor(logging.DEBUG):
             log.debug("task %s id %s attempt %d: start", message.task, printable(message.message_id), run.attempt)
         context = TaskContext(
@@ -423,35 +423,6 @@ class Consumer:
             run.seconds = time.perf_counter() - started
             self._check_health()
         return Succeeded()
-
-    def _waiting(self, message: wire.Message) -> Callable[[RateLimit, int], None]:
-        """What a delivery tells while it waits for a permit of a rate limit: logged, and the
-        number waiting on that limit told to observers."""
-
-        def waiting(limit: RateLimit, delta: int) -> None:
-            count = self._rate_waiting[limit.name] = self._rate_waiting.get(limit.name, 0) + delta
-            if delta > 0:
-                log.debug(
-                    "task %s id %s: waiting for rate limit %s",
-                    printable(message.task),
-                    printable(message.message_id),
-                    limit.describe(),
-                )
-            self.session.observers.rate_limited(self.worker.name, limit.name, count)
-
-        return waiting
-
-    def _given_back(self, message: wire.Message, run: TaskRun) -> None:
-        if self._stopping.is_set():
-            log.info("id %s: stopping while it waited for a rate limit; back to the queue unrun", run.message_id)
-        else:
-            log.warning(
-                "task %s id %s: waited %.0f s for a rate limit; back to the queue unrun (more tasks arrive "
-                "than the limit lets start)",
-                printable(message.task),
-                printable(message.message_id),
-                RATE_WAIT_SECONDS,
-            )
 
     def _check_health(self) -> None:
         """Stop (to be replaced by a fresh process) when tasks leaked memory or left threads stuck."""

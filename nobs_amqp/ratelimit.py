@@ -22,8 +22,10 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Protocol
 
 from .errors import ConfigurationError, UnroutableError
+from .message import Message, printable
 from .topology import check_name, rate_limit_expires_ms, rate_limit_queue, rate_limit_topology
 from .transports.base import Transport, one_deadline
 
@@ -104,6 +106,67 @@ def rate_limits(*limits: RateLimit | None) -> tuple[RateLimit, ...]:
     return tuple(found.values())
 
 
+class Waiter(Protocol):
+    """One delivery waiting for permits, as `Permits.take` tells of it."""
+
+    def __call__(self, limit: RateLimit, delta: int) -> None:
+        """`delta` +1: it starts to wait on `limit`; -1: it stops waiting."""
+
+    def given_back(self, *, stopping: bool) -> None:
+        """It got no permit (the consumer stops, or it waited RATE_WAIT_SECONDS): it goes back unrun."""
+
+
+class Waits:
+    """The deliveries of one consumer that wait for permits, per limit: logged, and each change
+    of a count told to `tell(limit name, count)` (observers)."""
+
+    def __init__(self, tell: Callable[[str, int], None]) -> None:
+        self._tell = tell
+        self._counts: dict[str, int] = {}
+
+    def get(self, limit: str) -> int:
+        return self._counts.get(limit, 0)
+
+    @property
+    def total(self) -> int:
+        return sum(self._counts.values())
+
+    def of(self, message: Message) -> Waiter:
+        return _Waiter(self, printable(message.task), printable(message.message_id))
+
+    def change(self, limit: RateLimit, delta: int) -> None:
+        count = self._counts[limit.name] = self.get(limit.name) + delta
+        self._tell(limit.name, count)
+
+
+class _Waiter:
+    def __init__(self, waits: Waits, task: str, message_id: str) -> None:
+        self._waits = waits
+        self._task = task
+        self._id = message_id
+
+    def __call__(self, limit: RateLimit, delta: int) -> None:
+        if delta > 0:
+            log.debug("task %s id %s: waiting for rate limit %s", self._task, self._id, limit.describe())
+        self._waits.change(limit, delta)
+
+    def given_back(self, *, stopping: bool) -> None:
+        if stopping:
+            log.info(
+                "task %s id %s: stopping while it waited for a rate limit; back to the queue unrun",
+                self._task,
+                self._id,
+            )
+            return
+        log.warning(
+            "task %s id %s: waited %.0f s for a rate limit; back to the queue unrun (more tasks arrive than "
+            "the limit lets start)",
+            self._task,
+            self._id,
+            RATE_WAIT_SECONDS,
+        )
+
+
 class Permits:
     """Takes permits of rate limits for one session's consumers. In this process, the tasks
     waiting on one limit queue behind each other (first come, first served): only one of them
@@ -120,21 +183,21 @@ class Permits:
         self,
         limits: Sequence[RateLimit],
         stopping: asyncio.Event,
-        waiting: Callable[[RateLimit, int], None],
+        waiting: Waiter,
     ) -> bool:
         """Take a permit of each of `limits`, waiting as long as it takes: True once all are
         taken; False (take none further) when `stopping` is set or RATE_WAIT_SECONDS passed.
-        `waiting(limit, delta)` is told +1 when a task starts to wait on `limit`, -1 when it stops.
-        A permit taken before another one could not be counts as used (fewer starts, never more)."""
+        `waiting` is told when the delivery starts and stops waiting on a limit, and when it
+        got no permit. A permit taken before another one could not be counts as used (fewer
+        starts, never more)."""
         until = asyncio.get_running_loop().time() + RATE_WAIT_SECONDS
         for limit in limits:
             if not await self._take(limit, stopping, until, waiting):
+                waiting.given_back(stopping=stopping.is_set())
                 return False
         return True
 
-    async def _take(
-        self, limit: RateLimit, stopping: asyncio.Event, until: float, waiting: Callable[[RateLimit, int], None]
-    ) -> bool:
+    async def _take(self, limit: RateLimit, stopping: asyncio.Event, until: float, waiting: Waiter) -> bool:
         queue = rate_limit_queue(self._project, limit.name, limit.calls, limit.period_ms)
         if await self._try(limit, queue):  # the usual case, below the limit: no lock, no wait
             return True

@@ -103,17 +103,17 @@ async def test_stopping_while_waiting_gives_the_message_back_unrun(url: str, nam
             await worker.queue(rate_tasks.start, Job(key=key))
         async with consuming(project, worker) as consumer:
             await eventually(lambda: any(rate_tasks.starts(k) for k in keys))
-            await eventually(lambda: consumer._rate_waiting.get(name) == 1)  # the other one waits
+            await eventually(lambda: consumer.rate_waits.get(name) == 1)  # the other one waits
         # Stopped: the one that waited is back in the queue, unrun, still on its first attempt.
         transport = project.session.transport
         await eventually(lambda: transport.message_count(name), timeout=5)
         assert await transport.message_count(f"{name}.dlq") == 0
         ran = [k for k in keys if rate_tasks.starts(k)]
         assert len(ran) == 1
-        assert consumer._rate_waiting[name] == 0
+        assert consumer.rate_waits.get(name) == 0
         # Consumed again, it still waits for the limit (1 a minute), and it is not a duplicate.
         async with consuming(project, worker) as again:
-            await eventually(lambda: again._rate_waiting.get(name) == 1)
+            await eventually(lambda: again.rate_waits.get(name) == 1)
             assert again.duplicates == 0
     waited = next(k for k in keys if k not in ran)
     assert rate_tasks.starts(waited) == []
@@ -127,7 +127,7 @@ async def test_a_given_back_message_keeps_its_attempt(url: str, name: str) -> No
         for i in range(2):
             await worker.queue(rate_tasks.start, Job(key=f"{name}-{i}"))
         async with consuming(project, worker) as consumer:
-            await eventually(lambda: consumer._rate_waiting.get(name) == 1)
+            await eventually(lambda: consumer.rate_waits.get(name) == 1)
         transport = project.session.transport
         await eventually(lambda: transport.message_count(name), timeout=5)
         messages: list[wire.Message] = []
@@ -164,7 +164,7 @@ async def test_on_the_virtual_clock_a_window_passes_in_no_time(name: str) -> Non
                 for done in (5, 10):
                     await eventually(lambda n=done: started() == n)  # type: ignore[misc]
                     # Every other delivery it holds (its prefetch, 10) waits: none starts meanwhile.
-                    await eventually(lambda n=done: consumer._rate_waiting.get(name) == min(10, 15 - n))  # type: ignore[misc]
+                    await eventually(lambda n=done: consumer.rate_waits.get(name) == min(10, 15 - n))  # type: ignore[misc]
                     assert started() == done
                     await transport.advance(3600)
                 await eventually(lambda: started() == 15)
