@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import pytest
 
 from nobs_amqp import ConfigurationError, RateLimit, Worker, task
-from nobs_amqp.ratelimit import rate_limit, rate_limits
+from nobs_amqp.message import new_message
+from nobs_amqp.ratelimit import Permits, Waits, rate_limit, rate_limits
 from nobs_amqp.tasks import options_of
 from nobs_amqp.topology import (
     QueueOptions,
@@ -112,8 +114,6 @@ async def test_the_memory_window_slides_on_the_virtual_clock() -> None:
 
 
 async def test_memory_quorum_queues_have_two_priorities() -> None:
-    from nobs_amqp.message import new_message
-
     url = "memory://test-ratelimit-priorities"
     transport = MemoryTransport(url)
     try:
@@ -122,5 +122,23 @@ async def test_memory_quorum_queues_have_two_priorities() -> None:
             message = new_message(b"{}", "m:f", "p", now=transport.now(), priority=priority)
             await transport.publish("", "q", message)
         assert [m.priority for m in transport.broker.messages("q")] == [5, 9, 0, 4, 1]
+    finally:
+        MemoryBroker.forget(url)
+
+
+async def test_a_limiter_queue_that_expired_is_declared_again() -> None:
+    """RabbitMQ deletes a limiter's queue nobody declared for `x-expires` (publishing does not count):
+    a permit taken then finds no queue, declares it again and goes on."""
+    url = "memory://test-ratelimit-expired"
+    transport = MemoryTransport(url)
+    permits = Permits("p", transport, publish_timeout=5)
+    limit = RateLimit("x", 2)
+    waits = Waits(lambda limit, count: None)
+    message = new_message(b"{}", "m:f", "p", now=transport.now())
+    try:
+        assert await permits.take([limit], asyncio.Event(), waits.of(message))
+        del transport.broker.queues["p.rate.x.2-per-1000ms"]  # expired on the broker
+        assert await permits.take([limit], asyncio.Event(), waits.of(message))
+        assert len(transport.broker.queues["p.rate.x.2-per-1000ms"].ready) == 1
     finally:
         MemoryBroker.forget(url)
