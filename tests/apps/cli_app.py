@@ -34,5 +34,6 @@ worker = Worker(
     time_limit=float(os.environ["NOBS_TEST_TIME_LIMIT"]) if os.environ.get("NOBS_TEST_TIME_LIMIT") else None,
     stop=tenacity.stop_after_attempt(int(os.environ.get("NOBS_TEST_MAX_ATTEMPTS", "5"))),
     lifespan=resources if os.environ.get("NOBS_TEST_LIFESPAN_DIR") else None,
+    rate_limit=os.environ.get("NOBS_TEST_RATE_LIMIT") or None,
 )
 project = Project(name="nobs-test", workers=[worker], packages=["tests.apps"])
