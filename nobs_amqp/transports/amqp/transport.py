@@ -25,7 +25,6 @@ from ...errors import (
     BrokerUnavailableError,
     NobsAmqpError,
     TopologyMismatchError,
-    UnroutableError,
 )
 from ...management import Management
 from ...message import Message, wall_clock
@@ -39,6 +38,7 @@ from .delivery import AmqpDelivery, DirectQueue
 from .frames import Publisher
 from .leases import ExclusiveQueues
 from .link import PUBLISHING, Link
+from .permits import take_permit
 from .sending import CONNECTION_ERRORS, REFUSALS, Sending
 
 log = logging.getLogger("nobs_amqp")
@@ -300,34 +300,10 @@ class AmqpTransport:
         await Sending(self, index, exchange, routing_key, message).run()
 
     async def take_permit(self, queue: str) -> bool:
-        """One transient marker into rate limiter `queue` on a pool channel: True on the broker's
-        ack, False on its nack (the queue is full), never sent again on a nack. A lost connection
-        is waited for until the deadline (a lost confirm costs at worst a permit: fewer starts,
-        never more)."""
+        """One transient marker into rate limiter `queue` (`permits.take_permit`)."""
         if not self._channels:
             raise RuntimeError("transport is not open")
-        loop = asyncio.get_running_loop()
-        until = deadline() or loop.time() + self._publish_timeout
-        pause = 0.05
-        while True:
-            try:
-                async with asyncio.timeout_at(until):
-                    publisher = await self.publisher(next(self._next))
-                    confirmation = await publisher.marker(queue)
-                return isinstance(confirmation, Basic.Ack)
-            except aiormq.exceptions.PublishError as exc:  # returned: the queue expired or was deleted
-                raise UnroutableError(queue) from exc
-            except aiormq.exceptions.DeliveryError:  # basic.nack: reject-publish, the window is full
-                return False
-            except REFUSALS as exc:
-                refused = f"the broker refused {queue!r}: {_describe(exc)}"
-                raise BrokerConnectionError(redact(self.url), refused) from exc
-            except CONNECTION_ERRORS as exc:
-                if loop.time() + pause >= until:
-                    raise BrokerUnavailableError(queue, self.unavailable(nacked=False)) from exc
-                log.debug("%s: the broker is unreachable (%s); retrying", queue, _describe(exc))
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 1.0)
+        return await take_permit(self, next(self._next), queue)
 
     async def renew(self, index: int) -> None:
         """RabbitMQ 3.10 goes on nacking a channel that was nacked while a quorum queue elected its
