@@ -28,6 +28,7 @@ from .errors import (
 )
 from .observe import Fate, Observer, Publish, TaskRun
 from .project import Project
+from .ratelimit import RateLimit
 from .retry import Reject, Retry
 from .sync import SyncProducer
 from .tasks import task
@@ -61,6 +62,7 @@ __all__ = [
     "PublishError",
     "PublishInterruptedError",
     "PublishUnconfirmedError",
+    "RateLimit",
     "Reject",
     "Retry",
     "Schedule",

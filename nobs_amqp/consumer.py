@@ -48,6 +48,7 @@ from .outcome import (
     decide,
     record,
 )
+from .ratelimit import RATE_WAIT_SECONDS, Waits, rate_limits
 from .retry import Reject, Retry
 from .runner import Label, TaskRunner, resident_mb
 from .session import Session
@@ -118,6 +119,14 @@ class Consumer:
         self._copies = Copies(session, worker)
         #: The ids cancelled for this worker, as read so far (a worker with `cancellable=True`).
         self.cancellations: Cancellations | None = None
+        #: Deliveries waiting for a rate limit's permit, per limit.
+        self.rate_waits = Waits(lambda limit, count: session.observers.rate_limited(worker.name, limit, count))
+
+    @property
+    def stalled_on_rate_limits(self) -> bool:
+        """Every delivery that holds a concurrency slot here waits for a rate limit's permit."""
+        waiting = self.rate_waits.total
+        return waiting > 0 and waiting >= min(len(self._running), self.concurrency)
 
     def stop(self) -> None:
         """Stop taking messages; running tasks get the grace period to finish."""
@@ -218,19 +227,25 @@ class Consumer:
 
     def _fitting_ack_timeout(self, tasks: TaskTable) -> float | None:
         """How long the broker must wait for an ack here: the longest time limit, times the
-        deliveries that may wait for a free slot, plus a margin to settle. None without a
+        deliveries that may wait for a free slot, plus a margin to settle (and, with rate limits,
+        the longest wait for a permit, `RATE_WAIT_SECONDS`, per slot). None without a
         worker time limit (a task may run as long as it likes: the broker's default applies).
         ConfigurationError when the broker's own timeout is fixed and shorter."""
         if self.worker.time_limit is None:
             return None
-        own = (spec.options.time_limit for spec in tasks.references.values())
+        specs = tasks.references.values()
+        own = (spec.options.time_limit for spec in specs)
         longest = max([self.worker.time_limit, *(limit for limit in own if limit is not None)])
-        needed = longest * math.ceil(self.prefetch / self.concurrency) + ACK_MARGIN_SECONDS
+        # Any of the project's tasks may come to this queue: one with a rate limit may first wait for its permit.
+        limited = self.worker.rate_limit is not None or any(spec.options.rate_limit for spec in specs)
+        wait = RATE_WAIT_SECONDS if limited else 0.0
+        needed = (longest + wait) * math.ceil(self.prefetch / self.concurrency) + ACK_MARGIN_SECONDS
         fixed = self.session.transport.fixed_ack_timeout()
         if fixed is not None and needed > fixed:
+            permit = f" after up to {wait:.0f} s waiting for a rate limit's permit" if wait else ""
             raise ConfigurationError(
                 f"worker {self.worker.name!r}: a delivery may wait {needed:.0f} s for its ack (time limit "
-                f"{longest:g} s, prefetch {self.prefetch} over concurrency {self.concurrency}, plus "
+                f"{longest:g} s{permit}, prefetch {self.prefetch} over concurrency {self.concurrency}, plus "
                 f"{ACK_MARGIN_SECONDS:.0f} s), longer than the broker's consumer timeout of {fixed:.0f} s, after "
                 f"which it closes the channel and hands the message out again; raise consumer_timeout in "
                 f"rabbitmq.conf and say so with Project(broker_consumer_timeout=...), or use RabbitMQ 3.11.15 or "
@@ -342,7 +357,7 @@ class Consumer:
         try:
             happened = await self._execute(delivery, run, enqueued_at)
             outcome = await self._placed(delivery.message, self._decide(happened))
-            if not isinstance(happened, Refused) and not isinstance(outcome, RejectToDlx):
+            if not isinstance(happened, Refused | GivenBack) and not isinstance(outcome, RejectToDlx):
                 self._attempts.remember(identity)  # only an attempt that verified and ran is remembered
         except asyncio.CancelledError:
             await self._settle(delivery, self._decide(GivenBack()), run)  # shutdown past the grace period
@@ -391,6 +406,9 @@ class Consumer:
         if isinstance(admitted, Refused):
             return admitted
         message, spec = delivery.message, admitted.spec
+        limits = rate_limits(spec.options.rate_limit, self.worker.rate_limit)
+        if limits and not await self.session.permits.take(limits, self._stopping, self.rate_waits.of(message)):
+            return GivenBack()  # stopping, or waited too long: back to the queue unrun
         if log.isEnabledFor(logging.DEBUG):
             log.debug("task %s id %s attempt %d: start", message.task, printable(message.message_id), run.attempt)
         context = TaskContext(

@@ -21,6 +21,7 @@ from . import ladder
 from .errors import LifespanError
 from .message import Message
 from .observe.observer import Observer, Observers, Publish, PublishKind
+from .ratelimit import Permits
 from .signing import Signer
 from .tasks import TaskTable
 from .topology import (
@@ -77,6 +78,8 @@ class Session:
         self._declaring: dict[str, asyncio.Lock] = {}
         self._lifespan = lifespan
         self._shared = _Shared()
+        #: Rate limit permits, taken for this session's consumers.
+        self.permits = Permits(project, transport, publish_timeout)
         #: Metrics, logs and traces: told what happens on this connection.
         self.observers = Observers(observers)
         if isinstance(transport, ConnectionEvents):

@@ -35,6 +35,8 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from .errors import PayloadTypeError, TaskDefinitionError, UnknownTaskError
 from .ladder import checked_seconds
+from .ratelimit import RateLimit, RateLimitOption
+from .ratelimit import rate_limit as rate_limit_of
 from .retry import RetryPolicy, RetryStrategy, StopStrategy, WaitStrategy, describe_strategy
 
 TaskFunction = Callable[[Any], Any]
@@ -45,12 +47,14 @@ _REFERENCE = re.compile(r"^([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):([A-Za-z_]\w*)$")
 
 @dataclass(frozen=True, slots=True)
 class TaskOptions:
-    """What a task sets for itself over its worker's: retry strategies and time limit (None: the worker's)."""
+    """What a task sets for itself over its worker's: retry strategies and time limit (None: the
+    worker's), and a rate limit of its own (applied as well as its worker's)."""
 
     stop: StopStrategy | None = None
     wait: WaitStrategy | None = None
     retry: RetryStrategy | None = None
     time_limit: float | None = None
+    rate_limit: RateLimit | None = None
 
     def policy(self, worker: RetryPolicy) -> RetryPolicy:
         """The worker's policy with this task's strategies in place of its own."""
@@ -64,13 +68,15 @@ class TaskOptions:
         )
 
     def __bool__(self) -> bool:
-        return any(v is not None for v in (self.stop, self.wait, self.retry, self.time_limit))
+        return any(v is not None for v in (self.stop, self.wait, self.retry, self.time_limit, self.rate_limit))
 
     def describe(self) -> str:
         """`stop=stop_after_attempt(max_attempt_number=8), time_limit=30s`: for status and logs."""
         parts = [f"{name}={describe_strategy(value)}" for name, value in self._strategies() if value is not None]
         if self.time_limit is not None:
             parts.append(f"time_limit={self.time_limit:g}s")
+        if self.rate_limit is not None:
+            parts.append(f"rate_limit={self.rate_limit.calls}/{self.rate_limit.seconds:g}s")
         return ", ".join(parts)
 
     def _strategies(self) -> list[tuple[str, object]]:
@@ -89,22 +95,27 @@ def task(
     wait: WaitStrategy | None = None,
     retry: RetryStrategy | None = None,
     time_limit: float | timedelta | None = None,
+    rate_limit: RateLimitOption = None,
 ) -> Callable[[_F], _F]:
-    """Give a task its own retry strategies and time limit, over its worker's:
+    """Give a task its own retry strategies, time limit and rate limit, over its worker's:
 
-        @task(stop=stop_after_attempt(8), wait=wait_exponential(max=300), time_limit=30)
+        @task(stop=stop_after_attempt(8), wait=wait_exponential(max=300), time_limit=30, rate_limit="10/s")
         async def call_webhook(request: Webhook) -> None: ...
 
-    The function is returned as it is (its name, signature and `queue()` unchanged)."""
+    `rate_limit` ("N/s", "N/m", "N/h", or a shared `RateLimit`) holds across every process of the
+    project, on top of the worker's. The function is returned as it is (its name, signature and
+    `queue()` unchanged)."""
     limit = checked_seconds(time_limit, "@task(time_limit=...)", positive=True) if time_limit is not None else None
-    options = TaskOptions(stop, wait, retry, limit)
+    rate_limit_of(rate_limit, "task", "@task(rate_limit=...)")  # a bad one fails here, before the function
 
     def register(fn: _F) -> _F:
         if not inspect.isfunction(fn):
             raise TaskDefinitionError(
                 fn, f"@task(...) takes a plain function defined with def, not a {type(fn).__name__}"
             )
-        setattr(fn, OPTIONS_ATTRIBUTE, options)
+        name = f"{fn.__module__}.{fn.__qualname__}".replace("<", "").replace(">", "")
+        rate = rate_limit_of(rate_limit, name, f"@task(rate_limit=...) of {name}")
+        setattr(fn, OPTIONS_ATTRIBUTE, TaskOptions(stop, wait, retry, limit, rate))
         return fn
 
     return register

@@ -29,7 +29,8 @@ async def drain(
     tasks included, until nothing is left; return how many messages were processed.
 
     On `memory://` the virtual clock jumps to each delayed message, so a five-minute delay
-    or a retry ladder takes no time (the retry policy reads the same clock). On RabbitMQ
+    or a retry ladder takes no time (the retry policy reads the same clock), and to each
+    expiry of a rate limit's window when every running task waits for a permit. On RabbitMQ
     delays take their real time. Either way, raises TimeoutError if work is still pending
     after `timeout` seconds of real time.
 
@@ -50,7 +51,7 @@ async def drain(
             consumer = Consumer(session, worker, burst=True, fail_fast=raise_errors)
             try:
                 async with asyncio.timeout_at(deadline):
-                    await consumer.run()
+                    await _run(consumer, session.transport)
             except TimeoutError:
                 raise TimeoutError(f"tasks of {worker.name} still running after {timeout} s") from None
             processed += consumer.processed
@@ -82,6 +83,22 @@ def drain_sync(
         timeout,
         deadline=False,
     )
+
+
+async def _run(consumer: Consumer, clock: object) -> None:
+    """Run `consumer` to its end; on a virtual clock, whenever all of its tasks wait for a rate
+    limit's permit, move the clock to the next expiry (a permit's marker, or a delayed message)."""
+    run = asyncio.ensure_future(consumer.run())
+    try:
+        while not run.done():
+            await asyncio.wait({run}, timeout=POLL_SECONDS)
+            if not run.done() and isinstance(clock, VirtualClock) and consumer.stalled_on_rate_limits:
+                await clock.advance(clock.seconds_to_next_expiry() or 0)
+    finally:
+        if not run.done():
+            run.cancel()
+            await asyncio.wait({run})
+    run.result()
 
 
 def _workers(project: Project | None, workers: tuple[Worker | str, ...]) -> list[Worker]:

@@ -132,8 +132,13 @@ def quorum_dead_letter_arguments() -> dict[str, object]:
     return {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
 
 
+#: From this version on, quorum queues take message priorities (two levels, no `x-max-priority`).
+QUORUM_PRIORITIES = (4,)
+
+
 def worker_topology(worker: str, options: QueueOptions, server: ServerVersion) -> Topology:
-    """The queue `W`, its dead-letter exchange `W.dlx` and dead-letter queue `W.dlq`."""
+    """The queue `W`, its dead-letter exchange `W.dlx` and dead-letter queue `W.dlq`.
+    ConfigurationError for priorities on a quorum queue of a broker older than 4.0."""
     dlx = dead_letter_exchange(worker)
     dlq = dead_letter_queue(worker)
     main: dict[str, object] = {"x-queue-type": options.queue_type, "x-dead-letter-exchange": dlx}
@@ -148,6 +153,12 @@ def worker_topology(worker: str, options: QueueOptions, server: ServerVersion) -
             # 4.0 gives quorum queues a delivery limit of 20 by default; a dead-letter
             # queue that drops messages after 20 peeks in the management UI loses them.
             dead["x-delivery-limit"] = -1
+        if options.max_priority is not None and server < QUORUM_PRIORITIES:
+            shown = ".".join(str(n) for n in server)
+            raise ConfigurationError(
+                f"worker {worker!r}: priorities on a quorum queue need RabbitMQ 4.0 or newer (the broker is "
+                f"{shown}); use Worker({worker!r}, queue_type='classic', max_priority=N), or RabbitMQ 4.x"
+            )
     elif options.max_priority is not None:
         main["x-max-priority"] = options.max_priority
     queues: tuple[QueueSpec, ...] = (QueueSpec(worker, main), QueueSpec(dlq, dead))
@@ -159,6 +170,47 @@ def worker_topology(worker: str, options: QueueOptions, server: ServerVersion) -
         }
         queues += (QueueSpec(cancellations(worker), stream),)
     return Topology(exchanges=(ExchangeSpec(dlx, "fanout"),), queues=queues, bindings=(Binding(dlx, dlq, ""),))
+
+
+#: A rate limiter's queue outlives its last use by this many periods (at least RATE_EXPIRES_MIN_MS):
+#: a marker lives one period, so a queue that expires holds none.
+RATE_EXPIRES_PERIODS = 3
+RATE_EXPIRES_MIN_MS = 60_000
+#: AMQP names a queue in a short string: 255 bytes at most.
+_QUEUE_NAME_BYTES = 255
+
+
+def rate_limit_queue(project: str, name: str, calls: int, period_ms: int) -> str:
+    """`P.rate.NAME.N-per-Tms`: the queue whose markers count the task starts of rate limit `name`.
+    The limit is part of the name, so changing it (a new deploy) makes a new queue rather than
+    one that exists with other arguments."""
+    queue = f"{project}.rate.{name}.{calls}-per-{period_ms}ms"
+    if len(queue.encode()) > _QUEUE_NAME_BYTES:
+        raise ConfigurationError(
+            f"rate limit {name!r}: its queue name {queue!r} is longer than RabbitMQ takes (255 bytes); "
+            f"give the limit a shorter name with RateLimit(name, ...)"
+        )
+    return queue
+
+
+def rate_limit_expires_ms(period_ms: int) -> int:
+    """How long a rate limiter's queue lives on without being declared again (`x-expires`)."""
+    return max(RATE_EXPIRES_PERIODS * period_ms, RATE_EXPIRES_MIN_MS)
+
+
+def rate_limit_topology(queue: str, calls: int, period_ms: int) -> Topology:
+    """A sliding window of `calls` permits per `period_ms`: a classic queue of at most `calls`
+    markers that refuses more (basic.nack), each expiring after the period. It is durable (a
+    transient queue is deprecated in RabbitMQ 4) and its markers transient (a broker restart
+    empties it); it is deleted after some periods without a declaration."""
+    arguments: dict[str, object] = {
+        "x-queue-type": "classic",
+        "x-max-length": calls,
+        "x-overflow": "reject-publish",
+        "x-message-ttl": period_ms,
+        "x-expires": rate_limit_expires_ms(period_ms),
+    }
+    return Topology(queues=(QueueSpec(queue, arguments),))
 
 
 #: Arguments that count only when a queue is created: how many nodes a quorum queue starts on.

@@ -13,6 +13,8 @@ from . import message as wire
 from .cancellation import cancel_message
 from .errors import ConfigurationError, NotInProjectError
 from .ladder import checked_seconds, delay_seconds, ladder_delay
+from .ratelimit import RateLimitOption
+from .ratelimit import rate_limit as rate_limit_of
 from .retry import RetryPolicy, RetryStrategy, StopStrategy, WaitStrategy
 from .session import Lifespan, Session
 from .tasks import TaskFunction, TaskSpec
@@ -46,12 +48,16 @@ class Worker:
     (default: 5 attempts in all, exponential jittered waits from 1 s);
     `concurrency` is how many tasks run at once; `prefetch` how many unacked
     messages a process holds (default: the concurrency); `time_limit` per
-    task; `queue_type` "quorum" (default) or "classic" (needed for
-    `max_priority` on RabbitMQ 3.x); `delivery_limit`: a message handed out this
-    many times without being settled (its worker died or stopped each time) goes
-    to the DLQ instead of running again; `cancellable`: tasks can be cancelled by id
-    (`cancel()`; its workers follow a stream `W.cancelled`); `lifespan`: an async context manager factory run once
-    in each consuming process around all of its tasks, whose yielded value tasks read as
+    task; `queue_type` "quorum" (default) or "classic"; `max_priority`: messages
+    may carry a priority 0..N (a classic queue has N levels; a quorum one, on RabbitMQ
+    4.x only, two: 0-4 normal, 5 and up high); `rate_limit`: at most so many task
+    starts per period across all of the worker's processes ("10/s", "100/m", "5/h", or a
+    shared `RateLimit`; a task waiting for its turn holds a concurrency slot);
+    `delivery_limit`: a message handed out this many times without being settled (its
+    worker died or stopped each time) goes to the DLQ instead of running again;
+    `cancellable`: tasks can be cancelled by id (`cancel()`; its workers follow a stream
+    `W.cancelled`); `lifespan`: an async context manager factory run once in each
+    consuming process around all of its tasks, whose yielded value tasks read as
     `current_task().state` (a database pool, an HTTP client).
     """
 
@@ -69,6 +75,7 @@ class Worker:
         max_priority: int | None = None,
         delivery_limit: int | None = 10,
         lifespan: Lifespan | None = None,
+        rate_limit: RateLimitOption = None,
         cancellable: bool = False,
     ) -> None:
         self.name = check_name("worker", name)
@@ -80,14 +87,8 @@ class Worker:
             raise ConfigurationError(f"worker {name!r}: prefetch must be at least 1 (got {prefetch})")
         if queue_type not in ("quorum", "classic"):
             raise ConfigurationError(f"worker {name!r}: queue_type must be 'quorum' or 'classic' (got {queue_type!r})")
-        if max_priority is not None:
-            if queue_type != "classic":
-                raise ConfigurationError(
-                    f"worker {name!r}: max_priority needs queue_type='classic' (quorum queues on "
-                    f"RabbitMQ 3.x have no priorities)"
-                )
-            if not 1 <= max_priority <= 255:
-                raise ConfigurationError(f"worker {name!r}: max_priority must be 1..255 (got {max_priority})")
+        if max_priority is not None and not 1 <= max_priority <= 255:
+            raise ConfigurationError(f"worker {name!r}: max_priority must be 1..255 (got {max_priority})")
         if delivery_limit is not None and delivery_limit < 1:
             raise ConfigurationError(f"worker {name!r}: delivery_limit must be at least 1 or None")
         self.concurrency = concurrency
@@ -98,6 +99,8 @@ class Worker:
             else None
         )
         self.queue_options = QueueOptions(queue_type, delivery_limit, max_priority, cancellable)
+        #: At most so many task starts per period across all of this worker's processes (None: no limit).
+        self.rate_limit = rate_limit_of(rate_limit, name, f"worker {name!r}")
         #: Opens what this worker's tasks share, once per consuming process (`current_task().state`).
         self.lifespan = lifespan
         self._project: Home | None = None
@@ -202,8 +205,8 @@ class Worker:
             limit = self.queue_options.max_priority
             if limit is None:
                 raise ConfigurationError(
-                    f"worker {self.name!r} has no priorities: create it with "
-                    f"Worker({self.name!r}, queue_type='classic', max_priority=N)"
+                    f"worker {self.name!r} has no priorities: create it with Worker({self.name!r}, "
+                    f"max_priority=N) (on a quorum queue, RabbitMQ 4.x; on 3.x add queue_type='classic')"
                 )
             if not 0 <= priority <= limit:
                 raise ConfigurationError(f"priority must be 0..{limit} for worker {self.name!r} (got {priority})")

@@ -102,6 +102,13 @@ class _Families:
             registry=registry,
             multiprocess_mode="livesum",
         )
+        self.rate_waiting = Gauge(
+            "nobs_amqp_rate_limit_waiting",
+            "Deliveries waiting for a permit of a rate limit (each holding a concurrency slot).",
+            (*worker, "limit"),
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
         self.state = Gauge(
             "nobs_amqp_consumer_state",
             "Consumers in each state (1 or 0 per process).",
@@ -158,7 +165,8 @@ class PrometheusMetrics(Observer):
     global one, beside its other metrics); with it, the process's `Health`.
 
     Consumers: task runs started, succeeded, failed, retried and dead-lettered (by reason) per
-    task, their duration, deliveries in flight and messages held, each consumer's state, event
+    task, their duration, deliveries in flight and messages held, deliveries waiting for a rate
+    limit's permit (by limit: names the project gave), each consumer's state, event
     loop blocking, reconnects. Producers (any process whose project has it): messages published,
     publish errors and confirm latency, per worker and kind (task, retry, dead letter).
     """
@@ -201,6 +209,9 @@ class PrometheusMetrics(Observer):
 
     def holding(self, worker: str, count: int) -> None:
         self._metrics.held.labels(worker).set(count)
+
+    def rate_limited(self, worker: str, limit: str, waiting: int) -> None:
+        self._metrics.rate_waiting.labels(worker, limit).set(waiting)
 
     def consumer_state(self, worker: str, state: str) -> None:
         self.health.consumer_state(worker, state)

@@ -126,6 +126,10 @@ class Observer:
         """The consumer of `worker` in this process now holds `count` messages: delivered to it and
         not settled yet (waiting for a slot or being handled), at most its prefetch."""
 
+    def rate_limited(self, worker: str, limit: str, waiting: int) -> None:
+        """In this process, `waiting` deliveries of `worker` now wait for a permit of rate limit
+        `limit` (each holding a concurrency slot): told when one starts and when one stops waiting."""
+
     def consumer_state(self, worker: str, state: str) -> None:
         """A consumer of `worker` in this process became `state` (READY, RECONNECTING, ...)."""
 
@@ -195,6 +199,10 @@ class Observers(Observer):
     def holding(self, worker: str, count: int) -> None:
         for observer in self._holders:
             _call(observer, "holding", worker, count)
+
+    def rate_limited(self, worker: str, limit: str, waiting: int) -> None:
+        for observer in self.observers:
+            _call(observer, "rate_limited", worker, limit, waiting)
 
     def consumer_state(self, worker: str, state: str) -> None:
         for observer in self.observers:

@@ -104,6 +104,12 @@ class Transport(Protocol):
     async def publish(self, exchange: str, routing_key: str, message: Message) -> None:
         """Publish persistent and mandatory; return once the broker confirmed it."""
 
+    async def take_permit(self, queue: str) -> bool:
+        """Put one transient marker into `queue` (a rate limiter, `topology.rate_limit_topology`):
+        True when the broker confirmed it (a permit), False when the queue refused it (full: no
+        permit now). Never sent again on a refusal. UnroutableError when the queue is gone (declare
+        it again), BrokerUnavailableError when the broker stays unreachable until the deadline."""
+
     async def consume(
         self, queue: str, prefetch: int, handler: Handler, *, ack_timeout: float | None = None
     ) -> Subscription:

@@ -33,6 +33,9 @@ from .base import Handler, LeaseState, check_size
 
 log = logging.getLogger("nobs_amqp")
 
+#: On a quorum queue (RabbitMQ 4) priorities up to this one are normal, those above it high.
+QUORUM_NORMAL_PRIORITY = 4
+
 
 @dataclass(slots=True)
 class _Entry:
@@ -67,9 +70,12 @@ class _Queue:
         self.ttl = int(ttl) / 1000 if isinstance(ttl, int) else None
         limit = args.get("x-delivery-limit")
         self.delivery_limit = limit if isinstance(limit, int) and limit >= 0 else None
+        # A classic queue has `x-max-priority` levels; a quorum one (RabbitMQ 4) two: 0-4 and 5 up.
         self.prioritised = isinstance(args.get("x-max-priority"), int)
+        self.two_levels = args.get("x-queue-type") == "quorum"
         length = args.get("x-max-length")
         self.max_length = length if isinstance(length, int) and length >= 0 else None
+        self.rejects = args.get("x-overflow") == "reject-publish"  # refuse when full, not drop the head
         self.ready: list[tuple[int, int, _Entry]] = []  # heap of (-priority, sequence, entry)
         self.consumers: list[_Consumer] = []
         #: A stream keeps every message (`log`) and hands each to every follower.
@@ -78,7 +84,11 @@ class _Queue:
         self.followers: list[Callable[[Message], None]] = []
 
     def push(self, entry: _Entry, sequence: int) -> None:
-        priority = (entry.message.priority or 0) if self.prioritised else 0
+        priority = entry.message.priority or 0
+        if self.two_levels:
+            priority = 1 if priority > QUORUM_NORMAL_PRIORITY else 0
+        elif not self.prioritised:
+            priority = 0
         heapq.heappush(self.ready, (-priority, sequence, entry))
 
 
@@ -208,6 +218,18 @@ class MemoryBroker:
         for name in queues:
             self._enqueue(self.queues[name], _Entry(message, routing_key))
         return bool(queues)
+
+    def offer(self, queue: str, message: Message) -> bool:
+        """Put `message` into `queue` unless it refuses it (full, with reject-publish): a rate
+        limiter's permit. UnroutableError when there is no such queue."""
+        found = self.queues.get(queue)
+        if found is None:
+            raise UnroutableError(queue)
+        self._expire_due()  # what fell due just now, before its timer ran
+        if found.rejects and found.max_length is not None and len(found.ready) >= found.max_length:
+            return False
+        self._enqueue(found, _Entry(message, queue))
+        return True
 
     def _route(self, exchange: str, key: str, seen: set[str]) -> set[str]:
         if exchange == "":
@@ -429,6 +451,9 @@ class MemoryTransport:
             raise NotFoundError(exchange, f"no exchange '{exchange}' in vhost '/'")
         if not self.broker.publish(exchange, routing_key, message):
             raise UnroutableError(exchange or routing_key)
+
+    async def take_permit(self, queue: str) -> bool:
+        return self.broker.offer(queue, Message(b"", "", "", "", self.now()))
 
     def fixed_ack_timeout(self) -> float | None:
         return None  # no delivery acknowledgement timeout here

@@ -35,5 +35,6 @@ worker = Worker(
     stop=tenacity.stop_after_attempt(int(os.environ.get("NOBS_TEST_MAX_ATTEMPTS", "5"))),
     lifespan=resources if os.environ.get("NOBS_TEST_LIFESPAN_DIR") else None,
     cancellable=bool(os.environ.get("NOBS_TEST_CANCELLABLE")),
+    rate_limit=os.environ.get("NOBS_TEST_RATE_LIMIT") or None,
 )
 project = Project(name="nobs-test", workers=[worker], packages=["tests.apps"])

@@ -19,7 +19,7 @@ import orjson
 import pytest
 import tenacity
 
-from nobs_amqp import Project, UnroutableError, Worker
+from nobs_amqp import ConfigurationError, Project, UnroutableError, Worker
 from nobs_amqp import message as wire
 from nobs_amqp.consumer import Consumer
 
@@ -202,6 +202,30 @@ async def test_priorities(url: str, name: str) -> None:
         await Consumer(project.session, worker, burst=True).run()
     order = sorted(keys, key=lambda k: tasks.calls(k)[0])
     assert order == list(reversed(keys))
+
+
+async def test_quorum_priorities_on_rabbitmq_4(url: str, name: str) -> None:
+    """RabbitMQ 4 quorum queues have two priorities (0-4 normal, 5 and up high); 3.x none: a clear error."""
+    project, worker = make(url, name, max_priority=9, concurrency=1, prefetch=1)
+    normal, high = [f"{name}-n{i}" for i in range(4)], [f"{name}-h{i}" for i in range(2)]
+    async with project:
+        version = project.session.transport.server_version
+        if version < (4,):
+            shown = rf"{version[0]}\.{version[1]}"
+            expected = rf"priorities on a quorum queue need RabbitMQ 4.0 or newer \(the broker is {shown}"
+            with pytest.raises(ConfigurationError, match=expected):
+                await worker.queue(tasks.record, tasks.Job(key=normal[0]), priority=1)
+            with pytest.raises(ConfigurationError, match="queue_type='classic', max_priority=N"):
+                await Consumer(project.session, worker, burst=True).run()
+            return
+        for i, k in enumerate(normal):
+            await worker.queue(tasks.record, tasks.Job(key=k), priority=i)  # 0..3: all normal
+        for k, priority in zip(high, (5, 9), strict=True):
+            await worker.queue(tasks.record, tasks.Job(key=k), priority=priority)
+        await Consumer(project.session, worker, burst=True).run()
+    order = sorted(normal + high, key=lambda k: tasks.calls(k)[0])
+    assert sorted(order[:2]) == high  # the high ones first
+    assert order[2:] == normal  # normal ones in the order they came, whatever their priority 0-4
 
 
 async def test_burst_on_an_empty_queue_returns_at_once(url: str, name: str) -> None:

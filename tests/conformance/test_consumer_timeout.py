@@ -15,6 +15,7 @@ import pytest
 from nobs_amqp import ConfigurationError, Project, Worker
 from nobs_amqp.consumer import Consumer
 from nobs_amqp.management import Management
+from nobs_amqp.ratelimit import RATE_WAIT_SECONDS
 from nobs_amqp.transports.amqp.transport import PER_CONSUMER_TIMEOUT
 from nobs_amqp.urls import vhost_of
 
@@ -100,3 +101,16 @@ async def test_the_refusal_names_the_version_that_takes_a_consumers_own_timeout(
     version = ".".join(str(part) for part in PER_CONSUMER_TIMEOUT)
     assert f"or use RabbitMQ {version} or newer, where the worker sets its own" in str(refused.value)
     assert "3.12" not in str(refused.value)
+
+
+async def test_a_rate_limit_adds_its_longest_wait_to_the_ack_timeout(amqp_url: str, name: str) -> None:
+    """A delivery may wait up to RATE_WAIT_SECONDS for its permit before its task runs."""
+    project, worker = make(amqp_url, name, time_limit=60, concurrency=2, prefetch=4, rate_limit="10/s")
+    async with project:
+        consumer = Consumer(project.session, worker)
+        # two deliveries may wait in line for a slot: 2 x (600 s for a permit + 60 s to run), plus 60 s
+        assert consumer._fitting_ack_timeout(project.session.tasks()) == 2 * (RATE_WAIT_SECONDS + 60) + 60
+        async with running(consumer):  # within the fixed 30 minutes of a broker older than 3.11.15
+            if project.session.transport.fixed_ack_timeout() is None:
+                arguments = await eventually(lambda: _consumer_arguments(amqp_url, name), timeout=15)
+                assert arguments == {"x-consumer-timeout": int(2 * (RATE_WAIT_SECONDS + 60) + 60) * 1000}

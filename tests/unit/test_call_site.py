@@ -96,7 +96,10 @@ def test_explicit_tasks_are_allowed() -> None:
     ("options", "message"),
     [
         ({"concurrency": 0}, "concurrency must be at least 1"),
-        ({"max_priority": 5}, "max_priority needs queue_type='classic'"),
+        ({"max_priority": 0}, "max_priority must be 1..255"),
+        ({"rate_limit": "10 per s"}, "rate_limit '10 per s' is not usable"),
+        ({"rate_limit": "0/s"}, "rate_limit '0/s' is not usable"),
+        ({"rate_limit": "5/d"}, "write 'N/s', 'N/m' or 'N/h'"),
         ({"queue_type": "stream"}, "queue_type must be 'quorum' or 'classic'"),
         ({"delivery_limit": 0}, "delivery_limit must be at least 1"),
     ],
@@ -127,7 +130,7 @@ def test_bad_url_scheme() -> None:
 async def test_priority_needs_a_priority_queue() -> None:
     worker = Worker("noprio")
     project_with(worker, packages=["tests"])
-    with pytest.raises(ConfigurationError, match="queue_type='classic', max_priority=N"):
+    with pytest.raises(ConfigurationError, match=r"create it with Worker\('noprio', max_priority=N\)"):
         await worker.queue(tasks.record, tasks.Job(key="x"), priority=3)
 
 

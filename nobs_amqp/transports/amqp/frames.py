@@ -234,6 +234,16 @@ class Publisher:
             self._waiting = []
             self._putting = None
 
+    async def marker(self, queue: str) -> ConfirmationFrameType | None:
+        """Publish an empty transient mandatory message to `queue` (a rate limiter's permit) through
+        aiormq, once what waits here is in the write queue; the broker's confirm (aiormq raises
+        DeliveryError for a nack, PublishError for a return)."""
+        while self._putting is not None:
+            await asyncio.shield(self._putting)
+        return await self.channel.basic_publish(
+            b"", routing_key=queue, properties=Basic.Properties(delivery_mode=1), mandatory=True
+        )
+
     async def _through_aiormq(self, exchange: str, routing_key: str, message: Message) -> ConfirmationFrameType | None:
         """aiormq's own way, once what waits here is in the write queue (its tag comes after
         theirs). aiormq makes up a message id for a message without one: returns are told by it."""

@@ -39,6 +39,7 @@ from .delivery import AmqpDelivery, DirectQueue
 from .frames import Publisher
 from .leases import ExclusiveQueues
 from .link import PUBLISHING, Link
+from .permits import take_permit
 from .sending import CONNECTION_ERRORS, REFUSALS, Sending
 
 log = logging.getLogger("nobs_amqp")
@@ -301,6 +302,12 @@ class AmqpTransport:
             raise RuntimeError("transport is not open")
         index = next(self._next)
         await Sending(self, index, exchange, routing_key, message).run()
+
+    async def take_permit(self, queue: str) -> bool:
+        """One transient marker into rate limiter `queue` (`permits.take_permit`)."""
+        if not self._channels:
+            raise RuntimeError("transport is not open")
+        return await take_permit(self, next(self._next), queue)
 
     async def renew(self, index: int) -> None:
         """RabbitMQ 3.10 goes on nacking a channel that was nacked while a quorum queue elected its
