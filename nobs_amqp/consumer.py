@@ -47,6 +47,7 @@ from .outcome import (
     decide,
     record,
 )
+from .replies import Replies
 from .retry import Reject, Retry
 from .runner import Label, TaskRunner, resident_mb
 from .session import Session
@@ -115,6 +116,7 @@ class Consumer:
         self._failure: BaseException | None = None
         self._attempts = SettledAttempts()
         self._copies = Copies(session, worker)
+        self._replies = Replies(session, worker)
 
     def stop(self) -> None:
         """Stop taking messages; running tasks get the grace period to finish."""
@@ -328,6 +330,7 @@ class Consumer:
     async def _settle_one(
         self, delivery: Delivery, run: TaskRun, identity: Identity | None, enqueued_at: datetime
     ) -> None:
+        happened: Happened | None = None
         try:
             happened = await self._execute(delivery, run, enqueued_at)
             outcome = await self._placed(delivery.message, self._decide(happened))
@@ -343,6 +346,8 @@ class Consumer:
                 printable(delivery.message.message_id),
             )
             outcome = await self._worker_failed(delivery, exc, run)
+        # Its copy is placed: the caller awaiting its result, or its chain's next step, is told.
+        await self._replies.after(delivery.message, happened, outcome)
         await self._settle(delivery, outcome, run)
 
     def _decide(self, happened: Happened) -> Outcome:
@@ -387,7 +392,7 @@ class Consumer:
         started = time.perf_counter()
         try:
             with running(context):
-                await self.runner.call(
+                value = await self.runner.call(
                     spec.fn,
                     admitted.payload,
                     is_async=spec.is_async,
@@ -404,7 +409,7 @@ class Consumer:
         finally:
             run.seconds = time.perf_counter() - started
             self._check_health()
-        return Succeeded()
+        return Succeeded(value)
 
     def _check_health(self) -> None:
         """Stop (to be replaced by a fresh process) when tasks leaked memory or left threads stuck."""

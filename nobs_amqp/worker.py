@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from datetime import timedelta
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
+from . import chains
 from . import message as wire
 from .errors import ConfigurationError, NotInProjectError
+from .handle import Queued
 from .ladder import checked_seconds, ladder_delay
 from .retry import RetryPolicy, RetryStrategy, StopStrategy, WaitStrategy
 from .session import Lifespan, Session
@@ -30,6 +33,8 @@ class Home(Protocol):
     def session(self) -> Session: ...
 
     def spec(self, fn: TaskFunction) -> TaskSpec: ...
+
+    def worker(self, name: str) -> Worker: ...
 
 
 class Worker:
@@ -103,18 +108,34 @@ class Worker:
         return self._project
 
     async def queue(
-        self, fn: Callable[[P], object], payload: P, *, delay: Delay | None = None, priority: int | None = None
-    ) -> str:
-        """Put `fn(payload)` on this worker's queue; return its message id once the broker confirmed it.
+        self,
+        fn: Callable[[P], object],
+        payload: P,
+        *,
+        delay: Delay | None = None,
+        priority: int | None = None,
+        result: bool = False,
+        then: Sequence[chains.Step[Any]] = (),
+    ) -> Queued:
+        """Put `fn(payload)` on this worker's queue; return its handle (a `str`: its message id)
+        once the broker confirmed it.
 
         `delay` (seconds or timedelta) holds it back that long, rounded up to whole
-        seconds. It never waits for the task itself.
+        seconds. It never waits for the task itself. `result=True`: its result can be awaited,
+        `await handle.result(timeout=...)`. `then`: steps run one after the other once it
+        succeeded (a chain; its result is the last step's).
         """
         task, body, wait = self._checked(fn, payload, delay, priority)
         session = self.project.session
         message = self._message(session, task, body, wait, priority)
-        await session.send(self, message, wait)
-        return message.message_id
+        decode = self.project.spec(fn).decode_result() if result else None
+        if then:
+            chain, decode = chains.build(self.project, then)
+            message = replace(message, headers={**message.headers, wire.CHAIN: chain.header()})
+        if not result:
+            await session.send(self, message, wait)
+            return Queued(message.message_id, self.name)
+        return await self._requested(session, message, wait, decode)
 
     async def queue_many(
         self,
@@ -123,15 +144,33 @@ class Worker:
         *,
         delay: Delay | None = None,
         priority: int | None = None,
-    ) -> list[str]:
-        """Queue `fn` once per payload, confirms pipelined; every payload is checked before any is sent."""
+        result: bool = False,
+    ) -> list[Queued]:
+        """Queue `fn` once per payload, confirms pipelined; every payload is checked before any is
+        sent. `result=True`: each result can be awaited (`gather_results(handles)` for all)."""
         checked = [self._checked(fn, payload, delay, priority) for payload in payloads]
         session = self.project.session
         messages = [(self._message(session, task, body, wait, priority), wait) for task, body, wait in checked]
         for message, _ in messages:  # none is sent if one is too large
             session.transport.check_size(self.name, message)
-        await asyncio.gather(*(session.send(self, message, wait) for message, wait in messages))
-        return [message.message_id for message, _ in messages]
+        if not result:
+            await asyncio.gather(*(session.send(self, message, wait) for message, wait in messages))
+            return [Queued(message.message_id, self.name) for message, _ in messages]
+        decode = self.project.spec(fn).decode_result()
+        return list(await asyncio.gather(*(self._requested(session, m, wait, decode) for m, wait in messages)))
+
+    async def _requested(
+        self, session: Session, message: wire.Message, wait: int, decode: Callable[[bytes], Any] | None
+    ) -> Queued:
+        """Send `message` asking for its result; its handle."""
+        message = replace(message, headers={**message.headers, wire.REPLY: message.message_id})
+        waiting = session.results.expect(message.message_id)
+        try:
+            await session.send(self, message, wait, reply=True)
+        except BaseException:
+            session.results.forget(message.message_id)
+            raise
+        return Queued(message.message_id, self.name, results=session.results, waiting=waiting, decode=decode)
 
     def _checked(
         self, fn: TaskFunction, payload: object, delay: Delay | None, priority: int | None

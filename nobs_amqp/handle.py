@@ -1,0 +1,97 @@
+"""What `Worker.queue()` returns: the message id, and (when asked for) the way to its result."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
+from .errors import ResultNotRequestedError, ResultTimeoutError
+from .message import Message
+from .results import Decode, Results, value_of
+
+#: How long `result()` waits unless told otherwise.
+RESULT_TIMEOUT = 60.0
+
+
+class Queued(str):
+    """A queued task: equal to (and usable as) its message id. `await handle.result()` is its
+    return value when it was queued with `result=True`."""
+
+    message_id: str
+    #: The name of the worker it was queued on.
+    worker: str
+
+    def __new__(
+        cls,
+        message_id: str,
+        worker: str,
+        *,
+        results: Results | None = None,
+        waiting: asyncio.Future[Message] | None = None,
+        decode: Decode | None = None,
+    ) -> Queued:
+        handle = super().__new__(cls, message_id)
+        handle.message_id = message_id
+        handle.worker = worker
+        handle._results = results
+        handle._waiting = waiting
+        handle._decode = decode
+        return handle
+
+    _results: Results | None
+    _waiting: asyncio.Future[Message] | None
+    _decode: Decode | None
+
+    def __repr__(self) -> str:
+        return f"Queued({self.message_id!r}, worker={self.worker!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (str, (self.message_id,))  # pickled (or copied) as the plain id: a result is this process's
+
+    async def result(self, timeout: float | None = RESULT_TIMEOUT) -> Any:  # noqa: ASYNC109 - the API asked for
+        """The task's return value, once it succeeded (after its retries): validated as the task's
+        return annotation, else plain JSON (dict, list, str, int, float, bool, None).
+
+        Raises `TaskFailedError` when it failed for good (dead-lettered), `ResultTimeoutError`
+        (a TimeoutError) after `timeout` seconds (None: no limit), `ResultLostError` when the
+        connection that would receive the result dropped, `ResultNotRequestedError` when it was
+        queued without `result=True`."""
+        waiting, results = self._waiting, self._results
+        if waiting is None or results is None:
+            raise ResultNotRequestedError(self.message_id)
+        if waiting.cancelled():  # an earlier result() timed out: nobody receives its reply any more
+            raise ResultTimeoutError(self.message_id, timeout)
+        try:
+            async with asyncio.timeout(timeout):
+                reply = await asyncio.shield(waiting)
+        except TimeoutError:
+            if waiting.done() and not waiting.cancelled():
+                reply = waiting.result()
+            else:
+                results.forget(self.message_id)
+                raise ResultTimeoutError(self.message_id, timeout) from None
+        return value_of(reply, self._decode)
+
+
+async def gather_results(
+    handles: Iterable[Queued],
+    *,
+    timeout: float | None = RESULT_TIMEOUT,  # noqa: ASYNC109 - one deadline for all, as result() has
+    return_exceptions: bool = False,
+) -> list[Any]:
+    """The results of `handles` (of any workers), in their order, within one `timeout` for all.
+    Raises the first failure (in the handles' order) unless `return_exceptions=True`, which puts
+    each failure in its place in the list instead."""
+    handles = list(handles)
+    loop = asyncio.get_running_loop()
+    until = None if timeout is None else loop.time() + timeout
+    outcomes = await asyncio.gather(
+        *(handle.result(None if until is None else max(0.0, until - loop.time())) for handle in handles),
+        return_exceptions=True,
+    )
+    if not return_exceptions:
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+    return outcomes

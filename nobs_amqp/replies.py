@@ -1,0 +1,117 @@
+"""What a worker sends once a delivery's fate is final, before it acks it: the next step of its
+chain, or its result to a caller that awaits it (`results.py` says what a reply holds).
+
+Nothing here changes a delivery's fate, and nothing here raises: a reply that cannot be sent,
+or a next step that cannot be queued, is logged (the step's caller, if any, is told). A retry
+sends nothing: the caller keeps waiting, and the retry copy carries the reply address and id.
+A reply goes only to a direct reply-to address, never to a queue or an exchange, and only for
+a message whose signature (with a key set) was verified.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pydantic_core
+
+from . import chains, results
+from . import message as wire
+from .errors import BadSignatureError, NobsAmqpError, UndecodableMessageError
+from .message import printable
+from .outcome import Ack, DeadLetter, Happened, Outcome, Refused, RejectToDlx, Succeeded
+from .session import Session
+from .worker import Worker
+
+log = logging.getLogger("nobs_amqp")
+
+
+class Replies:
+    """Sends one worker's replies and next chain steps."""
+
+    def __init__(self, session: Session, worker: Worker) -> None:
+        self.session = session
+        self.worker = worker
+
+    async def after(self, message: wire.Message, happened: Happened | None, outcome: Outcome) -> None:
+        """Send what `outcome` (final or not) of `message` calls for; never raises."""
+        if isinstance(happened, Refused) and isinstance(happened.error, BadSignatureError | UndecodableMessageError):
+            return  # nothing it asks for is believed
+        if not (isinstance(outcome, DeadLetter | RejectToDlx) or (isinstance(outcome, Ack) and outcome.ran)):
+            return  # a retry, a duplicate, or given back: its final outcome comes later
+        try:
+            await self._after(message, happened, outcome)
+        except Exception as exc:  # noqa: BLE001 - the delivery's fate is settled already
+            log.warning("id %s: cannot reply or queue the next step: %s", printable(message.message_id), exc)
+
+    async def _after(self, message: wire.Message, happened: Happened | None, outcome: Outcome) -> None:
+        reply = message.reply
+        try:
+            chain = chains.read(message)
+        except NobsAmqpError as exc:
+            chain = None
+            log.error("task %s id %s: %s; no next step", message.task, printable(message.message_id), exc)
+        place = chain.place if chain is not None and chain.of > 1 else None
+        if isinstance(outcome, DeadLetter | RejectToDlx):
+            if reply is not None:
+                await self._failed(message, reply, outcome.reason.value, outcome.error, place)
+            return
+        value = happened.value if isinstance(happened, Succeeded) else None
+        if chain is not None and chain.rest:
+            problem = await self._next_step(message, chain, value)
+            if problem is not None and reply is not None:
+                await self._failed(message, reply, "chain_failed", problem, place)
+            return
+        if reply is not None:
+            await self._succeeded(message, reply, value)
+
+    async def _succeeded(self, message: wire.Message, reply: tuple[str, str], value: object) -> None:
+        address, reply_id = reply
+        now = self.session.now()
+        try:
+            body = pydantic_core.to_json(value)
+        except (pydantic_core.PydanticSerializationError, ValueError, TypeError) as exc:
+            log.warning(
+                "task %s id %s: its result is not JSON (%s); the caller is told",
+                message.task,
+                printable(message.message_id),
+                printable(exc),
+            )
+            answer = results.unreadable(message.task, reply_id, self.session.project, now, f"not JSON: {exc}")
+        else:
+            answer = results.success(message.task, reply_id, body, self.session.project, now)
+        await self.session.answer(address, answer)
+
+    async def _failed(
+        self,
+        message: wire.Message,
+        reply: tuple[str, str],
+        reason: str,
+        error: BaseException | str | None,
+        place: str | None,
+    ) -> None:
+        address, reply_id = reply
+        answer = results.failure(message.task, reply_id, self.session.project, self.session.now(), reason, error, place)
+        await self.session.answer(address, answer)
+
+    async def _next_step(self, message: wire.Message, chain: chains.Chain, value: object) -> str | None:
+        """Queue the step after `message` (confirmed); why it could not be, else None."""
+        step = chain.rest[0]
+        where = f"task {message.task} id {printable(message.message_id)}: the next step of its chain"
+        try:
+            worker = self.worker.project.worker(step.worker)
+            body = step.body if step.body is not None else pydantic_core.to_json(value)
+            now = self.session.now()
+            following = wire.new_message(body, step.task, self.session.project, now=now)
+            headers = dict(following.headers)
+            if message.reply is not None:
+                headers[wire.REPLY] = message.reply[1]
+            headers[wire.CHAIN] = chain.after().header()
+            following = wire.Message(
+                body, step.task, following.message_id, following.app_id, now, headers, None, message.reply_to
+            )
+            await self.session.send(worker, following, 0)
+        except (NobsAmqpError, pydantic_core.PydanticSerializationError, ValueError, TypeError) as exc:
+            log.error("%s (%s on worker %s) cannot be queued: %s", where, step.task, step.worker, printable(exc))
+            return f"step {chain.step + 1} of {chain.of} ({step.task}) could not be queued: {printable(exc)}"
+        log.debug("%s: queued %s on %s as %s", where, step.task, step.worker, following.message_id)
+        return None

@@ -1,0 +1,211 @@
+"""Results, groups and chains (issue 19 items 2 and 8), on RabbitMQ and on memory://."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from tenacity import stop_after_attempt, wait_none
+
+from nobs_amqp import Project, Worker
+from nobs_amqp import message as wire
+from nobs_amqp.chains import Step
+from nobs_amqp.consumer import consuming
+from nobs_amqp.errors import (
+    ChainError,
+    PayloadTypeError,
+    ResultNotRequestedError,
+    ResultTimeoutError,
+    ResultUnreadableError,
+    TaskFailedError,
+)
+from nobs_amqp.handle import Queued, gather_results
+from nobs_amqp.testing import drain
+from nobs_amqp.topology import dead_letter_queue
+
+from ..apps import results_tasks as t
+from ..support import eventually, take_messages
+
+PROJECT = "nobs-results"
+KEY = "a-signing-key-of-32-bytes-at-least"
+
+
+def make(url: str, *names: str, **options: Any) -> tuple[Project, list[Worker]]:
+    signing = options.pop("signing_key", None)
+    workers = [Worker(n, stop=stop_after_attempt(3), wait=wait_none(), **options) for n in names]
+    return Project(name=PROJECT, workers=workers, packages=["tests"], url=url, signing_key=signing), workers
+
+
+def key() -> str:
+    return uuid.uuid4().hex
+
+
+@contextlib.asynccontextmanager
+async def worker_process(url: str, *names: str, **options: Any) -> AsyncIterator[Project]:
+    """Another connection consuming `names`, as a worker process would."""
+    project, workers = make(url, *names, **options)
+    async with project, consuming(project.session, workers):
+        yield project
+
+
+async def test_a_result_is_the_return_value_typed_by_the_annotation(url: str, name: str) -> None:
+    project, [worker] = make(url, name)
+    async with project:
+        handle = await worker.queue(t.add, t.Pair(a=2, b=3), result=True)
+        in_thread = await worker.queue(t.add_sync, t.Pair(a=4, b=5), result=True)
+        plain = await worker.queue(t.untyped, t.Number(value=7), result=True)
+        assert isinstance(handle, Queued) and isinstance(handle, str)
+        assert handle == handle.message_id and handle.worker == name
+        await drain(project)
+        assert await handle.result(timeout=10) == t.Total(total=5, attempts=1)
+        assert await in_thread.result(timeout=10) == 9
+        assert await plain.result(timeout=10) == {"value": 7, "list": [1, 2]}
+        assert len(project.session.results) == 0
+
+
+async def test_a_failure_is_raised_typed_after_its_retries(url: str, name: str) -> None:
+    project, [worker] = make(url, name)
+    k = key()
+    async with project:
+        failing = await worker.queue(t.always_fails, t.Number(value=7, key=k), result=True)
+        rejected = await worker.queue(t.rejects, t.Number(value=8), result=True)
+        await drain(project)
+        with pytest.raises(TaskFailedError) as raised:
+            await failing.result(timeout=10)
+        with pytest.raises(TaskFailedError) as refused:
+            await rejected.result(timeout=10)
+    assert t.ATTEMPTS[k] == 3
+    error = raised.value
+    assert (error.reason, error.error_type, error.error_message) == ("max_attempts", "builtins.ValueError", "boom 7")
+    assert error.message_id == failing and error.task == "tests.apps.results_tasks:always_fails"
+    assert "always_fails" in str(error) and "max_attempts" in str(error) and "boom 7" in str(error)
+    assert refused.value.reason == "rejected" and refused.value.error_message == "no 8"
+
+
+async def test_a_retried_tasks_result_comes_after_its_retry(url: str, name: str) -> None:
+    project, [worker] = make(url, name)
+    k = key()
+    async with project:
+        handle = await worker.queue(t.plus_one, t.Number(value=1, key=k, fail_times=2), result=True)
+        await drain(project)
+        assert await handle.result(timeout=10) == t.Number(value=2, key=k)
+    assert t.ATTEMPTS[k] == 3
+
+
+async def test_result_times_out_with_a_typed_error(url: str, name: str) -> None:
+    project, [worker] = make(url, name)
+    async with project:
+        handle = await worker.queue(t.add, t.Pair(a=1, b=1), result=True)
+        with pytest.raises(ResultTimeoutError) as raised:
+            await handle.result(timeout=0.2)
+        assert isinstance(raised.value, TimeoutError)
+        assert len(project.session.results) == 0, "a result nobody waits for is forgotten"
+        with pytest.raises(ResultTimeoutError):
+            await handle.result(timeout=0.2)
+        await drain(project)  # its reply comes for no one: dropped
+
+
+async def test_result_without_asking_says_to_pass_result_true(url: str, name: str) -> None:
+    project, [worker] = make(url, name)
+    async with project:
+        handle = await worker.queue(t.add, t.Pair(a=1, b=1))
+        [many] = await worker.queue_many(t.add, [t.Pair(a=1, b=2)])
+        assert isinstance(many, Queued)
+        for each in (handle, many):
+            with pytest.raises(ResultNotRequestedError, match="pass result=True"):
+                await each.result(timeout=1)
+        messages = await take_messages(project, name, 2)
+    assert all(wire.REPLY not in m.headers and m.reply_to is None for m in messages)
+
+
+async def test_a_result_that_is_not_json_is_a_typed_error_and_the_task_succeeded(url: str, name: str) -> None:
+    project, [worker] = make(url, name)
+    async with project:
+        handle = await worker.queue(t.unserializable, t.Number(value=1), result=True)
+        await drain(project)
+        with pytest.raises(ResultUnreadableError, match="not JSON"):
+            await handle.result(timeout=10)
+        assert await project.session.transport.message_count(dead_letter_queue(name)) == 0
+
+
+async def test_results_are_signed_when_signing(url: str, name: str) -> None:
+    project, [worker] = make(url, name, signing_key=KEY)
+    async with project:
+        handle = await worker.queue(t.add, t.Pair(a=20, b=22), result=True)
+        await drain(project)
+        assert (await handle.result(timeout=10)).total == 42
+
+
+async def test_a_group_of_ten_across_two_workers(url: str, name: str) -> None:
+    first, second = name, f"{name}-b"
+    caller, [one, two] = make(url, first, second)
+    async with caller, worker_process(url, first, second):
+        handles = await one.queue_many(t.double, [t.Number(value=i) for i in range(5)], result=True)
+        handles += await two.queue_many(t.plus_one, [t.Number(value=i) for i in range(5, 10)], result=True)
+        results = await gather_results(handles, timeout=20)
+        assert [r.value for r in results] == [0, 2, 4, 6, 8, 6, 7, 8, 9, 10]
+        failing = [*handles[:2], await two.queue(t.rejects, t.Number(value=3), result=True)]
+        with pytest.raises(TaskFailedError):
+            await gather_results(failing, timeout=20)
+        mixed = await gather_results(failing, timeout=20, return_exceptions=True)
+        assert [type(r).__name__ for r in mixed] == ["Number", "Number", "TaskFailedError"]
+        assert len(caller.session.results) == 0
+
+
+async def test_a_chain_of_three_gives_the_last_steps_result(url: str, name: str) -> None:
+    first, second = name, f"{name}-b"
+    caller, [one, two] = make(url, first, second)
+    async with caller, worker_process(url, first, second):
+        chained = await one.queue(
+            t.plus_one, t.Number(value=1), then=[Step(two, t.double), Step(one, t.plus_one)], result=True
+        )
+        assert await chained.result(timeout=20) == t.Number(value=5)  # (1 + 1) * 2 + 1
+        given = await one.queue(t.plus_one, t.Number(value=1), then=[Step(two, t.add, t.Pair(a=1, b=2))], result=True)
+        assert await given.result(timeout=20) == t.Total(total=3, attempts=1)
+        k = key()
+        unawaited = await one.queue(
+            t.plus_one, t.Number(value=1), then=[Step(two, t.plus_one, t.Number(value=0, key=k))]
+        )
+        assert isinstance(unawaited, Queued)
+        with pytest.raises(ResultNotRequestedError):
+            await unawaited.result(timeout=1)
+        await eventually(lambda: t.ATTEMPTS[k] == 1, timeout=20)  # a chain runs without a caller waiting
+
+
+async def test_a_chain_stops_where_a_step_fails_for_good(url: str, name: str) -> None:
+    first, second = name, f"{name}-b"
+    caller, [one, two] = make(url, first, second)
+    k, last = key(), key()
+    async with caller:
+        chained = await one.queue(
+            t.plus_one,
+            t.Number(value=1),
+            then=[
+                Step(two, t.always_fails, t.Number(value=9, key=k)),
+                Step(one, t.plus_one, t.Number(value=0, key=last)),
+            ],
+            result=True,
+        )
+        await drain(caller)
+        with pytest.raises(TaskFailedError) as raised:
+            await chained.result(timeout=10)
+        [dead] = await take_messages(caller, dead_letter_queue(second))
+    error = raised.value
+    assert error.step == "2 of 3" and error.reason == "max_attempts" and "step 2 of 3" in str(error)
+    assert t.ATTEMPTS[k] == 3 and t.ATTEMPTS[last] == 0, "the step after the failed one never ran"
+    assert wire.CHAIN in dead.headers and "plus_one" in str(dead.headers[wire.CHAIN])
+
+
+async def test_a_chain_is_checked_at_the_call_site(url: str, name: str) -> None:
+    project, [worker] = make(url, name)
+    stranger = Worker(f"{name}-x")
+    async with project:
+        await project.session.declare(worker, delayed=False)
+        with pytest.raises(PayloadTypeError):
+            await worker.queue(t.plus_one, t.Number(value=1), then=[Step(worker, t.double, t.Pair(a=1, b=2))])
+        with pytest.raises(ChainError, match="not one of the project's workers"):
+            await worker.queue(t.plus_one, t.Number(value=1), then=[Step(stranger, t.double)])
+        assert await project.session.transport.message_count(name) == 0
