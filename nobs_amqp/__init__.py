@@ -2,11 +2,13 @@
 
 from typing import TYPE_CHECKING, Any
 
+from .chains import Step
 from .context import TaskContext, current_task
 from .errors import (
     BrokerBlockedError,
     BrokerConnectionError,
     BrokerUnavailableError,
+    ChainError,
     ConfigurationError,
     LifespanError,
     MessageTooLargeError,
@@ -18,11 +20,18 @@ from .errors import (
     ProjectNotOpenError,
     PublishError,
     PublishUnconfirmedError,
+    ResultError,
+    ResultLostError,
+    ResultNotRequestedError,
+    ResultTimeoutError,
+    ResultUnreadableError,
     TaskDefinitionError,
+    TaskFailedError,
     TaskNotAllowedError,
     TopologyMismatchError,
     UnroutableError,
 )
+from .handle import Queued, gather_results
 from .observe import Fate, Observer, Publish, TaskRun
 from .project import Project
 from .retry import Reject, Retry
@@ -39,6 +48,7 @@ __all__ = [
     "BrokerBlockedError",
     "BrokerConnectionError",
     "BrokerUnavailableError",
+    "ChainError",
     "ConfigurationError",
     "Fate",
     "LifespanError",
@@ -54,18 +64,27 @@ __all__ = [
     "Publish",
     "PublishError",
     "PublishUnconfirmedError",
+    "Queued",
     "Reject",
+    "ResultError",
+    "ResultLostError",
+    "ResultNotRequestedError",
+    "ResultTimeoutError",
+    "ResultUnreadableError",
     "Retry",
     "Schedule",
     "Scheduler",
+    "Step",
     "TaskContext",
     "TaskDefinitionError",
+    "TaskFailedError",
     "TaskNotAllowedError",
     "TaskRun",
     "TopologyMismatchError",
     "UnroutableError",
     "Worker",
     "current_task",
+    "gather_results",
     "task",
 ]
 

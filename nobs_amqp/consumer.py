@@ -347,7 +347,8 @@ class Consumer:
             )
             outcome = await self._worker_failed(delivery, exc, run)
         # Its copy is placed: the caller awaiting its result, or its chain's next step, is told.
-        await self._replies.after(delivery.message, happened, outcome)
+        if self._replies.wanted(delivery.message):
+            await self._replies.after(delivery.message, happened, outcome)
         await self._settle(delivery, outcome, run)
 
     def _decide(self, happened: Happened) -> Outcome:

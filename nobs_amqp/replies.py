@@ -32,6 +32,12 @@ class Replies:
         self.session = session
         self.worker = worker
 
+    @staticmethod
+    def wanted(message: wire.Message) -> bool:
+        """Whether `message` asks for anything after it ran (most do not: nothing is done for them)."""
+        headers = message.headers
+        return wire.REPLY in headers or wire.CHAIN in headers
+
     async def after(self, message: wire.Message, happened: Happened | None, outcome: Outcome) -> None:
         """Send what `outcome` (final or not) of `message` calls for; never raises."""
         if isinstance(happened, Refused) and isinstance(happened.error, BadSignatureError | UndecodableMessageError):

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
+import orjson
 import pytest
-from tenacity import stop_after_attempt, wait_none
+from tenacity import stop_after_attempt, wait_fixed, wait_none
 
 from nobs_amqp import Project, Worker
+from nobs_amqp import Step as PublicStep
+from nobs_amqp import gather_results as public_gather_results
 from nobs_amqp import message as wire
 from nobs_amqp.chains import Step
 from nobs_amqp.consumer import consuming
@@ -35,7 +40,8 @@ KEY = "a-signing-key-of-32-bytes-at-least"
 
 def make(url: str, *names: str, **options: Any) -> tuple[Project, list[Worker]]:
     signing = options.pop("signing_key", None)
-    workers = [Worker(n, stop=stop_after_attempt(3), wait=wait_none(), **options) for n in names]
+    options.setdefault("wait", wait_none())
+    workers = [Worker(n, stop=stop_after_attempt(3), **options) for n in names]
     return Project(name=PROJECT, workers=workers, packages=["tests"], url=url, signing_key=signing), workers
 
 
@@ -85,8 +91,10 @@ async def test_a_failure_is_raised_typed_after_its_retries(url: str, name: str) 
     assert refused.value.reason == "rejected" and refused.value.error_message == "no 8"
 
 
-async def test_a_retried_tasks_result_comes_after_its_retry(url: str, name: str) -> None:
-    project, [worker] = make(url, name)
+@pytest.mark.parametrize("through_ladder", [False, True], ids=["at-once", "delay-ladder"])
+async def test_a_retried_tasks_result_comes_after_its_retry(url: str, name: str, through_ladder: bool) -> None:
+    """The retry copy carries the reply address and id (through the delay ladder too)."""
+    project, [worker] = make(url, name, **({"wait": wait_fixed(1)} if through_ladder else {}))
     k = key()
     async with project:
         handle = await worker.queue(t.plus_one, t.Number(value=1, key=k, fail_times=2), result=True)
@@ -209,3 +217,45 @@ async def test_a_chain_is_checked_at_the_call_site(url: str, name: str) -> None:
         with pytest.raises(ChainError, match="not one of the project's workers"):
             await worker.queue(t.plus_one, t.Number(value=1), then=[Step(stranger, t.double)])
         assert await project.session.transport.message_count(name) == 0
+
+
+async def test_a_signed_chain_runs_and_replies(url: str, name: str) -> None:
+    first, second = name, f"{name}-b"
+    caller, [one, two] = make(url, first, second, signing_key=KEY)
+    assert (PublicStep, public_gather_results) == (Step, gather_results)
+    async with caller, worker_process(url, first, second, signing_key=KEY):
+        chained = await one.queue(t.plus_one, t.Number(value=3), then=[Step(two, t.double)], result=True)
+        assert (await chained.result(timeout=20)).value == 8
+
+
+async def test_a_next_step_its_worker_cannot_queue_fails_the_chains_result(url: str, name: str) -> None:
+    """The worker that ran step 1 queues step 2 only to a worker of its own project: here it has
+    none of that name; step 1 succeeded (acked), the caller is told the chain failed."""
+    first, second = name, f"{name}-b"
+    caller, [one, two] = make(url, first, second)
+    async with caller, worker_process(url, first):
+        chained = await one.queue(t.plus_one, t.Number(value=1), then=[Step(two, t.double)], result=True)
+        with pytest.raises(TaskFailedError) as raised:
+            await chained.result(timeout=20)
+        assert await caller.session.transport.message_count(dead_letter_queue(first)) == 0
+    assert raised.value.reason == "chain_failed" and "step 2 of 2" in str(raised.value)
+    assert f"no worker {second!r}" in str(raised.value)
+
+
+async def test_a_chain_header_never_runs_what_the_worker_does_not_allow(url: str, name: str) -> None:
+    """A hostile chain header (unsigned project) naming `os:system`: the next worker refuses it as
+    unknown_task, as it refuses any message; the caller awaiting it is told so."""
+    project, [worker] = make(url, name)
+    async with project:
+        session = project.session
+        await session.declare(worker, delayed=False)
+        chain = {"step": 1, "of": 2, "next": [{"worker": name, "task": "os:system", "body": '"touch /tmp/x"'}]}
+        message = wire.new_message(b'{"value": 1}', "tests.apps.results_tasks:plus_one", PROJECT, now=session.now())
+        headers = {**message.headers, wire.CHAIN: orjson.dumps(chain).decode(), wire.REPLY: message.message_id}
+        waiting = session.results.expect(message.message_id)
+        await session.send(worker, replace(message, headers=headers), 0, reply=True)
+        await drain(project)
+        [dead] = await take_messages(project, dead_letter_queue(name))
+        reply = await asyncio.wait_for(waiting, 10)
+    assert dead.task == "os:system" and dead.headers[wire.REASON] == "unknown_task"
+    assert reply.headers["x-nobs-reason"] == "unknown_task" and reply.headers["x-nobs-step"] == "2 of 2"
