@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -259,3 +262,27 @@ async def test_a_chain_header_never_runs_what_the_worker_does_not_allow(url: str
         reply = await asyncio.wait_for(waiting, 10)
     assert dead.task == "os:system" and dead.headers[wire.REASON] == "unknown_task"
     assert reply.headers["x-nobs-reason"] == "unknown_task" and reply.headers["x-nobs-step"] == "2 of 2"
+
+
+async def test_the_readme_example_runs(url: str, name: str, tmp_path: Path) -> None:
+    """The README's "Results, groups and chains" example, as a user's two files, on either broker."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Results, groups and chains") :]
+    package, main = (tmp_path / "myapp", tmp_path / "main.py")
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for target, marker in ((package / "maths.py", "# myapp/maths.py"), (main, "# main.py")):
+        start = section.index(marker)
+        target.write_text(section[start : section.index("```", start)])
+    (package / "maths.py").write_text((package / "maths.py").read_text().replace('"maths"', f'"{name}"'))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(main),
+        cwd=tmp_path,
+        env={**os.environ, "NOBS_AMQP_URL": url, "PYTHONPATH": str(tmp_path)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 50)
+    assert process.returncode == 0, output.decode()
+    assert output.decode().split("\n")[:3] == ["total=3", "[0, 2, 4, 6, 8, 10, 12, 14, 16, 18]", "6"]
