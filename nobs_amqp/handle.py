@@ -6,12 +6,13 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any
 
-from .errors import ResultNotRequestedError, ResultTimeoutError
+from .errors import ResultLostError, ResultNotRequestedError, ResultTimeoutError
 from .message import Message
 from .results import Decode, Results, value_of
 
 #: How long `result()` waits unless told otherwise.
 RESULT_TIMEOUT = 60.0
+_FORGOTTEN = "an earlier result() of it timed out or was cancelled, and its reply is no longer received"
 
 
 class Queued(str):
@@ -56,21 +57,24 @@ class Queued(str):
         Raises `TaskFailedError` when it failed for good (dead-lettered), `ResultTimeoutError`
         (a TimeoutError) after `timeout` seconds (None: no limit), `ResultLostError` when the
         connection that would receive the result dropped, `ResultNotRequestedError` when it was
-        queued without `result=True`."""
+        queued without `result=True`. Once a `result()` timed out or was cancelled, the reply is
+        no longer received: a later one raises `ResultLostError`."""
         waiting, results = self._waiting, self._results
         if waiting is None or results is None:
             raise ResultNotRequestedError(self.message_id)
-        if waiting.cancelled():  # an earlier result() timed out: nobody receives its reply any more
-            raise ResultTimeoutError(self.message_id, timeout)
+        if waiting.cancelled():  # an earlier result() timed out or was cancelled
+            raise ResultLostError(self.message_id, _FORGOTTEN)
         try:
             async with asyncio.timeout(timeout):
                 reply = await asyncio.shield(waiting)
         except TimeoutError:
-            if waiting.done() and not waiting.cancelled():
-                reply = waiting.result()
-            else:
+            if not waiting.done() or waiting.cancelled():
                 results.forget(self.message_id)
                 raise ResultTimeoutError(self.message_id, timeout) from None
+            reply = waiting.result()
+        except asyncio.CancelledError:
+            results.forget(self.message_id)  # nobody waits for it now: its reply is dropped
+            raise
         return value_of(reply, self._decode)
 
 

@@ -25,6 +25,7 @@ from nobs_amqp.consumer import consuming
 from nobs_amqp.errors import (
     ChainError,
     PayloadTypeError,
+    ResultLostError,
     ResultNotRequestedError,
     ResultTimeoutError,
     ResultUnreadableError,
@@ -114,8 +115,15 @@ async def test_result_times_out_with_a_typed_error(url: str, name: str) -> None:
             await handle.result(timeout=0.2)
         assert isinstance(raised.value, TimeoutError)
         assert len(project.session.results) == 0, "a result nobody waits for is forgotten"
-        with pytest.raises(ResultTimeoutError):
+        with pytest.raises(ResultLostError, match="timed out or was cancelled"):
             await handle.result(timeout=0.2)
+        cancelled = await worker.queue(t.add, t.Pair(a=1, b=1), result=True)
+        waiting = asyncio.ensure_future(cancelled.result(timeout=None))
+        await asyncio.sleep(0)  # it waits
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert len(project.session.results) == 0, "a cancelled result() is forgotten too"
         await drain(project)  # its reply comes for no one: dropped
 
 
