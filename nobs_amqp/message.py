@@ -75,7 +75,7 @@ CHAIN = "x-nobs-chain"
 #: The direct reply-to pseudo-queue a request names as its reply_to (the broker rewrites it to
 #: a `DIRECT_REPLY_TO + "." + ...` address of the requesting channel).
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
-_REPLY_ID = re.compile(r"[0-9A-Za-z._:-]{1,200}")
+_REPLY_ID = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII, no spaces: any id a message may have
 MAX_CHAIN_HEADER = 65536
 
 
