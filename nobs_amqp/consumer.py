@@ -334,7 +334,8 @@ class Consumer:
         try:
             happened = await self._execute(delivery, run, enqueued_at)
             outcome = await self._placed(delivery.message, self._decide(happened))
-            if not isinstance(happened, Refused) and not isinstance(outcome, RejectToDlx):
+            outcome = await self._answered(delivery.message, happened, outcome)
+            if not isinstance(happened, Refused) and not isinstance(outcome, RejectToDlx | Requeue):
                 self._attempts.remember(identity)  # only an attempt that verified and ran is remembered
         except asyncio.CancelledError:
             await self._settle(delivery, self._decide(GivenBack()), run)  # shutdown past the grace period
@@ -345,11 +346,15 @@ class Consumer:
                 printable(delivery.message.task),
                 printable(delivery.message.message_id),
             )
-            outcome = await self._worker_failed(delivery, exc, run)
-        # Its copy is placed: the caller awaiting its result, or its chain's next step, is told.
-        if self._replies.wanted(delivery.message):
-            await self._replies.after(delivery.message, happened, outcome)
+            outcome = await self._answered(delivery.message, happened, await self._worker_failed(delivery, exc, run))
         await self._settle(delivery, outcome, run)
+
+    async def _answered(self, message: wire.Message, happened: Happened | None, outcome: Outcome) -> Outcome:
+        """Its copy is placed: queue its chain's next step, or tell the caller awaiting its
+        result (`replies.py`); the outcome that holds then."""
+        if not self._replies.wanted(message):
+            return outcome
+        return await self._replies.after(message, happened, outcome)
 
     def _decide(self, happened: Happened) -> Outcome:
         return decide(happened, self.worker.policy, self.session.now())

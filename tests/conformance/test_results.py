@@ -23,6 +23,7 @@ from nobs_amqp import message as wire
 from nobs_amqp.chains import Step
 from nobs_amqp.consumer import consuming
 from nobs_amqp.errors import (
+    BrokerUnavailableError,
     ChainError,
     PayloadTypeError,
     ResultLostError,
@@ -34,6 +35,7 @@ from nobs_amqp.errors import (
 from nobs_amqp.handle import Queued, gather_results
 from nobs_amqp.testing import drain
 from nobs_amqp.topology import dead_letter_queue
+from nobs_amqp.transports.memory import MemoryBroker, MemoryTransport
 
 from ..apps import results_tasks as t
 from ..support import eventually, take_messages
@@ -294,3 +296,30 @@ async def test_the_readme_example_runs(url: str, name: str, tmp_path: Path) -> N
     output, _ = await asyncio.wait_for(process.communicate(), 50)
     assert process.returncode == 0, output.decode()
     assert output.decode().split("\n")[:3] == ["total=3", "[0, 2, 4, 6, 8, 10, 12, 14, 16, 18]", "6"]
+
+
+async def test_a_next_step_the_broker_did_not_take_runs_its_step_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Like a retry copy, the next step is confirmed before the ack: when the broker is
+    unreachable, the delivery goes back, its step runs again and queues the next one then."""
+    url = f"memory://{key()}"
+    first, second = "chain-first", "chain-second"
+    caller, [one, two] = make(url, first, second)
+    refused: list[str] = []
+    publish = MemoryTransport.publish
+
+    async def unreachable_once(self: MemoryTransport, exchange: str, routing_key: str, message: wire.Message) -> None:
+        if routing_key == second and not refused:
+            refused.append(message.message_id)
+            raise BrokerUnavailableError(second, "the broker is unreachable (a test)")
+        await publish(self, exchange, routing_key, message)
+
+    monkeypatch.setattr(MemoryTransport, "publish", unreachable_once)
+    k = key()
+    try:
+        async with caller:
+            chained = await one.queue(t.plus_one, t.Number(value=1, key=k), then=[Step(two, t.double)], result=True)
+            await drain(caller)
+            assert await chained.result(timeout=10) == t.Number(value=4, key=k)
+    finally:
+        MemoryBroker.forget(url)
+    assert len(refused) == 1 and t.ATTEMPTS[k] == 2, "step 1 ran again, then step 2 was queued"
