@@ -2,12 +2,14 @@
 
 from typing import TYPE_CHECKING, Any
 
+from .chains import Step
 from .context import TaskContext, current_task
 from .errors import (
     BlockingCallError,
     BrokerBlockedError,
     BrokerConnectionError,
     BrokerUnavailableError,
+    ChainError,
     ConfigurationError,
     LifespanError,
     MessageTooLargeError,
@@ -21,11 +23,18 @@ from .errors import (
     PublishError,
     PublishInterruptedError,
     PublishUnconfirmedError,
+    ResultError,
+    ResultLostError,
+    ResultNotRequestedError,
+    ResultTimeoutError,
+    ResultUnreadableError,
     TaskDefinitionError,
+    TaskFailedError,
     TaskNotAllowedError,
     TopologyMismatchError,
     UnroutableError,
 )
+from .handle import Queued, gather_results
 from .observe import Fate, Observer, Publish, TaskRun
 from .project import Project
 from .ratelimit import RateLimit
@@ -45,6 +54,7 @@ __all__ = [
     "BrokerBlockedError",
     "BrokerConnectionError",
     "BrokerUnavailableError",
+    "ChainError",
     "ConfigurationError",
     "Fate",
     "LifespanError",
@@ -62,20 +72,29 @@ __all__ = [
     "PublishError",
     "PublishInterruptedError",
     "PublishUnconfirmedError",
+    "Queued",
     "RateLimit",
     "Reject",
+    "ResultError",
+    "ResultLostError",
+    "ResultNotRequestedError",
+    "ResultTimeoutError",
+    "ResultUnreadableError",
     "Retry",
     "Schedule",
     "Scheduler",
+    "Step",
     "SyncProducer",
     "TaskContext",
     "TaskDefinitionError",
+    "TaskFailedError",
     "TaskNotAllowedError",
     "TaskRun",
     "TopologyMismatchError",
     "UnroutableError",
     "Worker",
     "current_task",
+    "gather_results",
     "task",
     "was_queued",
 ]

@@ -49,6 +49,7 @@ from .outcome import (
     record,
 )
 from .ratelimit import RATE_WAIT_SECONDS, Waits, rate_limits
+from .replies import Replies
 from .retry import Reject, Retry
 from .runner import Label, TaskRunner, resident_mb
 from .session import Session
@@ -121,6 +122,7 @@ class Consumer:
         self.cancellations: Cancellations | None = None
         #: Deliveries waiting for a rate limit's permit, per limit.
         self.rate_waits = Waits(lambda limit, count: session.observers.rate_limited(worker.name, limit, count))
+        self._replies = Replies(session, worker)
 
     @property
     def stalled_on_rate_limits(self) -> bool:
@@ -354,10 +356,12 @@ class Consumer:
     async def _settle_one(
         self, delivery: Delivery, run: TaskRun, identity: Identity | None, enqueued_at: datetime
     ) -> None:
+        happened: Happened | None = None
         try:
             happened = await self._execute(delivery, run, enqueued_at)
             outcome = await self._placed(delivery.message, self._decide(happened))
-            if not isinstance(happened, Refused | GivenBack) and not isinstance(outcome, RejectToDlx):
+            outcome = await self._answered(delivery.message, happened, outcome)
+            if not isinstance(happened, Refused | GivenBack) and not isinstance(outcome, RejectToDlx | Requeue):
                 self._attempts.remember(identity)  # only an attempt that verified and ran is remembered
         except asyncio.CancelledError:
             await self._settle(delivery, self._decide(GivenBack()), run)  # shutdown past the grace period
@@ -368,8 +372,15 @@ class Consumer:
                 printable(delivery.message.task),
                 printable(delivery.message.message_id),
             )
-            outcome = await self._worker_failed(delivery, exc, run)
+            outcome = await self._answered(delivery.message, happened, await self._worker_failed(delivery, exc, run))
         await self._settle(delivery, outcome, run)
+
+    async def _answered(self, message: wire.Message, happened: Happened | None, outcome: Outcome) -> Outcome:
+        """Its copy is placed: queue its chain's next step, or tell the caller awaiting its
+        result (`replies.py`); the outcome that holds then."""
+        if not self._replies.wanted(message):
+            return outcome
+        return await self._replies.after(message, happened, outcome)
 
     def _decide(self, happened: Happened) -> Outcome:
         return decide(happened, self.worker.policy, self.session.now())
@@ -418,7 +429,7 @@ class Consumer:
         started = time.perf_counter()
         try:
             with running(context):
-                await self.runner.call(
+                value = await self.runner.call(
                     spec.fn,
                     admitted.payload,
                     is_async=spec.is_async,
@@ -435,7 +446,7 @@ class Consumer:
         finally:
             run.seconds = time.perf_counter() - started
             self._check_health()
-        return Succeeded()
+        return Succeeded(value)
 
     def _check_health(self) -> None:
         """Stop (to be replaced by a fresh process) when tasks leaked memory or left threads stuck."""

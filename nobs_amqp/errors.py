@@ -306,3 +306,87 @@ class TaskCancelledError(TaskFailure):
 
 def _type_name(tp: object) -> str:
     return getattr(tp, "__qualname__", None) or repr(tp)
+
+
+class ResultError(NobsAmqpError):
+    """A task's result cannot be had (the base of the errors `Queued.result()` raises)."""
+
+
+class ResultNotRequestedError(ResultError):
+    """`result()` on a task queued without `result=True`: no reply was asked for."""
+
+    def __init__(self, message_id: str, *, duplicate: bool = False) -> None:
+        self.message_id = message_id
+        if duplicate:
+            super().__init__(
+                f"message {message_id} was not queued (the same id was queued within its unique window): "
+                f"only the queue() that sent it can await its result"
+            )
+            return
+        super().__init__(
+            f"message {message_id} was queued without asking for its result: pass result=True to queue() "
+            f"(or queue_many()) to await it"
+        )
+
+
+class TaskFailedError(ResultError):
+    """The task failed for good (dead-lettered): `reason`, the error's type and message say why."""
+
+    def __init__(
+        self,
+        task: str,
+        message_id: str,
+        reason: str,
+        error_type: str | None,
+        error_message: str | None,
+        *,
+        step: str | None = None,
+    ) -> None:
+        self.task = task
+        self.message_id = message_id
+        self.reason = reason
+        self.error_type = error_type
+        self.error_message = error_message
+        #: In a chain: which step failed ("2 of 3"); None outside a chain.
+        self.step = step
+        what = f"{error_type}: {error_message}" if error_type else (error_message or "no error message")
+        where = f" (step {step} of its chain)" if step else ""
+        super().__init__(f"task {task}{where} failed for good ({reason}): {what}; message id {message_id}")
+
+
+class ResultTimeoutError(ResultError, TimeoutError):
+    """No result came within the timeout `result()` was given (the task may still run)."""
+
+    def __init__(self, message_id: str, timeout: float | None) -> None:
+        self.message_id = message_id
+        self.timeout = timeout
+        super().__init__(
+            f"no result for message {message_id} within {timeout} s: the task has not finished (or is "
+            f"waiting to be retried); await result() with a longer timeout"
+        )
+
+
+class ResultLostError(ResultError):
+    """The connection that would receive the result was lost: its reply cannot come (the task may run)."""
+
+    def __init__(self, message_id: str, why: str) -> None:
+        self.message_id = message_id
+        self.why = why
+        super().__init__(
+            f"the result of message {message_id} is lost: {why}; the task itself is not (it runs, or ran); "
+            f"results are delivered only to the connection that queued the task"
+        )
+
+
+class ResultUnreadableError(ResultError):
+    """The task succeeded, but its return value could not be sent as JSON or read as its annotation."""
+
+    def __init__(self, task: str, message_id: str, detail: str) -> None:
+        self.task = task
+        self.message_id = message_id
+        self.detail = detail
+        super().__init__(f"task {task} succeeded but its result cannot be read: {detail}; message id {message_id}")
+
+
+class ChainError(ConfigurationError):
+    """A chain cannot be queued as given (a step's worker, task or payload)."""

@@ -71,6 +71,17 @@ SIGNATURE = "x-nobs-signature"
 #: settled the same attempt acks this copy without running it, as it does a redelivered one.
 #: Not signed (it is added after signing) and never carried into a retry or a dead letter.
 RESENT = "x-nobs-resent"
+#: Set (signed) on a message whose caller awaits its result: the id the reply answers (the message's
+#: own id, or the first step's id in a chain). The reply goes to the message's `reply_to` property,
+#: only ever a RabbitMQ direct reply-to address. Carried into retry copies.
+REPLY = "x-nobs-reply"
+#: The steps that follow a task in a chain (JSON, signed): see `chains.py`. Carried into retries.
+CHAIN = "x-nobs-chain"
+#: The direct reply-to pseudo-queue a request names as its reply_to (the broker rewrites it to
+#: a `DIRECT_REPLY_TO + "." + ...` address of the requesting channel).
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+_REPLY_ID = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII, no spaces: any id a message may have
+MAX_CHAIN_HEADER = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +99,9 @@ class Message:
     timestamp: datetime
     headers: Mapping[str, object] = field(default_factory=dict)
     priority: int | None = None
+    #: Where a reply goes (a request's; see REPLY), and what it answers (a reply's).
+    reply_to: str | None = None
+    correlation_id: str | None = None
 
     @property
     def attempt(self) -> int:
@@ -106,6 +120,32 @@ class Message:
         if value is None:
             return None
         return parse_time(value) or datetime.min.replace(tzinfo=UTC)
+
+    @property
+    def reply(self) -> tuple[str, str] | None:
+        """(address, id) when a caller awaits this message's result: its `x-nobs-reply` id, and a
+        `reply_to` that is a direct reply-to address (never a queue or an exchange); else None."""
+        wanted = self.headers.get(REPLY)
+        address = self.reply_to
+        if not isinstance(wanted, str) or not _REPLY_ID.fullmatch(wanted) or not is_reply_address(address):
+            return None
+        return address, wanted  # type: ignore[return-value]  # is_reply_address: a str
+
+
+def awaitable_id(message_id: str) -> bool:
+    """Whether a reply can name `message_id` (`x-nobs-reply`): printable ASCII without spaces."""
+    return _REPLY_ID.fullmatch(message_id) is not None
+
+
+def is_reply_address(address: object) -> bool:
+    """Whether `address` is a direct reply-to address (of some channel of some connection)."""
+    return (
+        isinstance(address, str)
+        and address.startswith(DIRECT_REPLY_TO + ".")
+        and len(address) <= 255
+        and address.isascii()
+        and address.isprintable()
+    )
 
 
 def identity_of(message_id: str, attempt: int, enqueued_at: datetime) -> tuple[str, int, str] | None:
@@ -201,9 +241,20 @@ def _trusted_headers(message: Message) -> dict[str, object]:
     return headers
 
 
+def _follow_ups(message: Message, headers: dict[str, object]) -> None:
+    """Carry the reply id and the chain (validated as strings; what they say is read later)."""
+    reply = message.headers.get(REPLY)
+    if isinstance(reply, str) and _REPLY_ID.fullmatch(reply):
+        headers[REPLY] = reply
+    chain = message.headers.get(CHAIN)
+    if isinstance(chain, str) and len(chain) <= MAX_CHAIN_HEADER:
+        headers[CHAIN] = chain
+
+
 def retry_copy(message: Message, delay: int, *, now: datetime) -> Message:
     """The next attempt of `message`, sent `now`, due `delay` whole seconds later."""
     headers = _trusted_headers(message)
+    _follow_ups(message, headers)
     headers[ATTEMPT] = min(message.attempt + 1, MAX_ATTEMPT)
     if delay > 0:
         headers[ETA] = format_time(now + timedelta(seconds=delay))
@@ -213,6 +264,7 @@ def retry_copy(message: Message, delay: int, *, now: datetime) -> Message:
 def dead_letter_copy(message: Message, reason: Reason, error: BaseException | str | None, *, now: datetime) -> Message:
     """`message` as it goes to the dead-letter queue `now`, with why and where it failed."""
     headers = _trusted_headers(message)
+    _follow_ups(message, headers)  # what the caller awaited, and the steps that did not run
     headers[REASON] = reason.value
     headers[FAILED_AT] = format_time(now)
     headers[WORKER_HOST] = _HOST
@@ -244,9 +296,26 @@ def _clean(message: Message) -> Message:
     """A copy safe to publish whatever the original carried: properties a client can encode."""
     task, message_id, app_id = _short(message.task), _short(message.message_id), _short(message.app_id)
     priority = message.priority if message.priority is not None and 0 <= message.priority <= 255 else None
-    if (task, message_id, app_id, priority) == (message.task, message.message_id, message.app_id, message.priority):
+    reply_to = message.reply_to if is_reply_address(message.reply_to) else None
+    correlation_id = _short(message.correlation_id) if message.correlation_id is not None else None
+    if (task, message_id, app_id, priority, reply_to, correlation_id) == (
+        message.task,
+        message.message_id,
+        message.app_id,
+        message.priority,
+        message.reply_to,
+        message.correlation_id,
+    ):
         return message
-    return replace(message, task=task, message_id=message_id, app_id=app_id, priority=priority)
+    return replace(
+        message,
+        task=task,
+        message_id=message_id,
+        app_id=app_id,
+        priority=priority,
+        reply_to=reply_to,
+        correlation_id=correlation_id,
+    )
 
 
 _OWN_FRAMES = (str(Path(__file__).parent), str(Path(asyncio.__file__).parent), str(Path(concurrent.__file__).parent))
@@ -262,4 +331,5 @@ def _task_traceback(error: BaseException) -> str:
 
 def replay_copy(message: Message, *, now: datetime) -> Message:
     """A dead-lettered message sent back to its queue `now`: attempt count reset, failure kept out."""
-    return _clean(replace(message, headers={ATTEMPT: 1, ENQUEUED_AT: format_time(now)}, timestamp=now))
+    headers = {ATTEMPT: 1, ENQUEUED_AT: format_time(now)}
+    return _clean(replace(message, headers=headers, timestamp=now, reply_to=None, correlation_id=None))

@@ -42,7 +42,9 @@ from .retry import Reject, Retry, RetryPolicy
 
 @dataclass(frozen=True, slots=True)
 class Succeeded:
-    """The task ran and returned."""
+    """The task ran and returned `value`."""
+
+    value: object = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,7 +50,7 @@ class TaskRunner:
         self._name = name
         self._numbers = itertools.count(1)
         self._stuck: set[threading.Thread] = set()
-        self._stuck_tasks: set[asyncio.Future[None]] = set()
+        self._stuck_tasks: set[asyncio.Future[object]] = set()
         #: What each running asyncio task is doing, for the watchdog: task -> "task reference id X".
         self.labels: dict[asyncio.Task[Any], Label | str] = {}
 
@@ -63,12 +63,12 @@ class TaskRunner:
 
     async def call(
         self, fn: Callable[[Any], Any], payload: object, *, is_async: bool, limit: float | None, label: Label | str
-    ) -> None:
-        """Run `fn(payload)`; raise what it raised (TaskAborted for a BaseException), or
-        TimeLimitExceeded once it ran `limit` seconds."""
+    ) -> object:
+        """Run `fn(payload)`; what it returned. Raise what it raised (TaskAborted for a
+        BaseException), or TimeLimitExceeded once it ran `limit` seconds."""
         if is_async and limit is None:
             return await self._inline(fn, payload, label)
-        work: asyncio.Future[None]
+        work: asyncio.Future[object]
         thread: threading.Thread | None = None
         if is_async:
             work = asyncio.ensure_future(_contained(fn, payload))
@@ -112,14 +112,14 @@ class TaskRunner:
             log.error("worker %s: %s ignores cancellation past its time limit; it keeps running", self._name, label)
         raise TimeLimitExceeded(f"task ran longer than its time limit of {limit} s")
 
-    async def _inline(self, fn: Callable[[Any], Any], payload: object, label: Label | str) -> None:
+    async def _inline(self, fn: Callable[[Any], Any], payload: object, label: Label | str) -> object:
         """An async task with no time limit: awaited in the caller's own asyncio task (no task
         of its own to create, schedule and wait for), contained all the same."""
         task = asyncio.current_task()
         assert task is not None
         self.labels[task] = label
         try:
-            await fn(payload)
+            return await fn(payload)
         except (SystemExit, KeyboardInterrupt, GeneratorExit) as exc:
             raise TaskAborted(f"the task raised {type(exc).__name__}({printable(exc)})") from exc
         except asyncio.CancelledError:
@@ -130,33 +130,34 @@ class TaskRunner:
             del self.labels[task]
 
 
-async def _contained(fn: Callable[[Any], Coroutine[Any, Any, Any]], payload: object) -> None:
+async def _contained(fn: Callable[[Any], Coroutine[Any, Any, Any]], payload: object) -> object:
     try:
-        await fn(payload)
+        return await fn(payload)
     except (SystemExit, KeyboardInterrupt, GeneratorExit) as exc:
         raise TaskAborted(f"the task raised {type(exc).__name__}({printable(exc)})") from exc
 
 
 def _in_thread(
-    fn: Callable[[Any], Any], payload: object, loop: asyncio.AbstractEventLoop, done: asyncio.Future[None]
+    fn: Callable[[Any], Any], payload: object, loop: asyncio.AbstractEventLoop, done: asyncio.Future[object]
 ) -> None:
     error: BaseException | None = None
+    value: object = None
     try:
-        fn(payload)
+        value = fn(payload)
     except Exception as exc:  # noqa: BLE001 - handed to the loop as the task's failure
         error = exc
     except BaseException as exc:  # noqa: BLE001 - SystemExit in a task thread is the task's failure too
         error = TaskAborted(f"the task raised {type(exc).__name__}({printable(exc)})")
         error.__cause__ = exc
     with contextlib.suppress(RuntimeError):  # the loop is closed: the worker is gone anyway
-        loop.call_soon_threadsafe(_resolve, done, error)
+        loop.call_soon_threadsafe(_resolve, done, error, value)
 
 
-def _resolve(done: asyncio.Future[None], error: BaseException | None) -> None:
+def _resolve(done: asyncio.Future[object], error: BaseException | None, value: object = None) -> None:
     if done.done():
         return
     if error is None:
-        done.set_result(None)
+        done.set_result(value)
     else:
         done.set_exception(error)
 

@@ -19,9 +19,10 @@ import orjson
 
 from . import ladder
 from .errors import LifespanError
-from .message import Message
+from .message import DIRECT_REPLY_TO, Message
 from .observe.observer import Observer, Observers, Publish, PublishKind
 from .ratelimit import Permits
+from .results import Results
 from .signing import Signer
 from .tasks import TaskTable
 from .topology import (
@@ -80,6 +81,8 @@ class Session:
         self._shared = _Shared()
         #: Rate limit permits, taken for this session's consumers.
         self.permits = Permits(project, transport, publish_timeout)
+        #: The results this connection's callers await (replies come to this connection only).
+        self.results = Results(signer)
         #: Metrics, logs and traces: told what happens on this connection.
         self.observers = Observers(observers)
         if isinstance(transport, ConnectionEvents):
@@ -127,19 +130,33 @@ class Session:
     # -- sending -----------------------------------------------------------------------------
 
     async def send(
-        self, worker: Destination, message: Message, delay: int, kind: PublishKind = PublishKind.TASK
+        self,
+        worker: Destination,
+        message: Message,
+        delay: int,
+        kind: PublishKind = PublishKind.TASK,
+        *,
+        reply: bool = False,
     ) -> None:
         """Publish `message` to `worker`'s queue, through the delay ladder when `delay` (whole
         seconds, as `delay.delay_seconds` rounded it) is more than 0. An unreachable broker is
         waited for, declaring included, up to `publish_timeout` in all. `kind` is what it is,
-        for observers (a task, or a worker's retry copy)."""
+        for observers (a task, or a worker's retry copy). `reply`: ask for a reply, which comes
+        to `results` (the caller expects it there first)."""
         route = (worker.name, delay > 0)
         with one_deadline(self.publish_timeout):
             if route not in self._routes_ready:
                 await self.declare(worker, delayed=delay > 0)
                 self._routes_ready.add(route)
             exchange, key = ladder.route(self.project, delay, worker.name) if delay > 0 else ("", worker.name)
-            await self._publish(Publish(kind, worker.name, exchange, key, worker.name, delay, message))
+            await self._publish(Publish(kind, worker.name, exchange, key, worker.name, delay, message), reply)
+
+    async def answer(self, address: str, reply: Message) -> None:
+        """Send `reply` (a task's result) to the direct reply-to `address`, signed if signing;
+        never raises, never waits for a confirm (`Transport.reply`)."""
+        if self.signer is not None:
+            reply = self.signer.sign(reply, DIRECT_REPLY_TO)
+        await self.transport.reply(address, reply)
 
     async def dead_letter(self, worker: Destination, message: Message) -> None:
         """Publish `message` (a dead-letter copy) to `worker`'s dead-letter exchange."""
@@ -167,18 +184,24 @@ class Session:
     async def unclaim(self, worker: Destination, message: Message, window: int) -> None:
         await self.transport.unclaim(unique_claim(worker.name, message.message_id, window))
 
-    async def _publish(self, publish: Publish) -> None:
+    async def _publish(self, publish: Publish, reply: bool = False) -> None:
         """Publish `publish.message`, signed for the queue it ends in (`publish.queue`)."""
         if not self.observers.wrap_publishes:
             message = publish.message
             if self.signer is not None:
                 message = self.signer.sign(message, publish.queue)
-            await self.transport.publish(publish.exchange, publish.routing_key, message)
+            await self._out(publish, message, reply)
             return
         with self.observers.publishing(publish) as observed:
             if self.signer is not None:
                 observed = self.signer.sign(observed, publish.queue)
-            await self.transport.publish(publish.exchange, publish.routing_key, observed)
+            await self._out(publish, observed, reply)
+
+    async def _out(self, publish: Publish, message: Message, reply: bool) -> None:
+        if reply:
+            await self.transport.request(publish.exchange, publish.routing_key, message, self.results)
+        else:
+            await self.transport.publish(publish.exchange, publish.routing_key, message)
 
     # -- declaring ---------------------------------------------------------------------------
 

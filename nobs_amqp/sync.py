@@ -263,7 +263,7 @@ class SyncProducer:
         _not_in_loop("producer.queue_many()")
         checked = [worker._checked(fn, payload, delay, priority) for payload in payloads]
         extras = Extras(priority)
-        return self._call(worker.name, lambda session: worker._put_many(session, checked, extras), timeout)
+        return list(self._call(worker.name, lambda session: worker._put_many(session, checked, extras), timeout))
 
     def _call(
         self,

@@ -216,6 +216,20 @@ class TaskSpec:
                 )
         return body
 
+    @cached_property
+    def result_adapter(self) -> TypeAdapter[Any] | None:
+        """Validates the task's result as its caller reads it: its return annotation, when it has
+        one pydantic validates (None: the caller reads plain JSON)."""
+        try:
+            returns = typing.get_type_hints(self.fn).get("return", Any)
+            return None if returns is Any else TypeAdapter(returns)
+        except Exception:  # noqa: BLE001 - a forward reference, a type pydantic cannot validate: plain JSON
+            return None
+
+    def decode_result(self) -> Callable[[bytes], Any] | None:
+        adapter = self.result_adapter
+        return adapter.validate_json if adapter is not None else None
+
     def decode(self, body: bytes) -> object:
         """Raises orjson.JSONDecodeError for bad JSON, ValidationError for a bad payload."""
         return self.adapter.validate_python(orjson.loads(body))

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
+from . import chains
 from . import message as wire
 from .cancellation import cancel_message
 from .errors import ConfigurationError, NotInProjectError
+from .handle import Queued
 from .ladder import checked_seconds, delay_seconds, ladder_delay
 from .ratelimit import RateLimitOption
 from .ratelimit import rate_limit as rate_limit_of
+from .results import Decode
 from .retry import RetryPolicy, RetryStrategy, StopStrategy, WaitStrategy
 from .session import Lifespan, Session
 from .tasks import TaskFunction, TaskSpec
@@ -39,6 +42,8 @@ class Home(Protocol):
     def session(self) -> Session: ...
 
     def spec(self, fn: TaskFunction) -> TaskSpec: ...
+
+    def worker(self, name: str) -> Worker: ...
 
 
 class Worker:
@@ -124,32 +129,29 @@ class Worker:
         message_id: str | None = None,
         expires: Delay | None = None,
         unique: Delay | None = None,
-    ) -> str:
-        """Put `fn(payload)` on this worker's queue; return its message id once the broker confirmed it.
+        result: bool = False,
+        then: Sequence[chains.Step[Any]] = (),
+    ) -> Queued:
+        """Put `fn(payload)` on this worker's queue; return its handle (a `str`: its message id)
+        once the broker confirmed it.
 
         `delay` (seconds or timedelta) holds it back that long, rounded up to whole
         seconds. It never waits for the task itself. `message_id`: the caller's id for it
         (else a random one). `expires`: a worker that takes it later than that after now
         dead-letters it as `expired` instead of running it. `unique` (needs `message_id`): not
-        sent if a message with the same id was queued to this worker within that window (the id
-        is returned all the same; `was_queued` says which).
+        sent if a message with the same id was queued to this worker within that window (the
+        handle says `duplicate`; `was_queued(handle)` is False). `result=True`: its result can be
+        awaited, `await handle.result(timeout=...)`. `then`: steps run one after the other once
+        it succeeded (a chain; its result is the last step's).
         """
         checked = self._checked(fn, payload, delay, priority)  # first: a mistake beats a closed project
-        extras = Extras.checked(checked, priority, message_id, expires, unique)
-        return await self._put(self.project.session, checked, extras)
-
-    async def _queue_once(self, session: Session, message: wire.Message, wait: int, window: int) -> str:
-        """Send `message` unless its id was queued here within `window` seconds."""
-        session.transport.check_size(self.name, message)  # before the claim: a refused message claims nothing
-        if not await session.claim(self, message, window):
-            log.info("worker %s: id %s was queued within %d s; not queued again", self.name, message.message_id, window)
-            return Duplicate(message.message_id)
-        try:
-            await session.send(self, message, wait)
-        except BaseException:
-            await session.unclaim(self, message, window)  # not sent: the caller may queue it again
-            raise
-        return message.message_id
+        extras = Extras.checked(checked, priority, message_id, expires, unique, result)
+        decode = self.project.spec(fn).decode_result() if result else None
+        chain = None
+        if then:
+            chain, last = chains.build(self.project, then)
+            decode = last if result else None
+        return await self._put(self.project.session, checked, extras, chain=chain, decode=decode)
 
     async def cancel(self, message_id: str) -> None:
         """Cancel the task queued with `message_id` (waiting in the queue, delayed, or a retry):
@@ -171,29 +173,79 @@ class Worker:
         delay: Delay | None = None,
         priority: int | None = None,
         expires: Delay | None = None,
-    ) -> list[str]:
-        """Queue `fn` once per payload, confirms pipelined; every payload is checked before any is sent."""
+        result: bool = False,
+    ) -> list[Queued]:
+        """Queue `fn` once per payload, confirms pipelined; every payload is checked before any is
+        sent. `result=True`: each result can be awaited (`gather_results(handles)` for all)."""
         checked = [self._checked(fn, payload, delay, priority) for payload in payloads]
         wait = checked[0][2] if checked else 0  # one delay for all
         extras = Extras.checked(("", b"", wait), priority, None, expires, None)
-        return await self._put_many(self.project.session, checked, extras)
+        decode = self.project.spec(fn).decode_result() if result else None
+        return await self._put_many(self.project.session, checked, extras, result=result, decode=decode)
 
-    async def _put(self, session: Session, checked: Checked, extras: Extras) -> str:
-        """Send what `_checked` made through `session`; its message id once confirmed."""
+    async def _put(
+        self,
+        session: Session,
+        checked: Checked,
+        extras: Extras,
+        *,
+        chain: chains.Chain | None = None,
+        decode: Decode | None = None,
+    ) -> Queued:
+        """Send what `_checked` made through `session` (with its chain, asking for its result when
+        `extras.result`); its handle once confirmed. With `extras.unique`: the id's claim first."""
         task, body, wait = checked
         message = self._message(session, task, body, wait, extras)
-        if extras.unique is None:
+        if chain is not None:
+            message = replace(message, headers={**message.headers, wire.CHAIN: chain.header()})
+        window = extras.unique
+        if window is not None:
+            session.transport.check_size(self.name, message)  # before the claim: a refused message claims nothing
+            if not await session.claim(self, message, window):
+                log.info(
+                    "worker %s: id %s was queued within %d s; not queued again", self.name, message.message_id, window
+                )
+                return Queued(message.message_id, self.name, duplicate=True)
+        try:
+            if extras.result:
+                return await self._requested(session, message, wait, decode)
             await session.send(self, message, wait)
-            return message.message_id
-        return await self._queue_once(session, message, wait, extras.unique)
+        except BaseException:
+            if window is not None:
+                await session.unclaim(self, message, window)  # not sent: the caller may queue it again
+            raise
+        return Queued(message.message_id, self.name)
 
-    async def _put_many(self, session: Session, checked: list[Checked], extras: Extras) -> list[str]:
+    async def _put_many(
+        self,
+        session: Session,
+        checked: list[Checked],
+        extras: Extras,
+        *,
+        result: bool = False,
+        decode: Decode | None = None,
+    ) -> list[Queued]:
         """Send every message `_checked` made through `session`, none if one is too large."""
         messages = [(self._message(session, task, body, wait, extras), wait) for task, body, wait in checked]
         for message, _ in messages:  # none is sent if one is too large
             session.transport.check_size(self.name, message)
-        await asyncio.gather(*(session.send(self, message, wait) for message, wait in messages))
-        return [message.message_id for message, _ in messages]
+        if not result:
+            await asyncio.gather(*(session.send(self, message, wait) for message, wait in messages))
+            return [Queued(message.message_id, self.name) for message, _ in messages]
+        return list(await asyncio.gather(*(self._requested(session, m, wait, decode) for m, wait in messages)))
+
+    async def _requested(
+        self, session: Session, message: wire.Message, wait: int, decode: Callable[[bytes], Any] | None
+    ) -> Queued:
+        """Send `message` asking for its result; its handle."""
+        message = replace(message, headers={**message.headers, wire.REPLY: message.message_id})
+        waiting = session.results.expect(message.message_id)
+        try:
+            await session.send(self, message, wait, reply=True)
+        except BaseException:
+            session.results.forget(message.message_id)
+            raise
+        return Queued(message.message_id, self.name, results=session.results, waiting=waiting, decode=decode)
 
     def _checked(self, fn: TaskFunction, payload: object, delay: Delay | None, priority: int | None) -> Checked:
         """The task reference, the body of `fn(payload)`, and the delay in the ladder's whole
@@ -235,6 +287,8 @@ class Extras:
     expires: float | None = None
     #: The unique window in whole seconds.
     unique: int | None = None
+    #: Whether the caller awaits its result.
+    result: bool = False
 
     @classmethod
     def checked(
@@ -244,22 +298,20 @@ class Extras:
         message_id: str | None,
         expires: Delay | None,
         unique: Delay | None,
+        result: bool = False,
     ) -> Extras:
         own_id = check_message_id(message_id) if message_id is not None else None
-        return cls(priority, own_id, _lifetime(expires, checked[2]), _window(unique, own_id))
-
-
-class Duplicate(str):
-    """The id `queue(..., unique=...)` returns when it did not queue the task: one with the same
-    id was queued to the worker within the window."""
-
-    __slots__ = ()
+        if result and own_id is not None and not wire.awaitable_id(own_id):
+            raise ConfigurationError(
+                f"message_id {own_id!r} cannot carry a result: with result=True use printable ASCII without spaces"
+            )
+        return cls(priority, own_id, _lifetime(expires, checked[2]), _window(unique, own_id), result)
 
 
 def was_queued(message_id: str) -> bool:
     """Whether the `queue()` that returned `message_id` queued the task (False: a duplicate within
     its `unique` window, not sent)."""
-    return not isinstance(message_id, Duplicate)
+    return not getattr(message_id, "duplicate", False)
 
 
 #: A caller's message id: what an AMQP `message-id` property carries and a log line shows safely.

@@ -60,6 +60,18 @@ class Delivery(Protocol):
 
 
 Handler = Callable[[Delivery], Coroutine[Any, Any, None]]
+
+
+class Inbox(Protocol):
+    """Who a transport tells about the replies to the requests it published (a session's results)."""
+
+    def replied(self, reply: Message) -> None:
+        """A reply came (its `correlation_id` says to what); it may be for no one waiting now."""
+
+    def lost(self, why: str) -> None:
+        """Replies to the requests published so far can no longer come (their channel closed)."""
+
+
 #: A lease after `Transport.lease`: "taken" by this connection just now, "held" by it already,
 #: or "busy": another connection holds it.
 LeaseState = Literal["taken", "held", "busy"]
@@ -109,6 +121,15 @@ class Transport(Protocol):
         True when the broker confirmed it (a permit), False when the queue refused it (full: no
         permit now). Never sent again on a refusal. UnroutableError when the queue is gone (declare
         it again), BrokerUnavailableError when the broker stays unreachable until the deadline."""
+
+    async def request(self, exchange: str, routing_key: str, message: Message, inbox: Inbox) -> None:
+        """Publish as `publish` does, asking for a reply (RabbitMQ's direct reply-to): its reply,
+        or the loss of its channel, is told to `inbox` (the last one given)."""
+
+    async def reply(self, address: str, reply: Message) -> None:
+        """Publish `reply` transient and not mandatory to the direct reply-to `address` on the
+        default exchange (anything else is refused: logged, nothing sent). Unconfirmed; one that
+        cannot be delivered is dropped (logged at DEBUG), never raised."""
 
     async def consume(
         self, queue: str, prefetch: int, handler: Handler, *, ack_timeout: float | None = None

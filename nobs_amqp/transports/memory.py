@@ -26,10 +26,10 @@ from datetime import datetime, timedelta
 from typing import ClassVar
 
 from ..errors import MemoryBrokerLoopError, NotFoundError, TopologyMismatchError, UnroutableError
-from ..message import Message, wall_clock
+from ..message import DIRECT_REPLY_TO, Message, is_reply_address, wall_clock
 from ..topology import ExchangeSpec, QueueSpec, ServerVersion, Topology, difference
 from ..urls import memory_name
-from .base import Handler, LeaseState, check_size
+from .base import Handler, Inbox, LeaseState, check_size
 
 log = logging.getLogger("nobs_amqp")
 
@@ -107,6 +107,7 @@ class MemoryBroker:
         self._timer: asyncio.TimerHandle | None = None
         self.leases: dict[str, object] = {}  # lease -> the transport that holds it
         self.claims: dict[str, float] = {}  # claim -> when it lapses (the virtual clock)
+        self.inboxes: dict[str, Inbox] = {}  # direct reply-to address -> who gets its replies
 
     @classmethod
     def named(cls, url: str) -> MemoryBroker:
@@ -391,6 +392,7 @@ class MemoryTransport:
         self._max_message_size = max_message_size
         self.broker = MemoryBroker.named(url)
         self._leases: set[str] = set()  # the leases this transport took (and holds, if the broker agrees)
+        self._reply_to = f"{DIRECT_REPLY_TO}.memory-{next(_ADDRESSES)}"  # as RabbitMQ rewrites it
 
     @property
     def server_version(self) -> ServerVersion:
@@ -424,6 +426,9 @@ class MemoryTransport:
     async def close(self) -> None:
         for name in list(self._leases):
             await self.release(name)
+        inbox = self.broker.inboxes.pop(self._reply_to, None)
+        if inbox is not None:
+            inbox.lost("the connection that would receive them closed")
 
     async def lease(self, name: str) -> LeaseState:
         holder = self.broker.leases.setdefault(name, self)
@@ -454,6 +459,20 @@ class MemoryTransport:
 
     async def take_permit(self, queue: str) -> bool:
         return self.broker.offer(queue, Message(b"", "", "", "", self.now()))
+
+    async def request(self, exchange: str, routing_key: str, message: Message, inbox: Inbox) -> None:
+        self.broker.inboxes[self._reply_to] = inbox
+        await self.publish(exchange, routing_key, replace(message, reply_to=self._reply_to))
+
+    async def reply(self, address: str, reply: Message) -> None:
+        if not is_reply_address(address):
+            log.warning("refused to reply to %r: not a direct reply-to address", address)
+            return
+        inbox = self.broker.inboxes.get(address)
+        if inbox is None:
+            log.debug("a reply to %s was dropped: no one consumes it", address)
+            return
+        asyncio.get_running_loop().call_soon(inbox.replied, reply)
 
     def fixed_ack_timeout(self) -> float | None:
         return None  # no delivery acknowledgement timeout here
@@ -506,6 +525,9 @@ class MemoryTransport:
             raise UnroutableError(queue)
         count, found.ready = len(found.ready), []
         return count
+
+
+_ADDRESSES = itertools.count(1)
 
 
 def _matches(kind: str, pattern: str, key: str) -> bool:

@@ -252,3 +252,29 @@ async def test_a_starting_worker_reads_every_earlier_cancellation_before_it_take
             assert consumer.cancellations is not None and len(consumer.cancellations) == len(ids)
             [dead] = await take_messages(project, f"{name}.dlq", timeout=15)
     assert dead.message_id == last and dead.headers[wire.REASON] == "cancelled"
+
+
+async def test_a_duplicate_has_no_result_and_an_awaited_id_must_be_able_to_carry_one(url: str, name: str) -> None:
+    from nobs_amqp import ResultNotRequestedError
+
+    project, worker = make(url, name)
+    async with project:
+        first = await worker.queue(tasks.record, tasks.Job(key=key()), message_id=name, unique=60, result=True)
+        again = await worker.queue(tasks.record, tasks.Job(key=key()), message_id=name, unique=60, result=True)
+        assert not first.duplicate and again.duplicate and again == first
+        with pytest.raises(ResultNotRequestedError, match="was not queued"):
+            await again.result(timeout=1)
+        with pytest.raises(ConfigurationError, match="cannot carry a result"):
+            await worker.queue(tasks.record, tasks.Job(key=key()), message_id="with space", result=True)
+        async with consuming(project, worker):
+            assert await first.result(timeout=15) is None
+
+
+def test_the_sync_producer_takes_ids_expiry_and_unique(url: str, name: str) -> None:
+    project, worker = make(url, name)
+    with project.sync() as producer:
+        sent = producer.queue(worker, tasks.record, tasks.Job(key=key()), message_id=name, unique=60, expires=600)
+        again = producer.queue(worker, tasks.record, tasks.Job(key=key()), message_id=name, unique=60)
+        assert sent == name and was_queued(sent) and not was_queued(again)
+        with pytest.raises(ConfigurationError, match="unique= needs message_id="):
+            producer.queue(worker, tasks.record, tasks.Job(key=key()), unique=60)

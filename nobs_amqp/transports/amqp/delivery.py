@@ -64,24 +64,31 @@ class AmqpDelivery:
         self._tag = tag
         self.queue = queue
         self.redelivered = bool(delivered.delivery.redelivered)  # type: ignore[union-attr]  # a Basic.Deliver
-        properties = delivered.header.properties
-        timestamp = properties.timestamp
-        headers = properties.headers
-        self.message = Message(
-            delivered.body,
-            properties.message_type or "",
-            properties.message_id or "",
-            properties.app_id or "",
-            timestamp if isinstance(timestamp, datetime) else wall_clock(),
-            _plain_headers(headers) if headers else {},
-            properties.priority or None,
-        )
+        self.message = message_of(delivered)
 
     async def ack(self) -> None:
         self._acker.ack(self._tag)
 
     async def nack(self, *, requeue: bool) -> None:
         await self._acker.nack(self._tag, requeue=requeue)
+
+
+def message_of(delivered: DeliveredMessage) -> Message:
+    """The message of a delivery, its properties read once."""
+    properties = delivered.header.properties
+    timestamp = properties.timestamp
+    headers = properties.headers
+    return Message(
+        delivered.body,
+        properties.message_type or "",
+        properties.message_id or "",
+        properties.app_id or "",
+        timestamp if isinstance(timestamp, datetime) else wall_clock(),
+        _plain_headers(headers) if headers else {},
+        properties.priority or None,
+        properties.reply_to or None,
+        properties.correlation_id or None,
+    )
 
 
 def _plain_headers(headers: dict[str, Any]) -> dict[str, object]:

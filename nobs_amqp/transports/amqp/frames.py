@@ -116,6 +116,12 @@ def _properties(message: Message) -> bytes:
             raise _Unusual
         flags |= _FLAGS["priority"]
         parts.append(bytes((message.priority,)))
+    if message.correlation_id is not None:
+        flags |= _FLAGS["correlation_id"]
+        parts.append(_shortstr(message.correlation_id))
+    if message.reply_to is not None:
+        flags |= _FLAGS["reply_to"]
+        parts.append(_shortstr(message.reply_to))
     if message.message_id:
         flags |= _FLAGS["message_id"]
         parts.append(_shortstr(message.message_id))
@@ -149,6 +155,8 @@ def _pamqp_properties(message: Message) -> Basic.Properties:
         app_id=message.app_id,
         headers=dict(message.headers),  # type: ignore[arg-type]
         priority=message.priority,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
     )
 
 

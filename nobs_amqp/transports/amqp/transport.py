@@ -10,6 +10,7 @@ import itertools
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any, cast
 
@@ -27,11 +28,11 @@ from ...errors import (
     TopologyMismatchError,
 )
 from ...management import Management
-from ...message import Message, wall_clock
+from ...message import DIRECT_REPLY_TO, Message, wall_clock
 from ...topology import INITIAL_GROUP_SIZE, ExchangeSpec, QueueSpec, ServerVersion, Topology, difference
 from ...urls import describe_error as _describe
 from ...urls import redact, vhost_of
-from ..base import DEFAULT_HEARTBEAT, Delivery, Handler, LeaseState, check_size, deadline
+from ..base import DEFAULT_HEARTBEAT, Delivery, Handler, Inbox, LeaseState, check_size, deadline
 from . import decoding
 from .acks import Acker
 from .claims import ClaimQueues
@@ -40,6 +41,7 @@ from .frames import Publisher
 from .leases import ExclusiveQueues
 from .link import PUBLISHING, Link
 from .permits import take_permit
+from .replies import Requests
 from .sending import CONNECTION_ERRORS, REFUSALS, Sending
 
 log = logging.getLogger("nobs_amqp")
@@ -98,6 +100,8 @@ class AmqpTransport:
         self.on_blocked: list[Callable[[str | None], None]] = []
         self._leases = ExclusiveQueues()
         self._claims = ClaimQueues()
+        #: Publishes that ask for a reply go on a channel of their own (index `pool_size`).
+        self._requests = Requests(self._out)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -188,6 +192,7 @@ class AmqpTransport:
     async def close(self) -> None:
         self._channels = []
         self._side = None
+        self._requests.close()
         await self._in.close()
         await self._out.close()
 
@@ -309,10 +314,24 @@ class AmqpTransport:
             raise RuntimeError("transport is not open")
         return await take_permit(self, next(self._next), queue)
 
+    async def request(self, exchange: str, routing_key: str, message: Message, inbox: Inbox) -> None:
+        """Publish as `publish` does, on the requests channel, asking for a reply (`replies.py`)."""
+        if not self._channels:
+            raise RuntimeError("transport is not open")
+        self._requests.inbox = inbox
+        asking = replace(message, reply_to=DIRECT_REPLY_TO)
+        await Sending(self, self._pool_size, exchange, routing_key, asking).run()
+
+    async def reply(self, address: str, reply: Message) -> None:
+        await self._requests.reply(address, reply)
+
     async def renew(self, index: int) -> None:
         """RabbitMQ 3.10 goes on nacking a channel that was nacked while a quorum queue elected its
         leader (a node died); a new channel is not: close pool channel `index`'s, aio-pika opens
         another (and `publisher` makes a publisher for it)."""
+        if index == self._pool_size:
+            await self._requests.renew()
+            return
         publisher = self._publishers[index]
         if publisher is not None and not publisher.channel.is_closed:
             with contextlib.suppress(*CONNECTION_ERRORS):
@@ -322,6 +341,8 @@ class AmqpTransport:
         """The publisher of pool channel `index`, on its current aiormq channel, once the broker
         does not block publishing (waits for that)."""
         await self._out.until_unblocked()
+        if index == self._pool_size:
+            return await self._requests.publisher()
         publisher = self._publishers[index]
         if publisher is None or publisher.channel.is_closed:
             raw = cast(aiormq.Channel, await self._channels[index].get_underlay_channel())
