@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -20,12 +19,12 @@ from datetime import datetime
 from typing import Any
 
 from . import message as wire
+from .acktimeout import fitting_ack_timeout
 from .admission import Admission
 from .cancellation import Cancellations
 from .context import TaskContext, running
 from .copies import Copies
 from .errors import (
-    ConfigurationError,
     TopologyMismatchError,
 )
 from .message import Reason, printable
@@ -48,7 +47,7 @@ from .outcome import (
     decide,
     record,
 )
-from .ratelimit import RATE_WAIT_SECONDS, Waits, rate_limits
+from .ratelimit import Waits, rate_limits
 from .replies import Replies
 from .retry import Reject, Retry
 from .runner import Label, TaskRunner, resident_mb
@@ -61,8 +60,6 @@ from .worker import Worker
 log = logging.getLogger("nobs_amqp")
 
 BURST_POLL_SECONDS = 0.1
-#: What a delivery's ack timeout allows beyond its task's time limit: to place a retry or dead letter.
-ACK_MARGIN_SECONDS = 60.0
 #: After a settle failed for a reason other than a lost connection: wait before the message goes back.
 REQUEUE_PAUSE_SECONDS = 5.0
 #: At shutdown, how long a delay ladder declaration still in progress may take before it is cancelled.
@@ -228,32 +225,8 @@ class Consumer:
         )
 
     def _fitting_ack_timeout(self, tasks: TaskTable) -> float | None:
-        """How long the broker must wait for an ack here: the longest time limit, times the
-        deliveries that may wait for a free slot, plus a margin to settle (and, with rate limits,
-        the longest wait for a permit, `RATE_WAIT_SECONDS`, per slot). None without a
-        worker time limit (a task may run as long as it likes: the broker's default applies).
-        ConfigurationError when the broker's own timeout is fixed and shorter."""
-        if self.worker.time_limit is None:
-            return None
-        specs = tasks.references.values()
-        own = (spec.options.time_limit for spec in specs)
-        longest = max([self.worker.time_limit, *(limit for limit in own if limit is not None)])
-        # Any of the project's tasks may come to this queue: one with a rate limit may first wait for its permit.
-        limited = self.worker.rate_limit is not None or any(spec.options.rate_limit for spec in specs)
-        wait = RATE_WAIT_SECONDS if limited else 0.0
-        needed = (longest + wait) * math.ceil(self.prefetch / self.concurrency) + ACK_MARGIN_SECONDS
         fixed = self.session.transport.fixed_ack_timeout()
-        if fixed is not None and needed > fixed:
-            permit = f" after up to {wait:.0f} s waiting for a rate limit's permit" if wait else ""
-            raise ConfigurationError(
-                f"worker {self.worker.name!r}: a delivery may wait {needed:.0f} s for its ack (time limit "
-                f"{longest:g} s{permit}, prefetch {self.prefetch} over concurrency {self.concurrency}, plus "
-                f"{ACK_MARGIN_SECONDS:.0f} s), longer than the broker's consumer timeout of {fixed:.0f} s, after "
-                f"which it closes the channel and hands the message out again; raise consumer_timeout in "
-                f"rabbitmq.conf and say so with Project(broker_consumer_timeout=...), or use RabbitMQ 3.11.15 or "
-                f"newer, where the worker sets its own"
-            )
-        return needed
+        return fitting_ack_timeout(self.worker, tasks, self.prefetch, self.concurrency, fixed)
 
     async def _until_empty(self) -> None:
         transport = self.session.transport

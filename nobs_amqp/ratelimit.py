@@ -32,7 +32,7 @@ from .transports.base import Transport, one_deadline
 log = logging.getLogger("nobs_amqp")
 
 #: The longest a delivery waits for its permits before it goes back to the queue unrun (a
-#: worker's consumer ack timeout allows for it; see `Consumer._fitting_ack_timeout`).
+#: worker's consumer ack timeout allows for it; see `acktimeout.fitting_ack_timeout`).
 RATE_WAIT_SECONDS = 600.0
 #: Between two tries for a permit: about period / N (jittered by half), within these bounds.
 MIN_PAUSE_SECONDS = 0.01

@@ -9,12 +9,11 @@ import contextlib
 import itertools
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import Any, cast
 
-import aio_pika
 import aiormq
 from aio_pika.abc import AbstractRobustChannel
 from aiormq.abc import DeliveredMessage
@@ -34,7 +33,6 @@ from ...urls import describe_error as _describe
 from ...urls import redact, vhost_of
 from ..base import DEFAULT_HEARTBEAT, Delivery, Handler, Inbox, LeaseState, check_size, deadline
 from . import decoding
-from .acks import Acker
 from .claims import ClaimQueues
 from .delivery import AmqpDelivery, DirectQueue
 from .frames import Publisher
@@ -43,6 +41,7 @@ from .link import PUBLISHING, Link
 from .permits import take_permit
 from .replies import Requests
 from .sending import CONNECTION_ERRORS, REFUSALS, Sending
+from .subscription import AmqpSubscription
 
 log = logging.getLogger("nobs_amqp")
 
@@ -52,11 +51,6 @@ DEFAULT_CONSUMER_TIMEOUT = 1800.0
 PER_CONSUMER_TIMEOUT = (3, 11, 15)
 #: Unsettled messages a stream's follower takes at once (it acks each as soon as it has read it).
 FOLLOW_PREFETCH = 100
-#: How long closing a subscription waits for the broker to show the messages it gave back.
-RETURN_WAIT_SECONDS = 2.0
-#: How long a round trip of a shutdown (cancel a consumer, close a channel or a connection) waits
-#: for the broker: past it, a stalled broker is left to notice the connection is gone.
-SHUTDOWN_ROUND_TRIP_SECONDS = 5.0
 #: In that error's detail, the existing queue's value: "but current is '1'", "but current is the
 #: value '1' of type 'long'", or "but current is none".
 _EXISTING_VALUE = re.compile(r"current is (?:the value )?'(\d+)'")
@@ -374,14 +368,14 @@ class AmqpTransport:
         *,
         ack_timeout: float | None = None,
         offset: str | None = None,
-    ) -> _AmqpSubscription:
+    ) -> AmqpSubscription:
         link = await self._consuming()
         channel = await link.require().channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=prefetch)
         channel.QUEUE_CLASS = DirectQueue  # this channel's queues only
         declared = cast(DirectQueue, await channel.declare_queue(queue, passive=True))
 
-        subscription = _AmqpSubscription(channel, declared, prefetch, lambda: self.message_count(queue))
+        subscription = AmqpSubscription(channel, declared, prefetch, lambda: self.message_count(queue))
 
         async def on_message(delivered: DeliveredMessage) -> None:
             tag = cast(Basic.Deliver, delivered.delivery).delivery_tag or 0
@@ -395,7 +389,7 @@ class AmqpTransport:
         subscription.tag = await declared.consume(on_message, no_ack=False, arguments=arguments or None)
         return subscription
 
-    async def follow(self, stream: str, handler: Callable[[Message], None]) -> _AmqpSubscription:
+    async def follow(self, stream: str, handler: Callable[[Message], None]) -> AmqpSubscription:
         """Every message of `stream` from its first on (again from the first after a reconnect)."""
 
         async def each(delivery: Delivery) -> None:
@@ -465,77 +459,6 @@ class AmqpTransport:
         if self._side is None or self._side.is_closed or self._side.connection is not connection:
             self._side = await connection.channel(publisher_confirms=False)
         return self._side
-
-
-class _AmqpSubscription:
-    def __init__(
-        self,
-        channel: AbstractRobustChannel,
-        queue: aio_pika.abc.AbstractQueue,
-        prefetch: int,
-        count: Callable[[], Awaitable[int]],
-    ) -> None:
-        self._prefetch = prefetch
-        self._channel = channel
-        self._queue = queue
-        self._count = count
-        self.tag = ""
-        self._acker: Acker | None = None
-
-    def acker(self, channel: aiormq.abc.AbstractChannel, tag: int) -> Acker:
-        """The acker of `channel` (a new one after a reconnect), with delivery `tag` registered."""
-        if self._acker is None or self._acker.channel is not channel:
-            self._acker = Acker(channel, self._prefetch)
-        self._acker.delivered(tag)
-        return self._acker
-
-    async def cancel(self) -> None:
-        """Stop deliveries; a broker that does not answer within SHUTDOWN_ROUND_TRIP_SECONDS (a
-        stalled connection) is not waited for."""
-        if not self._channel.is_closed:
-            try:
-                async with asyncio.timeout(SHUTDOWN_ROUND_TRIP_SECONDS):
-                    await self._queue.cancel(self.tag)
-            except (*CONNECTION_ERRORS, TimeoutError) as exc:
-                log.debug("cancel of consumer %s failed: %s", self.tag, _describe(exc))
-
-    async def flush(self) -> None:
-        if self._acker is not None:
-            await self._acker.flush()
-
-    async def close(self) -> None:
-        """Send pending acks, then close the channel: the broker returns every message still
-        unsettled. It puts them back asynchronously: wait (up to RETURN_WAIT_SECONDS) until the
-        queue shows them, so a count or a read right after this sees the queue as it was. A
-        broker that does not answer (a stalled connection) is not waited for."""
-        try:
-            async with asyncio.timeout(SHUTDOWN_ROUND_TRIP_SECONDS):
-                await self.flush()
-                if self._channel.is_closed:
-                    return
-                held = self._acker.held if self._acker is not None else 0
-                before = await self._count() if held else 0
-                await self._channel.close()
-        except TimeoutError:
-            log.warning(
-                "the broker did not answer the close of %s's consumer within %.0f s; it returns the "
-                "messages it handed out once it notices the connection is gone",
-                self._queue.name,
-                SHUTDOWN_ROUND_TRIP_SECONDS,
-            )
-            return
-        if held:
-            await self._returned(before + held)
-
-    async def _returned(self, expected: int) -> None:
-        loop = asyncio.get_running_loop()
-        until = loop.time() + RETURN_WAIT_SECONDS
-        try:
-            async with asyncio.timeout_at(until + SHUTDOWN_ROUND_TRIP_SECONDS):
-                while await self._count() < expected and loop.time() < until:  # noqa: ASYNC110 - the broker sends no event when a return lands
-                    await asyncio.sleep(0.01)
-        except (*CONNECTION_ERRORS, *REFUSALS) as exc:  # gone or deleted meanwhile: nothing to wait for
-            log.debug("cannot count %s after giving messages back: %s", self._queue.name, _describe(exc))
 
 
 def _table(arguments: Mapping[str, object]) -> aiormq.abc.ArgumentsType:
