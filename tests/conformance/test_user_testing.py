@@ -124,8 +124,13 @@ async def test_drain_raise_errors_raises_the_tasks_own_exception_with_its_traceb
 
 
 @pytest.mark.timeout(60)
-async def test_drain_raise_errors_lets_retry_requests_and_successes_through(url: str, name: str) -> None:
-    project, worker = _project(url, name)
+async def test_drain_raise_errors_lets_retry_requests_and_successes_through(
+    url: str, name: str, own_ladder: str
+) -> None:
+    # Its own ladder: in the whole 4.x pass, the retry once did not come back within 20 s
+    # through the ladder the suite's other projects share (not explained yet).
+    worker = Worker(name)
+    project = Project(name=own_ladder, workers=[worker], packages=["tests.apps"], url=url)
     asked, fine = key(), key()
     async with project:
         await worker.queue(tasks.ask_retry, tasks.Job(key=asked))  # raises Retry(delay=1) once
