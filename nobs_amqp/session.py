@@ -19,7 +19,7 @@ import orjson
 
 from . import ladder
 from .errors import LifespanError
-from .message import DIRECT_REPLY_TO, Message
+from .message import DIRECT_REPLY_TO, Message, format_time
 from .observe.observer import Observer, Observers, Publish, PublishKind
 from .ratelimit import Permits
 from .results import Results
@@ -178,7 +178,8 @@ class Session:
         with one_deadline(self.publish_timeout):
             name = unique_claim(worker.name, message.message_id, window)
             body = orjson.dumps({"message_id": message.message_id, "task": message.task, "worker": worker.name})
-            marker = Message(body, message.task, message.message_id, self.project, message.timestamp)
+            claimed = {"x-nobs-claimed-at": format_time(message.timestamp)}
+            marker = Message(body, message.task, message.message_id, self.project, message.timestamp, claimed)
             return await self.transport.claim(name, window, marker)
 
     async def unclaim(self, worker: Destination, message: Message, window: int) -> None:

@@ -15,8 +15,9 @@ from typing import Any, cast
 import aiormq
 from pamqp.commands import Basic
 
-from ...message import Message, format_time
+from ...message import Message
 from ...topology import unique_claim_arguments
+from .frames import pamqp_properties
 
 
 class ClaimQueues:
@@ -36,15 +37,7 @@ class ClaimQueues:
         broker confirmed it (the claim is taken here), False when it nacked it (someone holds it)."""
         channel = await self._channel_on(connection)
         await channel.queue_declare(name, durable=True, arguments=cast(Any, unique_claim_arguments(window)))
-        properties = Basic.Properties(
-            delivery_mode=2,
-            content_type="application/json",
-            message_id=marker.message_id,
-            message_type=marker.task,
-            app_id=marker.app_id,
-            timestamp=marker.timestamp,
-            headers={"x-nobs-claimed-at": format_time(marker.timestamp)},
-        )
+        properties = pamqp_properties(marker)
         try:
             confirmation = await channel.basic_publish(marker.body, routing_key=name, properties=properties)
         except aiormq.exceptions.DeliveryError as refused:  # aiormq raises a nack

@@ -105,7 +105,7 @@ def properties(message: Message) -> bytes:
     try:
         return _properties(message)
     except _Unusual:
-        return _pamqp_properties(message).marshal()
+        return pamqp_properties(message).marshal()
 
 
 def _properties(message: Message) -> bytes:
@@ -145,10 +145,11 @@ def _aware(moment: datetime) -> datetime:
     return moment
 
 
-def _pamqp_properties(message: Message) -> Basic.Properties:
+def pamqp_properties(message: Message, *, delivery_mode: int = PERSISTENT) -> Basic.Properties:
+    """`message`'s AMQP properties as pamqp makes them (persistent unless told otherwise)."""
     return Basic.Properties(
         content_type=CONTENT_TYPE,
-        delivery_mode=PERSISTENT,
+        delivery_mode=delivery_mode,
         message_id=message.message_id,
         timestamp=message.timestamp,
         message_type=message.task,
@@ -261,6 +262,6 @@ class Publisher:
             message.body,
             exchange=exchange,
             routing_key=routing_key,
-            properties=_pamqp_properties(message),
+            properties=pamqp_properties(message),
             mandatory=True,
         )

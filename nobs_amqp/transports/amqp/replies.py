@@ -22,13 +22,12 @@ from typing import cast
 import aiormq
 from aio_pika.abc import AbstractRobustChannel
 from aiormq.abc import DeliveredMessage
-from pamqp.commands import Basic
 
-from ...message import CONTENT_TYPE, DIRECT_REPLY_TO, Message, is_reply_address
+from ...message import DIRECT_REPLY_TO, Message, is_reply_address
 from ...urls import describe_error
 from ..base import Inbox
 from .delivery import message_of
-from .frames import Publisher
+from .frames import Publisher, pamqp_properties
 from .link import Link
 from .sending import CONNECTION_ERRORS, REFUSALS
 
@@ -93,16 +92,7 @@ class Requests:
         if not is_reply_address(address):
             log.warning("refused to reply to %r: not a direct reply-to address", address)
             return
-        properties = Basic.Properties(
-            content_type=CONTENT_TYPE,
-            delivery_mode=TRANSIENT,
-            message_id=reply.message_id,
-            correlation_id=reply.correlation_id,
-            timestamp=reply.timestamp,
-            message_type=reply.task,
-            app_id=reply.app_id,
-            headers=dict(reply.headers),  # type: ignore[arg-type]
-        )
+        properties = pamqp_properties(reply, delivery_mode=TRANSIENT)
         try:
             async with asyncio.timeout(REPLY_SECONDS):
                 channel = await self._replies_channel()
