@@ -245,7 +245,7 @@ class SyncProducer:
         The payload is checked in this thread before anything is sent."""
         _not_in_loop("producer.queue()")
         checked = worker._checked(fn, payload, delay, priority)
-        extras = Extras.checked(checked, priority, message_id, expires, unique)
+        extras = Extras.checked(checked[2], priority, message_id, expires, unique)
         return self._call(worker.name, lambda session: worker._put(session, checked, extras), timeout)
 
     def queue_many(

@@ -145,7 +145,7 @@ class Worker:
         it succeeded (a chain; its result is the last step's).
         """
         checked = self._checked(fn, payload, delay, priority)  # first: a mistake beats a closed project
-        extras = Extras.checked(checked, priority, message_id, expires, unique, result)
+        extras = Extras.checked(checked[2], priority, message_id, expires, unique, result)
         decode = self.project.spec(fn).decode_result() if result else None
         chain = None
         if then:
@@ -179,7 +179,7 @@ class Worker:
         sent. `result=True`: each result can be awaited (`gather_results(handles)` for all)."""
         checked = [self._checked(fn, payload, delay, priority) for payload in payloads]
         wait = checked[0][2] if checked else 0  # one delay for all
-        extras = Extras.checked(("", b"", wait), priority, None, expires, None)
+        extras = Extras.checked(wait, priority, None, expires, None)
         decode = self.project.spec(fn).decode_result() if result else None
         return await self._put_many(self.project.session, checked, extras, result=result, decode=decode)
 
@@ -293,19 +293,20 @@ class Extras:
     @classmethod
     def checked(
         cls,
-        checked: Checked,
+        wait: int,
         priority: int | None,
         message_id: str | None,
         expires: Delay | None,
         unique: Delay | None,
         result: bool = False,
     ) -> Extras:
+        """The options of one `queue()` due `wait` whole seconds from now; ConfigurationError for a bad one."""
         own_id = check_message_id(message_id) if message_id is not None else None
         if result and own_id is not None and not wire.awaitable_id(own_id):
             raise ConfigurationError(
                 f"message_id {own_id!r} cannot carry a result: with result=True use printable ASCII without spaces"
             )
-        return cls(priority, own_id, _lifetime(expires, checked[2]), _window(unique, own_id), result)
+        return cls(priority, own_id, _lifetime(expires, wait), _window(unique, own_id), result)
 
 
 def was_queued(message_id: str) -> bool:
